@@ -1,0 +1,8 @@
+// deltatune's umbrella header: every public component, one line each.
+// Leaves out the CUDA kernels (kernels/kron_sum_cuda.cuh): link deltatune::cuda for those.
+#pragma once
+
+#include <deltatune/core/error.hpp>         // Error, ShapeError, OptionError: the exceptions deltatune throws
+#include <deltatune/core/format.hpp>        // fmt, as LibTorch ships it, header-only
+#include <deltatune/core/delta.hpp>         // DeltaModule and its families: WeightDelta, ActivationDelta, InputDelta
+#include <deltatune/kernels/kron_sum.hpp>   // kron_sum, kron_sum_matmul: Kronecker sums with their own backward
