@@ -52,29 +52,31 @@ inline void check_same_kind(const char* op, const torch::Tensor& A, const char* 
                     A.device().str());
 }
 
-inline void check_factors(const char* op, const torch::Tensor& A, const torch::Tensor& B) {
+// A (n, n, n), floating point: the shared factor of every form.
+inline void check_A(const char* op, const torch::Tensor& A) {
   check<ShapeError>(A.dim() == 3 && A.size(0) == A.size(1) && A.size(1) == A.size(2) && A.size(0) > 0,
                     "{}: A must have shape (n, n, n) with n > 0, got {}", op, shape_of(A));
+  check<ShapeError>(at::isFloatingType(A.scalar_type()), "{}: A must be floating point, got {}", op,
+                    c10::toString(A.scalar_type()));
+}
+
+inline void check_factors(const char* op, const torch::Tensor& A, const torch::Tensor& B) {
+  check_A(op, A);
   check<ShapeError>(B.dim() == 3 && B.size(0) == A.size(0) && B.size(1) > 0 && B.size(2) > 0,
                     "{}: B must have shape (n, p, q) with n = {} (from A) and p, q > 0, got {}", op, A.size(0),
                     shape_of(B));
-  check<ShapeError>(at::isFloatingType(A.scalar_type()), "{}: A must be floating point, got {}", op,
-                    c10::toString(A.scalar_type()));
   check_same_kind(op, A, "B", B);
 }
 
 inline void check_low_rank_factors(const char* op, const torch::Tensor& A, const torch::Tensor& s,
                                    const torch::Tensor& t) {
-  check<ShapeError>(A.dim() == 3 && A.size(0) == A.size(1) && A.size(1) == A.size(2) && A.size(0) > 0,
-                    "{}: A must have shape (n, n, n) with n > 0, got {}", op, shape_of(A));
+  check_A(op, A);
   const int64_t n = A.size(0);
   check<ShapeError>(s.dim() == 3 && s.size(0) == n && s.size(1) > 0 && s.size(2) > 0,
                     "{}: s must have shape (n, p, r) with n = {} (from A), got {}", op, n, shape_of(s));
   check<ShapeError>(t.dim() == 3 && t.size(0) == n && t.size(1) == s.size(2) && t.size(2) > 0,
                     "{}: t must have shape (n, r, q) with n = {} and r = {} (from s), got {}", op, n, s.size(2),
                     shape_of(t));
-  check<ShapeError>(at::isFloatingType(A.scalar_type()), "{}: A must be floating point, got {}", op,
-                    c10::toString(A.scalar_type()));
   check_same_kind(op, A, "s", s);
   check_same_kind(op, A, "t", t);
 }
