@@ -2,7 +2,8 @@
 // Leaves out the CUDA kernels (kernels/kron_sum_cuda.cuh): link deltatune::cuda for those.
 #pragma once
 
-#include <deltatune/core/error.hpp>         // Error, ShapeError, OptionError: the exceptions deltatune throws
+#include <deltatune/core/error.hpp>         // Error, ShapeError, OptionError, CheckpointError: what deltatune throws
 #include <deltatune/core/format.hpp>        // fmt, as LibTorch ships it, header-only
+#include <deltatune/core/safetensors.hpp>   // read_safetensors, write_safetensors (atomic): Hugging Face's format
 #include <deltatune/core/delta.hpp>         // DeltaModule and its families: WeightDelta, ActivationDelta, InputDelta
 #include <deltatune/kernels/kron_sum.hpp>   // kron_sum, kron_sum_matmul: Kronecker sums with their own backward

@@ -27,6 +27,12 @@ class OptionError : public Error {
   using Error::Error;
 };
 
+// A checkpoint file is missing, unreadable, malformed or cannot be written; the message names the file.
+class CheckpointError : public Error {
+ public:
+  using Error::Error;
+};
+
 namespace detail {
 
 // Throws E with a fmt-formatted message when `ok` is false.

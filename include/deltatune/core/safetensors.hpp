@@ -1,0 +1,353 @@
+// Safetensors (Hugging Face's checkpoint format) read and written in C++: dense dtypes only, no mmap or lazy loads.
+//
+// Layout: an 8-byte little-endian header length N, N bytes of JSON (right-padded with spaces),
+// then the data buffer. The JSON maps each tensor name to {"dtype", "shape", "data_offsets"}
+// (offsets relative to the data buffer) plus an optional "__metadata__" of string to string.
+// The writer lays files out byte for byte as the Python `safetensors` library does, so a
+// checkpoint written here and one written there compare equal.
+#pragma once
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <deltatune/core/error.hpp>
+
+// The tensors are copied to and from the file byte for byte; safetensors is little-endian.
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "deltatune's safetensors reader and writer assume a little-endian host"
+#endif
+
+namespace deltatune {
+
+// Headers beyond this are refused before any allocation: a corrupt length must not ask for gigabytes.
+inline constexpr std::uint64_t kMaxHeaderBytes = 100'000'000;
+
+// A safetensors file in memory: ordered maps, so writing the same contents gives the same bytes.
+struct SafetensorsFile {
+  std::map<std::string, torch::Tensor> tensors;
+  std::map<std::string, std::string> metadata;
+};
+
+namespace detail {
+
+struct SafetensorsDtype {
+  const char* name;
+  torch::ScalarType type;
+  std::uint64_t size;  // bytes per element
+};
+
+// In the order the Python library lays tensors out (its Dtype enum, largest first), so that
+// a tensor's position here is its sort key when writing.
+inline const std::vector<SafetensorsDtype>& safetensors_dtypes() {
+  static const std::vector<SafetensorsDtype> table = {
+      {"I64", torch::kInt64, 8},    {"F64", torch::kFloat64, 8}, {"F32", torch::kFloat32, 4},
+      {"I32", torch::kInt32, 4},    {"BF16", torch::kBFloat16, 2}, {"F16", torch::kFloat16, 2},
+      {"I16", torch::kInt16, 2},    {"I8", torch::kInt8, 1},     {"U8", torch::kUInt8, 1},
+      {"BOOL", torch::kBool, 1}};
+  return table;
+}
+
+// Index into safetensors_dtypes(), or -1 when the name is not one of them.
+inline int safetensors_dtype_index(const std::string& name) {
+  const auto& table = safetensors_dtypes();
+  for (std::size_t i = 0; i < table.size(); ++i)
+    if (name == table[i].name) return static_cast<int>(i);
+  return -1;
+}
+
+inline int safetensors_dtype_index(torch::ScalarType type) {
+  const auto& table = safetensors_dtypes();
+  for (std::size_t i = 0; i < table.size(); ++i)
+    if (type == table[i].type) return static_cast<int>(i);
+  return -1;
+}
+
+// a * b, or false when it does not fit in 64 bits: shapes in a file are untrusted.
+inline bool checked_mul(std::uint64_t a, std::uint64_t b, std::uint64_t& out) {
+  if (a != 0 && b > std::numeric_limits<std::uint64_t>::max() / a) return false;
+  out = a * b;
+  return true;
+}
+
+// A JSON value that must be a non-negative integer; returns false for anything else
+// (nlohmann parses every non-negative integer as unsigned; floats, strings, negatives and
+// integers past 64 bits, which it parses as floats, all fail here).
+inline bool json_to_u64(const nlohmann::json& value, std::uint64_t& out) {
+  if (!value.is_number_unsigned()) return false;
+  out = value.get<std::uint64_t>();
+  return true;
+}
+
+// One tensor's entry, checked against the data buffer's size.
+struct SafetensorsEntry {
+  std::string name;
+  int dtype;
+  std::vector<std::int64_t> shape;
+  std::uint64_t begin, end;
+};
+
+inline SafetensorsEntry parse_safetensors_entry(const std::string& path, const std::string& name,
+                                                const nlohmann::json& entry, std::uint64_t data_bytes) {
+  check<CheckpointError>(entry.is_object(), "{}: tensor '{}': entry must be a JSON object, got {}", path, name,
+                         entry.type_name());
+  for (const char* key : {"dtype", "shape", "data_offsets"})
+    check<CheckpointError>(entry.contains(key), "{}: tensor '{}': entry has no \"{}\"", path, name, key);
+  const auto& dtype = entry["dtype"];
+  const auto& shape = entry["shape"];
+  const auto& offsets = entry["data_offsets"];
+
+  SafetensorsEntry out{name, -1, {}, 0, 0};
+  check<CheckpointError>(dtype.is_string(), "{}: tensor '{}': \"dtype\" must be a string, got {}", path, name,
+                         dtype.type_name());
+  out.dtype = safetensors_dtype_index(dtype.get<std::string>());
+  check<CheckpointError>(out.dtype >= 0,
+                         "{}: tensor '{}': unknown dtype \"{}\" (supported: F64, F32, F16, BF16, I64, I32, I16, "
+                         "I8, U8, BOOL)",
+                         path, name, dtype.get<std::string>());
+
+  check<CheckpointError>(shape.is_array(), "{}: tensor '{}': \"shape\" must be an array, got {}", path, name,
+                         shape.type_name());
+  std::uint64_t numel = 1;
+  for (const auto& dim : shape) {
+    std::uint64_t d = 0;
+    check<CheckpointError>(!(dim.is_number_integer() && !dim.is_number_unsigned()),
+                           "{}: tensor '{}': shape {} has a negative dimension", path, name, shape.dump());
+    check<CheckpointError>(json_to_u64(dim, d) && d <= std::uint64_t(std::numeric_limits<std::int64_t>::max()),
+                           "{}: tensor '{}': shape {} must hold non-negative integers", path, name, shape.dump());
+    check<CheckpointError>(checked_mul(numel, d, numel), "{}: tensor '{}': shape {} overflows 64 bits", path, name,
+                           shape.dump());
+    out.shape.push_back(static_cast<std::int64_t>(d));
+  }
+  const auto& type = safetensors_dtypes()[out.dtype];
+  std::uint64_t bytes = 0;
+  check<CheckpointError>(checked_mul(numel, type.size, bytes), "{}: tensor '{}': {} x shape {} overflows 64 bits",
+                         path, name, type.name, shape.dump());
+
+  check<CheckpointError>(offsets.is_array() && offsets.size() == 2 && json_to_u64(offsets[0], out.begin) &&
+                             json_to_u64(offsets[1], out.end),
+                         "{}: tensor '{}': \"data_offsets\" must be [begin, end] of non-negative integers, got {}",
+                         path, name, offsets.dump());
+  check<CheckpointError>(out.begin <= out.end, "{}: tensor '{}': data_offsets [{}, {}] end before they begin", path,
+                         name, out.begin, out.end);
+  check<CheckpointError>(out.end <= data_bytes,
+                         "{}: tensor '{}': data_offsets [{}, {}] run past the data buffer ({} bytes); is the file "
+                         "truncated?",
+                         path, name, out.begin, out.end, data_bytes);
+  check<CheckpointError>(out.end - out.begin == bytes,
+                         "{}: tensor '{}': data_offsets [{}, {}] hold {} bytes, but {} with shape {} needs {}", path,
+                         name, out.begin, out.end, out.end - out.begin, type.name, shape.dump(), bytes);
+  return out;
+}
+
+// Owns the temporary file of an atomic write: closes it and, unless committed, removes it,
+// so that no exit path (a throw included) leaves a half-written file behind.
+struct TemporaryFile {
+  std::string path;
+  int fd = -1;
+  bool committed = false;
+
+  TemporaryFile(const TemporaryFile&) = delete;
+  TemporaryFile& operator=(const TemporaryFile&) = delete;
+  explicit TemporaryFile(std::string p) : path(std::move(p)) {}
+  ~TemporaryFile() {
+    if (fd >= 0) ::close(fd);
+    if (!committed) ::unlink(path.c_str());
+  }
+};
+
+inline void write_all(TemporaryFile& file, const std::string& target, const void* data, std::uint64_t size) {
+  const char* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t n = ::write(file.fd, p, static_cast<std::size_t>(std::min<std::uint64_t>(size, 1u << 30)));
+    if (n < 0 && errno == EINTR) continue;
+    check<CheckpointError>(n > 0, "write_safetensors: cannot write {} (via {}): {}", target, file.path,
+                           std::strerror(errno));
+    p += n;
+    size -= static_cast<std::uint64_t>(n);
+  }
+}
+
+}  // namespace detail
+
+// Reads a safetensors file into CPU tensors that own their memory; every entry is checked
+// against the file before anything is allocated. Throws CheckpointError naming the file.
+//   auto file = deltatune::read_safetensors("adapter.safetensors");
+//   torch::Tensor w = file.tensors.at("lora_A");
+inline SafetensorsFile read_safetensors(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  detail::check<CheckpointError>(in.is_open(), "{}: cannot open safetensors file: {}", path, std::strerror(errno));
+  const std::streamoff end_pos = in.tellg();
+  detail::check<CheckpointError>(end_pos >= 0, "{}: cannot read safetensors file (not a regular file?)", path);
+  const auto file_bytes = static_cast<std::uint64_t>(end_pos);
+  detail::check<CheckpointError>(file_bytes >= 8,
+                                 "{}: file is {} bytes, too short for the 8-byte header length of a safetensors file",
+                                 path, file_bytes);
+
+  unsigned char length_bytes[8];
+  in.seekg(0);
+  in.read(reinterpret_cast<char*>(length_bytes), 8);
+  detail::check<CheckpointError>(bool(in), "{}: cannot read the header length", path);
+  std::uint64_t header_bytes = 0;
+  for (int i = 7; i >= 0; --i) header_bytes = (header_bytes << 8) | length_bytes[i];
+  detail::check<CheckpointError>(header_bytes <= kMaxHeaderBytes,
+                                 "{}: header length {} exceeds the {}-byte bound; not a safetensors file?", path,
+                                 header_bytes, kMaxHeaderBytes);
+  detail::check<CheckpointError>(header_bytes <= file_bytes - 8,
+                                 "{}: header length {} runs past the end of the file ({} bytes); is it truncated?",
+                                 path, header_bytes, file_bytes);
+  const std::uint64_t data_start = 8 + header_bytes;
+  const std::uint64_t data_bytes = file_bytes - data_start;
+
+  std::string text(static_cast<std::size_t>(header_bytes), '\0');
+  in.read(text.data(), static_cast<std::streamsize>(header_bytes));
+  detail::check<CheckpointError>(bool(in), "{}: cannot read the {}-byte header", path, header_bytes);
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    throw CheckpointError(fmt::format("{}: header is not valid JSON: {}", path, e.what()));
+  }
+  detail::check<CheckpointError>(header.is_object(), "{}: header must be a JSON object, got {}", path,
+                                 header.type_name());
+
+  SafetensorsFile out;
+  std::vector<detail::SafetensorsEntry> entries;
+  for (const auto& [name, value] : header.items()) {
+    if (name == "__metadata__") {
+      detail::check<CheckpointError>(value.is_object(), "{}: \"__metadata__\" must be an object of strings, got {}",
+                                     path, value.type_name());
+      for (const auto& [key, item] : value.items()) {
+        detail::check<CheckpointError>(item.is_string(), "{}: \"__metadata__\" entry '{}' must be a string, got {}",
+                                       path, key, item.type_name());
+        out.metadata[key] = item.get<std::string>();
+      }
+      continue;
+    }
+    entries.push_back(detail::parse_safetensors_entry(path, name, value, data_bytes));
+  }
+
+  // Ranges sorted by where they begin overlap exactly when one begins before its predecessor ends.
+  // Empty tensors hold no bytes and cannot overlap anything.
+  std::vector<const detail::SafetensorsEntry*> by_begin;
+  for (const auto& e : entries)
+    if (e.begin != e.end) by_begin.push_back(&e);
+  std::sort(by_begin.begin(), by_begin.end(),
+            [](const auto* a, const auto* b) { return std::tie(a->begin, a->end) < std::tie(b->begin, b->end); });
+  for (std::size_t i = 1; i < by_begin.size(); ++i) {
+    const auto& prev = *by_begin[i - 1];
+    const auto& cur = *by_begin[i];
+    detail::check<CheckpointError>(cur.begin >= prev.end,
+                                   "{}: tensors '{}' [{}, {}] and '{}' [{}, {}] overlap in the data buffer", path,
+                                   prev.name, prev.begin, prev.end, cur.name, cur.begin, cur.end);
+  }
+
+  // Each tensor is read straight into its own storage: no second copy of the file in memory.
+  for (const auto& e : entries) {
+    torch::Tensor t = torch::empty(e.shape, torch::dtype(detail::safetensors_dtypes()[e.dtype].type));
+    const std::uint64_t bytes = e.end - e.begin;
+    if (bytes > 0) {
+      in.seekg(static_cast<std::streamoff>(data_start + e.begin));
+      in.read(static_cast<char*>(t.data_ptr()), static_cast<std::streamsize>(bytes));
+      detail::check<CheckpointError>(bool(in) && static_cast<std::uint64_t>(in.gcount()) == bytes,
+                                     "{}: tensor '{}': cannot read bytes [{}, {}) of the data buffer", path, e.name,
+                                     e.begin, e.end);
+    }
+    out.tensors.emplace(e.name, std::move(t));
+  }
+  return out;
+}
+
+// Writes tensors (copied to CPU, made contiguous) and metadata as a safetensors file, laid out
+// as the Python library lays it out: data ordered by dtype (largest first) then name, the
+// header padded with spaces to a multiple of 8 bytes. Metadata keys go in sorted order (Python
+// writes them in its hash map's order, which varies per process, so with two or more keys the
+// files agree on everything but that order). Empty metadata writes no "__metadata__".
+// Atomic: the bytes go to `path.tmp-<pid>`, are fsync'ed, then renamed over `path`; on any
+// failure the temporary file is removed and CheckpointError names the path.
+//   deltatune::write_safetensors("adapter.safetensors", {{"lora_A", a}, {"lora_B", b}}, {{"format", "pt"}});
+inline void write_safetensors(const std::string& path, const std::map<std::string, torch::Tensor>& tensors,
+                              const std::map<std::string, std::string>& metadata = {}) {
+  struct Item {
+    int dtype;
+    std::string name;
+    torch::Tensor tensor;
+  };
+  std::vector<Item> items;
+  for (const auto& [name, tensor] : tensors) {
+    detail::check<CheckpointError>(name != "__metadata__", "write_safetensors: {}: \"__metadata__\" is reserved and "
+                                   "cannot name a tensor", path);
+    detail::check<CheckpointError>(tensor.defined(), "write_safetensors: {}: tensor '{}' is undefined", path, name);
+    const int dtype = detail::safetensors_dtype_index(tensor.scalar_type());
+    detail::check<CheckpointError>(dtype >= 0,
+                                   "write_safetensors: {}: tensor '{}' has dtype {}, which safetensors files here do "
+                                   "not hold (F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL)",
+                                   path, name, c10::toString(tensor.scalar_type()));
+    items.push_back({dtype, name, tensor.detach().to(torch::kCPU).contiguous()});
+  }
+  std::sort(items.begin(), items.end(),
+            [](const Item& a, const Item& b) { return std::tie(a.dtype, a.name) < std::tie(b.dtype, b.name); });
+
+  // ordered_json keeps insertion order, which is the Python library's: metadata, then data order.
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::uint64_t offset = 0;
+  for (const auto& item : items) {
+    const std::uint64_t bytes = item.tensor.nbytes();
+    nlohmann::ordered_json entry = nlohmann::ordered_json::object();
+    entry["dtype"] = detail::safetensors_dtypes()[item.dtype].name;
+    entry["shape"] = item.tensor.sizes().vec();
+    entry["data_offsets"] = {offset, offset + bytes};
+    header[item.name] = std::move(entry);
+    offset += bytes;
+  }
+  std::string text;
+  try {
+    text = header.dump();
+  } catch (const nlohmann::json::exception& e) {
+    throw CheckpointError(fmt::format("write_safetensors: {}: cannot encode the header (names and metadata must be "
+                                      "UTF-8): {}",
+                                      path, e.what()));
+  }
+  // Padding to a multiple of 8 puts the data buffer on an 8-byte boundary, as Python does.
+  text.append((8 - text.size() % 8) % 8, ' ');
+
+  unsigned char length_bytes[8];
+  for (int i = 0; i < 8; ++i) length_bytes[i] = static_cast<unsigned char>(std::uint64_t(text.size()) >> (8 * i));
+
+  detail::TemporaryFile tmp(path + ".tmp-" + std::to_string(::getpid()));
+  tmp.fd = ::open(tmp.path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  detail::check<CheckpointError>(tmp.fd >= 0, "write_safetensors: cannot write {}: cannot create {}: {}", path,
+                                 tmp.path, std::strerror(errno));
+  detail::write_all(tmp, path, length_bytes, 8);
+  detail::write_all(tmp, path, text.data(), text.size());
+  for (const auto& item : items) detail::write_all(tmp, path, item.tensor.data_ptr(), item.tensor.nbytes());
+  // fsync before rename: otherwise a crash can leave the new name pointing at unwritten data.
+  detail::check<CheckpointError>(::fsync(tmp.fd) == 0, "write_safetensors: cannot write {}: fsync failed: {}", path,
+                                 std::strerror(errno));
+  const int fd = tmp.fd;
+  tmp.fd = -1;
+  detail::check<CheckpointError>(::close(fd) == 0, "write_safetensors: cannot write {}: close failed: {}", path,
+                                 std::strerror(errno));
+  detail::check<CheckpointError>(std::rename(tmp.path.c_str(), path.c_str()) == 0,
+                                 "write_safetensors: cannot write {}: rename from {} failed: {}", path, tmp.path,
+                                 std::strerror(errno));
+  tmp.committed = true;
+}
+
+}  // namespace deltatune
