@@ -63,19 +63,23 @@ inline const std::vector<SafetensorsDtype>& safetensors_dtypes() {
   return table;
 }
 
-// Index into safetensors_dtypes(), or -1 when the name is not one of them.
-inline int safetensors_dtype_index(const std::string& name) {
+// Index into safetensors_dtypes() of the entry whose `field` equals `key`, or -1 if none does.
+template <class Key, class Field>
+inline int safetensors_dtype_index(const Key& key, Field SafetensorsDtype::*field) {
   const auto& table = safetensors_dtypes();
   for (std::size_t i = 0; i < table.size(); ++i)
-    if (name == table[i].name) return static_cast<int>(i);
+    if (key == table[i].*field) return static_cast<int>(i);
   return -1;
 }
 
-inline int safetensors_dtype_index(torch::ScalarType type) {
-  const auto& table = safetensors_dtypes();
-  for (std::size_t i = 0; i < table.size(); ++i)
-    if (type == table[i].type) return static_cast<int>(i);
-  return -1;
+inline int safetensors_dtype_index(const std::string& name) { return safetensors_dtype_index(name, &SafetensorsDtype::name); }
+inline int safetensors_dtype_index(torch::ScalarType type) { return safetensors_dtype_index(type, &SafetensorsDtype::type); }
+
+// "I64, F64, ...": the dtypes the table holds, for error messages.
+inline std::string safetensors_dtype_names() {
+  std::vector<std::string> names;
+  for (const auto& dtype : safetensors_dtypes()) names.emplace_back(dtype.name);
+  return fmt::format("{}", fmt::join(names, ", "));
 }
 
 // a * b, or false when it does not fit in 64 bits: shapes in a file are untrusted.
@@ -117,9 +121,8 @@ inline SafetensorsEntry parse_safetensors_entry(const std::string& path, const s
                          dtype.type_name());
   out.dtype = safetensors_dtype_index(dtype.get<std::string>());
   check<CheckpointError>(out.dtype >= 0,
-                         "{}: tensor '{}': unknown dtype \"{}\" (supported: F64, F32, F16, BF16, I64, I32, I16, "
-                         "I8, U8, BOOL)",
-                         path, name, dtype.get<std::string>());
+                         "{}: tensor '{}': unknown dtype \"{}\" (supported: {})", path, name,
+                         dtype.get<std::string>(), safetensors_dtype_names());
 
   check<CheckpointError>(shape.is_array(), "{}: tensor '{}': \"shape\" must be an array, got {}", path, name,
                          shape.type_name());
@@ -296,8 +299,8 @@ inline void write_safetensors(const std::string& path, const std::map<std::strin
     const int dtype = detail::safetensors_dtype_index(tensor.scalar_type());
     detail::check<CheckpointError>(dtype >= 0,
                                    "write_safetensors: {}: tensor '{}' has dtype {}, which safetensors files here do "
-                                   "not hold (F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL)",
-                                   path, name, c10::toString(tensor.scalar_type()));
+                                   "not hold ({})",
+                                   path, name, c10::toString(tensor.scalar_type()), detail::safetensors_dtype_names());
     items.push_back({dtype, name, tensor.detach().to(torch::kCPU).contiguous()});
   }
   std::sort(items.begin(), items.end(),
