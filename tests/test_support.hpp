@@ -4,9 +4,15 @@
 
 #include <torch/torch.h>
 
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include "test_pch.hpp"
 
 namespace deltatune::testing {
 
@@ -64,6 +70,43 @@ inline double gradcheck(const std::function<torch::Tensor(const std::vector<torc
     }
   }
   return worst;
+}
+
+// The folder tools/golden/<name>.py wrote its fixtures to (ctest runs it first), or
+// nullopt after a warning that makes ctest report the case as skipped: the folder is
+// unknown (the test runner was started outside ctest) or the references are not installed.
+inline std::optional<std::filesystem::path> golden_dir(const std::string& name) {
+  const char* root = std::getenv("DELTATUNE_GOLDEN_DIR");
+  if (root == nullptr) {
+    CATCH_WARN("golden tests skipped: DELTATUNE_GOLDEN_DIR is not set (run through ctest, or set it to the "
+               "folder tools/golden/make_fixtures.py --out wrote)");
+    return std::nullopt;
+  }
+  const std::filesystem::path dir = std::filesystem::path(root) / name;
+  if (std::filesystem::exists(std::filesystem::path(root) / "UNAVAILABLE")) {
+    std::ifstream why(std::filesystem::path(root) / "UNAVAILABLE");
+    std::string reason((std::istreambuf_iterator<char>(why)), std::istreambuf_iterator<char>());
+    CATCH_WARN("golden tests skipped: " << reason);
+    return std::nullopt;
+  }
+  if (!std::filesystem::exists(dir / "STAMP")) {
+    CATCH_FAIL("golden fixture '" << name << "' is missing from " << root
+                                  << ": tools/golden/make_fixtures.py should have written it");
+  }
+  return dir;
+}
+
+// A folder of the real data beside the checkout (../shared/data/<relative>), or nullopt
+// after a warning that makes ctest report the case as skipped: a user has none of it.
+inline std::optional<std::filesystem::path> shared_data(const std::string& relative) {
+  const char* root = std::getenv("DELTATUNE_SHARED_DATA");
+  const auto dir = std::filesystem::path(root ? root : "") / relative;
+  if (root == nullptr || !std::filesystem::exists(dir)) {
+    CATCH_WARN("real-data tests skipped: " << dir.string() << " is not there (DELTATUNE_SHARED_DATA points "
+                                           << "at ../shared/data when ctest runs)");
+    return std::nullopt;
+  }
+  return dir;
 }
 
 }  // namespace deltatune::testing

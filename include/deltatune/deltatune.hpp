@@ -6,4 +6,5 @@
 #include <deltatune/core/format.hpp>        // fmt, as LibTorch ships it, header-only
 #include <deltatune/core/safetensors.hpp>   // read_safetensors, write_safetensors (atomic): Hugging Face's format
 #include <deltatune/core/delta.hpp>         // DeltaModule and its families: WeightDelta, ActivationDelta, InputDelta
+#include <deltatune/core/site.hpp>          // Sites: FrozenLinear, OutputSite, AttentionSite, PromptSite; find_sites
 #include <deltatune/kernels/kron_sum.hpp>   // kron_sum, kron_sum_matmul: Kronecker sums with their own backward

@@ -10,7 +10,9 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include <functional>
 #include <string>
+#include <utility>
 
 namespace deltatune {
 
@@ -61,29 +63,59 @@ class WeightDelta : public DeltaModule {
   // db, of shape (out), or an undefined tensor where the method leaves the bias alone.
   virtual torch::Tensor delta_bias(const torch::Tensor& /*base_weight*/) { return {}; }
 
-  // y = x (W0 + dW)^T + (b0 + db). Methods with a cheaper route (LoRA's x A^T B^T)
-  // override it; the result must stay equal to the merged layer's.
-  virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& base_weight,
-                                const torch::Tensor& base_bias) {
-    auto bias = base_bias;
-    if (auto db = delta_bias(base_weight); db.defined()) bias = bias.defined() ? bias + db : db;
-    return torch::nn::functional::linear(x, base_weight + delta_weight(base_weight), bias);
+  // What the delta adds to the frozen layer's output y0 = x W0^T + b0: x dW^T + db.
+  // Additive, so that several deltas on one layer sum. Methods with a cheaper route
+  // override it (LoRA: s B A x; IA3: (l - 1) y0); it must equal the merged layer's change.
+  virtual torch::Tensor delta_output(const torch::Tensor& x, const torch::Tensor& base_weight,
+                                     const torch::Tensor& /*base_output*/) {
+    return torch::nn::functional::linear(x, delta_weight(base_weight), delta_bias(base_weight));
+  }
+
+  // y = x (W0 + dW)^T + (b0 + db): the layer with this delta alone.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& base_weight, const torch::Tensor& base_bias) {
+    auto y0 = torch::nn::functional::linear(x, base_weight, base_bias);
+    return y0 + delta_output(x, base_weight, y0);
   }
 };
 
-// Acts on a sublayer's output h (..., d): returns the new output, residual included.
+// How a sublayer ends once its body produced h: the backbone's layer norm over h + residual
+// (BERT, post-norm), or h + residual alone when there is none (T5, pre-norm).
+using LayerNormFn = std::function<torch::Tensor(const torch::Tensor&)>;
+
+// Acts on a sublayer's output h (..., d), before the residual and layer norm.
 class ActivationDelta : public DeltaModule {
  public:
   DeltaFamily family() const final { return DeltaFamily::activation; }
+
+  // The new output, the delta's own skip connection included: h + f(h) for an adapter.
   virtual torch::Tensor forward(const torch::Tensor& hidden) = 0;
+
+  // The sublayer's end with this delta: by default forward(h), then the backbone's own
+  // end. Placements around the residual and layer norm (adapters' original_ln_before)
+  // override it.
+  virtual torch::Tensor forward_sublayer(const torch::Tensor& hidden, const torch::Tensor& residual,
+                                         const LayerNormFn& layer_norm) {
+    return end_sublayer(forward(hidden), residual, layer_norm);
+  }
+
+  static torch::Tensor end_sublayer(const torch::Tensor& hidden, const torch::Tensor& residual,
+                                    const LayerNormFn& layer_norm) {
+    return layer_norm ? layer_norm(hidden + residual) : hidden + residual;
+  }
 };
 
-// Prepends trained vectors to the input embeddings (prompt) or to every attention
-// layer's keys and values (prefix); masks grow by num_virtual_tokens().
+// Prepends trained vectors to an encoder's input embeddings (prompt) or to attention
+// layers' keys and values (prefix); masks grow by num_virtual_tokens().
 class InputDelta : public DeltaModule {
  public:
   DeltaFamily family() const final { return DeltaFamily::input; }
   virtual int64_t num_virtual_tokens() const = 0;
+
+  // Prompt: the (P, d) embeddings prepended to every sequence; undefined for a prefix.
+  virtual torch::Tensor prompt_embeddings() { return {}; }
+  // Prefix: the (P, inner) keys and values prepended at the attention site named `site`
+  // (e.g. "decoder.block.1.layer.1.EncDecAttention"); undefined where it adds none.
+  virtual std::pair<torch::Tensor, torch::Tensor> prefix_key_value(const std::string& /*site*/) { return {}; }
 };
 
 }  // namespace deltatune

@@ -1,0 +1,240 @@
+// Sites: the named places in a backbone where deltas act (DESIGN.md, layer 3).
+//
+// A backbone is built from modules that are sites: FrozenLinear (weight deltas), a
+// sublayer that is an OutputSite (activation deltas on its output, before the residual),
+// an attention that is an AttentionSite (prefix keys and values) and an input that is a
+// PromptSite (prompt embeddings). find_sites() walks a module tree and returns every site
+// under its Hugging Face module path, so backbones know nothing of methods and methods
+// nothing of backbones. Sites hold shared references to the deltas attached to them;
+// the deltas' parameters belong to whoever attached them (DeltaModel), not to the backbone.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <deltatune/core/delta.hpp>
+#include <deltatune/core/error.hpp>
+
+namespace deltatune {
+
+// The deltas attached to one site, in attachment order, each with a name (the DeltaModel's
+// name for it), whether it is active, and, for weight deltas, whether it is merged.
+template <class Delta>
+class DeltaSlots {
+ public:
+  struct Slot {
+    std::string name;
+    std::shared_ptr<Delta> delta;
+    bool active = true;
+    bool merged = false;
+  };
+
+  void attach(const std::string& name, std::shared_ptr<Delta> delta) {
+    detail::check<OptionError>(find(name) == nullptr, "a delta named '{}' is already attached here", name);
+    slots_.push_back({name, std::move(delta)});
+  }
+  void detach(const std::string& name) {
+    const auto* slot = &at(name);
+    detail::check(!slot->merged, "delta '{}' is merged; unmerge it before removing it", name);
+    slots_.erase(slots_.begin() + (slot - slots_.data()));
+  }
+  void set_active(const std::string& name, bool active) { at(name).active = active; }
+
+  Slot* find(const std::string& name) {
+    for (auto& slot : slots_)
+      if (slot.name == name) return &slot;
+    return nullptr;
+  }
+  Slot& at(const std::string& name) {
+    auto* slot = find(name);
+    detail::check(slot != nullptr, "no delta named '{}' is attached here", name);
+    return *slot;
+  }
+  const std::vector<Slot>& slots() const { return slots_; }
+
+  // The deltas that take part in a forward pass: active and not folded into the weights.
+  std::vector<Delta*> running() const {
+    std::vector<Delta*> out;
+    for (const auto& slot : slots_)
+      if (slot.active && !slot.merged) out.push_back(slot.delta.get());
+    return out;
+  }
+
+ private:
+  std::vector<Slot> slots_;
+};
+
+// Sets requires_grad to false on every parameter: backbones are frozen when built.
+inline void freeze(torch::nn::Module& module) {
+  for (auto& p : module.parameters()) p.set_requires_grad(false);
+}
+
+// y = x W^T + b with frozen W (out, in) and b (out), under the names "weight" and "bias"
+// so that checkpoints load name to name; plus the weight deltas attached to it.
+class FrozenLinearImpl : public torch::nn::Module {
+ public:
+  FrozenLinearImpl(int64_t in_features, int64_t out_features, bool with_bias)
+      : in_features(in_features), out_features(out_features) {
+    weight = register_parameter("weight", torch::empty({out_features, in_features}), false);
+    if (with_bias) bias = register_parameter("bias", torch::zeros({out_features}), false);
+    // PyTorch's nn.Linear initialisation, so that a backbone built at random is usable.
+    torch::NoGradGuard no_grad;
+    torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
+  }
+
+  // (..., in) -> (..., out): the frozen layer plus every running delta's contribution.
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto y = torch::nn::functional::linear(x, weight, bias);
+    for (auto* delta : deltas.running()) y = y + delta->delta_output(x, weight, y);
+    return y;
+  }
+
+  // Folds the delta into weight and bias (zero overhead at inference); refuses a delta
+  // that is already merged or whose dW holds NaN or infinity.
+  void merge(const std::string& name) {
+    auto& slot = deltas.at(name);
+    detail::check(!slot.merged, "delta '{}' is already merged into this layer", name);
+    torch::NoGradGuard no_grad;
+    auto dW = slot.delta->delta_weight(weight);
+    auto db = slot.delta->delta_bias(weight);
+    detail::check(torch::isfinite(dW).all().item<bool>() && (!db.defined() || torch::isfinite(db).all().item<bool>()),
+                  "delta '{}' holds NaN or infinite values; it was not merged", name);
+    detail::check(!db.defined() || bias.defined(),
+                  "delta '{}' changes a bias this layer does not have; it cannot be merged", name);
+    weight.add_(dW);
+    if (db.defined()) bias.add_(db);
+    slot.merged = true;
+  }
+
+  void unmerge(const std::string& name) {
+    auto& slot = deltas.at(name);
+    detail::check(slot.merged, "delta '{}' is not merged into this layer", name);
+    torch::NoGradGuard no_grad;
+    weight.sub_(slot.delta->delta_weight(weight));
+    if (auto db = slot.delta->delta_bias(weight); db.defined()) bias.sub_(db);
+    slot.merged = false;
+  }
+
+  void pretty_print(std::ostream& stream) const override {
+    stream << "deltatune::FrozenLinear(in_features=" << in_features << ", out_features=" << out_features
+           << ", bias=" << (bias.defined() ? "true" : "false") << ", deltas=" << deltas.slots().size() << ")";
+  }
+
+  int64_t in_features, out_features;
+  torch::Tensor weight, bias;
+  DeltaSlots<WeightDelta> deltas;
+};
+TORCH_MODULE(FrozenLinear);
+
+// A sublayer whose output activation deltas act on: T5's `*.layer.{j}`, BERT's
+// `*.attention.output` and `*.output`. The sublayer calls finish(h, residual, layer_norm)
+// instead of ending itself.
+class OutputSite {
+ public:
+  virtual ~OutputSite() = default;
+  DeltaSlots<ActivationDelta> output_deltas;
+
+ protected:
+  // Deltas apply in attachment order; the last one decides how the sublayer ends (the
+  // default: h + f(h), then the backbone's own residual and layer norm).
+  torch::Tensor finish(torch::Tensor h, const torch::Tensor& residual, const LayerNormFn& layer_norm) {
+    const auto running = output_deltas.running();
+    if (running.empty()) return ActivationDelta::end_sublayer(h, residual, layer_norm);
+    for (size_t i = 0; i + 1 < running.size(); ++i) h = running[i]->forward(h);
+    return running.back()->forward_sublayer(h, residual, layer_norm);
+  }
+};
+
+// An attention layer that prefix deltas prepend keys and values to.
+class AttentionSite {
+ public:
+  virtual ~AttentionSite() = default;
+  DeltaSlots<InputDelta> prefix_deltas;
+  std::string site_name;  // set by find_sites(); prefix deltas keep one key/value pair per site
+
+ protected:
+  // The (B, P, inner) keys and values to prepend, or undefined tensors when no prefix runs.
+  std::pair<torch::Tensor, torch::Tensor> prefix_key_value(int64_t batch) {
+    std::vector<torch::Tensor> keys, values;
+    for (auto* delta : prefix_deltas.running()) {
+      auto [key, value] = delta->prefix_key_value(site_name);
+      if (!key.defined()) continue;
+      keys.push_back(key);
+      values.push_back(value);
+    }
+    if (keys.empty()) return {};
+    return {torch::cat(keys).unsqueeze(0).expand({batch, -1, -1}),
+            torch::cat(values).unsqueeze(0).expand({batch, -1, -1})};
+  }
+};
+
+// The input of an encoder that prompt deltas prepend trained embeddings to: T5's
+// `encoder`, BERT's `embeddings` (before position embeddings are added).
+class PromptSite {
+ public:
+  virtual ~PromptSite() = default;
+  DeltaSlots<InputDelta> prompt_deltas;
+
+ protected:
+  // embeds (B, T, d) -> (B, P + T, d); mask (B, T) -> (B, P + T), prompts always visible.
+  // An undefined mask stays undefined.
+  std::pair<torch::Tensor, torch::Tensor> prepend_prompts(const torch::Tensor& embeds, const torch::Tensor& mask) {
+    std::vector<torch::Tensor> prompts;
+    for (auto* delta : prompt_deltas.running())
+      if (auto p = delta->prompt_embeddings(); p.defined()) prompts.push_back(p.to(embeds.dtype()));
+    if (prompts.empty()) return {embeds, mask};
+    const int64_t batch = embeds.size(0);
+    auto prompt = torch::cat(prompts).unsqueeze(0).expand({batch, -1, -1});  // (B, P, d)
+    auto new_mask = mask;
+    if (mask.defined()) new_mask = torch::cat({torch::ones({batch, prompt.size(1)}, mask.options()), mask}, 1);
+    return {torch::cat({prompt, embeds}, 1), new_mask};
+  }
+};
+
+// One site found in a backbone: its module path and the one interface it offers.
+struct Site {
+  enum class Kind { linear, output, attention, prompt };
+  std::string name;
+  Kind kind;
+  std::shared_ptr<torch::nn::Module> module;  // keeps the site alive
+  FrozenLinearImpl* linear = nullptr;
+  OutputSite* output = nullptr;
+  AttentionSite* attention = nullptr;
+  PromptSite* prompt = nullptr;
+};
+
+inline const char* to_string(Site::Kind kind) {
+  switch (kind) {
+    case Site::Kind::linear: return "linear";
+    case Site::Kind::output: return "output";
+    case Site::Kind::attention: return "attention";
+    case Site::Kind::prompt: return "prompt";
+  }
+  return "unknown";
+}
+
+// Every site under `root`, in module order, named by module path ("encoder.block.0.layer.0.SelfAttention.q").
+inline std::vector<Site> find_sites(torch::nn::Module& root) {
+  std::vector<Site> sites;
+  for (const auto& item : root.named_modules("", /*include_self=*/false)) {
+    const auto& module = item.value();
+    if (auto* linear = dynamic_cast<FrozenLinearImpl*>(module.get()))
+      sites.push_back({item.key(), Site::Kind::linear, module, linear});
+    if (auto* output = dynamic_cast<OutputSite*>(module.get()))
+      sites.push_back({item.key(), Site::Kind::output, module, nullptr, output});
+    if (auto* attention = dynamic_cast<AttentionSite*>(module.get())) {
+      attention->site_name = item.key();
+      sites.push_back({item.key(), Site::Kind::attention, module, nullptr, nullptr, attention});
+    }
+    if (auto* prompt = dynamic_cast<PromptSite*>(module.get()))
+      sites.push_back({item.key(), Site::Kind::prompt, module, nullptr, nullptr, nullptr, prompt});
+  }
+  return sites;
+}
+
+}  // namespace deltatune
