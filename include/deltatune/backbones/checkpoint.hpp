@@ -1,0 +1,212 @@
+// A backbone's pretrained weights: read from a Hugging Face directory (config.json plus
+// model.safetensors or a sharded index) or a TorchScript archive, and loaded into a
+// module name to name. Leaves out .bin (pickle) checkpoints: convert them to safetensors.
+#pragma once
+
+#include <torch/script.h>
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <regex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include <deltatune/core/error.hpp>
+#include <deltatune/core/safetensors.hpp>
+
+namespace deltatune::backbones {
+
+// Named tensors and the model's configuration, with where they came from for messages.
+struct Checkpoint {
+  std::string source;      // the folder or archive
+  nlohmann::json config;   // config.json; for a TorchScript archive, its extra file config.json if it has one
+  std::map<std::string, torch::Tensor> tensors;
+};
+
+inline nlohmann::json read_json_file(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  detail::check<CheckpointError>(in.is_open(), "{}: cannot open the file", path.string());
+  try {
+    return nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw CheckpointError(fmt::format("{}: not valid JSON ({})", path.string(), e.what()));
+  }
+}
+
+}  // namespace deltatune::backbones
+
+namespace deltatune::detail {
+
+// model.safetensors.index.json: {"weight_map": {tensor name: shard file}}; every tensor it
+// names must be in its shard.
+inline std::map<std::string, torch::Tensor> read_sharded(const std::filesystem::path& index_path) {
+  const auto index = backbones::read_json_file(index_path);
+  detail::check<CheckpointError>(index.contains("weight_map") && index["weight_map"].is_object(),
+                                            "{}: no \"weight_map\" object; is this a safetensors index?",
+                                            index_path.string());
+  std::map<std::string, std::vector<std::string>> names_by_shard;
+  for (const auto& [name, shard] : index["weight_map"].items()) {
+    detail::check<CheckpointError>(shard.is_string(), "{}: the shard of '{}' is not a file name",
+                                              index_path.string(), name);
+    names_by_shard[shard.get<std::string>()].push_back(name);
+  }
+  std::map<std::string, torch::Tensor> tensors;
+  for (const auto& [shard, names] : names_by_shard) {
+    const auto shard_path = (index_path.parent_path() / shard).string();
+    auto file = read_safetensors(shard_path);
+    for (const auto& name : names) {
+      auto it = file.tensors.find(name);
+      detail::check<CheckpointError>(it != file.tensors.end(),
+                                                "{}: tensor '{}' is listed in {} but missing from the shard",
+                                                shard_path, name, index_path.filename().string());
+      tensors[name] = it->second;
+    }
+  }
+  return tensors;
+}
+
+}  // namespace deltatune::detail
+
+namespace deltatune::backbones {
+
+// A Hugging Face checkpoint folder: config.json and model.safetensors, or
+// model.safetensors.index.json with its shards.
+inline Checkpoint read_hf_directory(const std::string& dir) {
+  namespace fs = std::filesystem;
+  const fs::path root(dir);
+  detail::check<CheckpointError>(fs::is_directory(root), "{}: not a folder (expected a Hugging Face "
+                                                                    "checkpoint: config.json + model.safetensors)", dir);
+  Checkpoint out{dir, read_json_file(root / "config.json"), {}};
+  if (fs::exists(root / "model.safetensors")) {
+    out.tensors = read_safetensors((root / "model.safetensors").string()).tensors;
+  } else if (fs::exists(root / "model.safetensors.index.json")) {
+    out.tensors = detail::read_sharded(root / "model.safetensors.index.json");
+  } else {
+    throw CheckpointError(fmt::format("{}: neither model.safetensors nor model.safetensors.index.json is there "
+                                      "(pytorch_model.bin is not read: convert it to safetensors)", dir));
+  }
+  return out;
+}
+
+// A TorchScript archive (torch.jit.trace or torch.jit.script, then torch.jit.save): its
+// parameters and buffers by name. A config.json saved as an extra file (_extra_files) is read too.
+inline Checkpoint read_torchscript(const std::string& path) {
+  torch::jit::ExtraFilesMap extra{{"config.json", ""}};
+  torch::jit::Module archive;
+  try {
+    archive = torch::jit::load(path, torch::kCPU, extra);
+  } catch (const c10::Error& e) {
+    throw CheckpointError(fmt::format("{}: not a loadable TorchScript archive ({})", path, e.what_without_backtrace()));
+  }
+  Checkpoint out{path, nlohmann::json::object(), {}};
+  if (!extra["config.json"].empty()) {
+    try {
+      out.config = nlohmann::json::parse(extra["config.json"]);
+    } catch (const nlohmann::json::exception& e) {
+      throw CheckpointError(fmt::format("{}: its config.json is not valid JSON ({})", path, e.what()));
+    }
+  }
+  for (const auto& p : archive.named_parameters(/*recurse=*/true)) out.tensors[p.name] = p.value.detach();
+  for (const auto& b : archive.named_buffers(/*recurse=*/true)) out.tensors[b.name] = b.value.detach();
+  return out;
+}
+
+// A folder is read as a Hugging Face checkpoint, a file as a TorchScript archive.
+inline Checkpoint read_checkpoint(const std::string& path) {
+  detail::check<CheckpointError>(std::filesystem::exists(path), "{}: no such file or folder", path);
+  return std::filesystem::is_directory(path) ? read_hf_directory(path) : read_torchscript(path);
+}
+
+// How checkpoint names map to a module's: Hugging Face heads prefix the backbone
+// ("bert.", "transformer."), tied weights are stored once, and some tensors are unused.
+struct LoadOptions {
+  using NamePairs = std::vector<std::pair<std::string, std::string>>;
+  // Prefixes a checkpoint name may carry before the module's name.
+  TORCH_ARG(std::vector<std::string>, prefixes) = {};
+  // Module name -> checkpoint names to try when it is absent (tied weights: "lm_head.weight" -> "shared.weight").
+  TORCH_ARG(NamePairs, aliases) = {};
+  // Checkpoint tensors that may go unused (regexes), as transformers' _keys_to_ignore_on_load_unexpected.
+  TORCH_ARG(std::vector<std::string>, ignore_unexpected) = {};
+  // Module tensors that may be missing and keep their initial values (regexes).
+  TORCH_ARG(std::vector<std::string>, allow_missing) = {};
+};
+
+}  // namespace deltatune::backbones
+
+namespace deltatune::detail {
+
+inline bool matches_any(const std::string& name, const std::vector<std::string>& patterns) {
+  for (const auto& p : patterns)
+    if (std::regex_search(name, std::regex(p))) return true;
+  return false;
+}
+
+// "a, b, c" with at most `limit` names, then "and N more".
+inline std::string list_names(const std::vector<std::string>& names, size_t limit = 12) {
+  std::vector<std::string> shown(names.begin(), names.begin() + std::min(limit, names.size()));
+  auto text = fmt::format("{}", fmt::join(shown, ", "));
+  if (names.size() > limit) text += fmt::format(" and {} more", names.size() - limit);
+  return text;
+}
+
+}  // namespace deltatune::detail
+
+namespace deltatune::backbones {
+
+// Copies every parameter and buffer of `module` from the checkpoint, converting F16/BF16
+// to the module's dtype. Missing, unexpected and mis-shaped tensors are gathered and
+// reported in one CheckpointError; nothing is copied unless all is well.
+inline void load_parameters(torch::nn::Module& module, const Checkpoint& checkpoint, const LoadOptions& options = {}) {
+  auto find = [&](const std::string& name) -> const torch::Tensor* {
+    std::vector<std::string> candidates{name};
+    for (const auto& [target, alias] : options.aliases())
+      if (target == name) candidates.push_back(alias);
+    for (const auto& candidate : std::vector<std::string>(candidates)) {
+      for (const auto& prefix : options.prefixes()) candidates.push_back(prefix + candidate);
+    }
+    for (const auto& c : candidates)
+      if (auto it = checkpoint.tensors.find(c); it != checkpoint.tensors.end()) return &it->second;
+    return nullptr;
+  };
+  std::vector<std::pair<torch::Tensor, const torch::Tensor*>> copies;
+  std::vector<std::string> missing, misshaped;
+  std::set<const torch::Tensor*> used;
+  auto visit = [&](const std::string& name, const torch::Tensor& target) {
+    const auto* source = find(name);
+    if (source == nullptr) {
+      if (!detail::matches_any(name, options.allow_missing())) missing.push_back(name);
+      return;
+    }
+    used.insert(source);
+    if (source->sizes() != target.sizes()) {
+      misshaped.push_back(fmt::format("{} (checkpoint {}, model {})", name, source->sizes(), target.sizes()));
+      return;
+    }
+    copies.emplace_back(target, source);
+  };
+  for (const auto& p : module.named_parameters(/*recurse=*/true)) visit(p.key(), p.value());
+  for (const auto& b : module.named_buffers(/*recurse=*/true)) visit(b.key(), b.value());
+  std::vector<std::string> unexpected;
+  for (const auto& [name, tensor] : checkpoint.tensors)
+    if (!used.count(&tensor) && !detail::matches_any(name, options.ignore_unexpected())) unexpected.push_back(name);
+
+  std::string problems;
+  if (!missing.empty()) problems += fmt::format("\n  missing ({}): {}", missing.size(), detail::list_names(missing));
+  if (!unexpected.empty())
+    problems += fmt::format("\n  unexpected ({}): {}", unexpected.size(), detail::list_names(unexpected));
+  if (!misshaped.empty())
+    problems += fmt::format("\n  wrong shape ({}): {}", misshaped.size(), detail::list_names(misshaped));
+  detail::check<CheckpointError>(problems.empty(),
+                                 "{}: the checkpoint does not fit the model built from its config:{}\n"
+                                 "Is it the architecture and size the config says?",
+                                 checkpoint.source, problems);
+  torch::NoGradGuard no_grad;
+  for (auto& [target, source] : copies) target.copy_(*source);  // shares the module's storage
+}
+
+}  // namespace deltatune::backbones
