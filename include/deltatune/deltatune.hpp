@@ -7,5 +7,6 @@
 #include <deltatune/core/safetensors.hpp>   // read_safetensors, write_safetensors (atomic): Hugging Face's format
 #include <deltatune/core/delta.hpp>         // DeltaModule and its families: WeightDelta, ActivationDelta, InputDelta
 #include <deltatune/core/site.hpp>          // Sites: FrozenLinear, OutputSite, AttentionSite, PromptSite; find_sites
+#include <deltatune/core/delta_model.hpp>   // DeltaModel: attach deltas by name pattern, train, merge, save and load
 #include <deltatune/kernels/kron_sum.hpp>   // kron_sum, kron_sum_matmul: Kronecker sums with their own backward
 #include <deltatune/backbones/checkpoint.hpp>  // read_hf_directory, read_torchscript, load_parameters: backbone weights

@@ -7,9 +7,6 @@
 // checkpoint written here and one written there compare equal.
 #pragma once
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cerrno>
 #include <cstdint>
@@ -26,6 +23,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include <deltatune/core/atomic_file.hpp>
 #include <deltatune/core/error.hpp>
 
 // The tensors are copied to and from the file byte for byte; safetensors is little-endian.
@@ -156,34 +154,6 @@ inline SafetensorsEntry parse_safetensors_entry(const std::string& path, const s
                          "{}: tensor '{}': data_offsets [{}, {}] hold {} bytes, but {} with shape {} needs {}", path,
                          name, out.begin, out.end, out.end - out.begin, type.name, shape.dump(), bytes);
   return out;
-}
-
-// Owns the temporary file of an atomic write: closes it and, unless committed, removes it,
-// so that no exit path (a throw included) leaves a half-written file behind.
-struct TemporaryFile {
-  std::string path;
-  int fd = -1;
-  bool committed = false;
-
-  TemporaryFile(const TemporaryFile&) = delete;
-  TemporaryFile& operator=(const TemporaryFile&) = delete;
-  explicit TemporaryFile(std::string p) : path(std::move(p)) {}
-  ~TemporaryFile() {
-    if (fd >= 0) ::close(fd);
-    if (!committed) ::unlink(path.c_str());
-  }
-};
-
-inline void write_all(TemporaryFile& file, const std::string& target, const void* data, std::uint64_t size) {
-  const char* p = static_cast<const char*>(data);
-  while (size > 0) {
-    const ssize_t n = ::write(file.fd, p, static_cast<std::size_t>(std::min<std::uint64_t>(size, 1u << 30)));
-    if (n < 0 && errno == EINTR) continue;
-    check<CheckpointError>(n > 0, "write_safetensors: cannot write {} (via {}): {}", target, file.path,
-                           std::strerror(errno));
-    p += n;
-    size -= static_cast<std::uint64_t>(n);
-  }
 }
 
 }  // namespace detail
@@ -333,24 +303,9 @@ inline void write_safetensors(const std::string& path, const std::map<std::strin
   unsigned char length_bytes[8];
   for (int i = 0; i < 8; ++i) length_bytes[i] = static_cast<unsigned char>(std::uint64_t(text.size()) >> (8 * i));
 
-  detail::TemporaryFile tmp(path + ".tmp-" + std::to_string(::getpid()));
-  tmp.fd = ::open(tmp.path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  detail::check<CheckpointError>(tmp.fd >= 0, "write_safetensors: cannot write {}: cannot create {}: {}", path,
-                                 tmp.path, std::strerror(errno));
-  detail::write_all(tmp, path, length_bytes, 8);
-  detail::write_all(tmp, path, text.data(), text.size());
-  for (const auto& item : items) detail::write_all(tmp, path, item.tensor.data_ptr(), item.tensor.nbytes());
-  // fsync before rename: otherwise a crash can leave the new name pointing at unwritten data.
-  detail::check<CheckpointError>(::fsync(tmp.fd) == 0, "write_safetensors: cannot write {}: fsync failed: {}", path,
-                                 std::strerror(errno));
-  const int fd = tmp.fd;
-  tmp.fd = -1;
-  detail::check<CheckpointError>(::close(fd) == 0, "write_safetensors: cannot write {}: close failed: {}", path,
-                                 std::strerror(errno));
-  detail::check<CheckpointError>(std::rename(tmp.path.c_str(), path.c_str()) == 0,
-                                 "write_safetensors: cannot write {}: rename from {} failed: {}", path, tmp.path,
-                                 std::strerror(errno));
-  tmp.committed = true;
+  std::vector<detail::Bytes> pieces{{length_bytes, 8}, {text.data(), text.size()}};
+  for (const auto& item : items) pieces.push_back({item.tensor.data_ptr(), item.tensor.nbytes()});
+  detail::write_file_atomically(path, pieces, "write_safetensors");
 }
 
 }  // namespace deltatune

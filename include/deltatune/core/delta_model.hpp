@@ -1,0 +1,477 @@
+// DeltaModel: the injector. Attaches named deltas to a frozen backbone's sites by name
+// patterns, says what is trained, summarises, activates and deactivates, merges, and
+// saves and loads delta-only checkpoints. Methods reach it through a DeltaRecipe.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <regex>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include <deltatune/core/atomic_file.hpp>
+#include <deltatune/core/delta.hpp>
+#include <deltatune/core/error.hpp>
+#include <deltatune/core/safetensors.hpp>
+#include <deltatune/core/site.hpp>
+
+namespace deltatune {
+
+// What DeltaModel::add takes: a method with its options, which makes the delta for each
+// matched site. It may return the same delta for several sites (a prefix serves every
+// attention layer) and hold modules shared by all its deltas (Compacter's A_i).
+class DeltaRecipe {
+ public:
+  virtual ~DeltaRecipe() = default;
+  virtual std::string method() const = 0;
+  virtual nlohmann::json options_json() const = 0;
+  // The site kinds its deltas act on: linear for weight deltas, output for adapters, ...
+  virtual bool accepts(Site::Kind kind) const = 0;
+  virtual std::shared_ptr<DeltaModule> make(const Site& site) = 0;
+  // Modules trained once for the whole delta, by name ("phm_rule" for Compacter's A).
+  virtual std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>> shared_modules() { return {}; }
+  // Backbone parameters the method trains by definition, as regexes over their names
+  // (Compacter: the layer norms; BitFit on BERT: the biases).
+  virtual std::vector<std::string> trained_backbone_parameters() const { return {}; }
+};
+
+namespace detail {
+
+// Glob over a dotted name: `*` and `?` as in a shell; a pattern without a dot also
+// matches the last component(s), as peft's target_modules does ("q" matches "...SelfAttention.q").
+inline std::regex glob_to_regex(const std::string& glob) {
+  std::string re;
+  for (char c : glob) {
+    if (c == '*') re += ".*";
+    else if (c == '?') re += '.';
+    else if (std::string("\\^$.|+()[]{}").find(c) != std::string::npos) re += std::string("\\") + c;
+    else re += c;
+  }
+  return std::regex("(.*\\.)?" + re);
+}
+
+// Levenshtein distance, for "did you mean" lists.
+inline size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> row(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    size_t diagonal = row[0];
+    row[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      const size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diagonal + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diagonal = up;
+    }
+  }
+  return row[b.size()];
+}
+
+}  // namespace detail
+
+// Which sites a pattern names. "re:<regex>" is a regular expression over the whole site
+// name; anything else is one or more globs separated by '|' ("*.layer.1|*.layer.2", "q|v").
+class SitePattern {
+ public:
+  explicit SitePattern(std::string text) : text_(std::move(text)) {
+    try {
+      if (text_.rfind("re:", 0) == 0) {
+        alternatives_.emplace_back(text_.substr(3));
+      } else {
+        size_t start = 0;
+        while (start <= text_.size()) {
+          const size_t bar = std::min(text_.find('|', start), text_.size());
+          const auto glob = text_.substr(start, bar - start);
+          detail::check<OptionError>(!glob.empty(), "site pattern '{}' has an empty alternative", text_);
+          alternatives_.push_back(detail::glob_to_regex(glob));
+          start = bar + 1;
+        }
+      }
+    } catch (const std::regex_error& e) {
+      throw OptionError(fmt::format("site pattern '{}' is not a valid regular expression: {}", text_, e.what()));
+    }
+  }
+  bool matches(const std::string& name) const {
+    return std::any_of(alternatives_.begin(), alternatives_.end(),
+                       [&](const std::regex& re) { return std::regex_match(name, re); });
+  }
+  const std::string& text() const { return text_; }
+
+ private:
+  std::string text_;
+  std::vector<std::regex> alternatives_;
+};
+
+// A frozen backbone and the named deltas attached to it.
+//   deltatune::DeltaModel model(backbone);
+//   model.add("sst2", recipe, "q|v");
+//   auto opt = torch::optim::AdamW(model.trainable_parameters(), 1e-3);
+class DeltaModel {
+ public:
+  // One attached delta at one site.
+  struct Attachment {
+    Site site;
+    std::shared_ptr<DeltaModule> delta;
+  };
+  // A named delta: its recipe, its attachments, whether it runs.
+  struct Entry {
+    std::shared_ptr<DeltaRecipe> recipe;
+    std::vector<Attachment> attachments;
+    bool active = true;
+  };
+
+  // Freezes every backbone parameter; only deltas (and what they train by definition) learn.
+  explicit DeltaModel(std::shared_ptr<torch::nn::Module> backbone)
+      : backbone_(std::move(backbone)), sites_(find_sites(*backbone_)) {
+    detail::check(backbone_ != nullptr, "DeltaModel needs a backbone, got a null module");
+    freeze(*backbone_);
+    fingerprint_ = compute_fingerprint();
+  }
+  template <class ModuleHolder, class = decltype(std::declval<ModuleHolder>().ptr())>
+  explicit DeltaModel(const ModuleHolder& backbone) : DeltaModel(std::static_pointer_cast<torch::nn::Module>(backbone.ptr())) {}
+
+  torch::nn::Module& backbone() { return *backbone_; }
+  const std::vector<Site>& sites() const { return sites_; }
+  const std::map<std::string, Entry>& deltas() const { return entries_; }
+
+  // Attaches the recipe's deltas under `name` at every site `pattern` matches. A pattern
+  // that matches nothing, or only sites the method cannot act on, is an error that lists
+  // the closest site names.
+  Entry& add(const std::string& name, std::shared_ptr<DeltaRecipe> recipe, const std::string& pattern) {
+    detail::check<OptionError>(!name.empty() && name.find('.') == std::string::npos,
+                               "delta name '{}' must be non-empty and hold no '.'", name);
+    detail::check<OptionError>(!entries_.count(name), "a delta named '{}' exists already; remove() it first", name);
+    const SitePattern matcher(pattern);
+    std::vector<const Site*> matched, wrong_kind;
+    for (const auto& site : sites_) {
+      if (!matcher.matches(site.name)) continue;
+      (recipe->accepts(site.kind) ? matched : wrong_kind).push_back(&site);
+    }
+    if (matched.empty()) throw OptionError(no_match_message(*recipe, matcher, wrong_kind));
+    Entry entry{recipe, {}, true};
+    for (const auto* site : matched) entry.attachments.push_back({*site, recipe->make(*site)});
+    for (auto& a : entry.attachments) attach(name, a);
+    for (auto& p : backbone_parameters(*recipe)) p.set_requires_grad(true);
+    return entries_[name] = std::move(entry);
+  }
+
+  // Detaches and forgets a delta (unmerge it first if merged).
+  void remove(const std::string& name) {
+    auto& entry = at(name);
+    for (auto& a : entry.attachments) for_slots(a, [&](auto& slots) { slots.detach(name); });
+    entries_.erase(name);
+  }
+
+  // Inactive deltas stay attached but take no part in forward passes.
+  void set_active(const std::string& name, bool active) {
+    auto& entry = at(name);
+    entry.active = active;
+    for (auto& a : entry.attachments) for_slots(a, [&](auto& slots) { slots.set_active(name, active); });
+  }
+  void activate(const std::string& name) { set_active(name, true); }
+  void deactivate(const std::string& name) { set_active(name, false); }
+
+  // Stops training a delta (for staged combinations: train one, freeze it, train the next).
+  void freeze_delta(const std::string& name) {
+    for (auto& p : delta_parameters(at(name))) p.set_requires_grad(false);
+  }
+
+  // Folds a weight delta into the frozen weights: zero inference overhead.
+  void merge(const std::string& name) {
+    auto& entry = at(name);
+    for (const auto& a : entry.attachments)
+      detail::check(a.delta->mergeable(), "delta '{}' ({}) acts on {} sites and cannot be merged; only weight deltas "
+                    "(lora, ia3, bitfit, phm) can", name, entry.recipe->method(), to_string(a.site.kind));
+    std::vector<FrozenLinearImpl*> done;
+    try {
+      for (auto& a : entry.attachments) {
+        a.site.linear->merge(name);
+        done.push_back(a.site.linear);
+      }
+    } catch (...) {  // all or nothing: undo the layers already merged
+      for (auto* linear : done) linear->unmerge(name);
+      throw;
+    }
+  }
+  void unmerge(const std::string& name) {
+    for (auto& a : at(name).attachments) a.site.linear->unmerge(name);
+  }
+
+  // What an optimizer should see: every active delta's parameters that require grad, each
+  // once, plus the backbone parameters the methods train by definition.
+  std::vector<torch::Tensor> trainable_parameters() {
+    std::vector<torch::Tensor> out;
+    std::set<const void*> seen;
+    auto take = [&](const torch::Tensor& p) {
+      if (p.requires_grad() && seen.insert(p.unsafeGetTensorImpl()).second) out.push_back(p);
+    };
+    for (auto& [name, entry] : entries_)
+      if (entry.active)
+        for (auto& p : delta_parameters(entry)) take(p);
+    for (auto& p : backbone_->parameters()) take(p);
+    return out;
+  }
+
+  // Every parameter of a delta, each once, by a stable name: "<site>.<param>" for per-site
+  // deltas, "<module>.<param>" for shared modules; a delta serving several sites is named
+  // after the first.
+  std::vector<std::pair<std::string, torch::Tensor>> named_delta_parameters(const std::string& name) {
+    std::vector<std::pair<std::string, torch::Tensor>> out;
+    std::set<const torch::nn::Module*> seen;
+    auto& entry = at(name);
+    for (auto& a : entry.attachments) {
+      if (!seen.insert(&a.delta->module()).second) continue;
+      for (const auto& p : a.delta->module().named_parameters()) out.emplace_back(a.site.name + "." + p.key(), p.value());
+    }
+    for (const auto& [module_name, module] : entry.recipe->shared_modules())
+      for (const auto& p : module->named_parameters()) out.emplace_back(module_name + "." + p.key(), p.value());
+    return out;
+  }
+
+  int64_t num_backbone_parameters() const {
+    int64_t n = 0;
+    for (const auto& p : backbone_->parameters()) n += p.numel();
+    return n;
+  }
+  int64_t num_trainable_parameters() {
+    int64_t n = 0;
+    for (const auto& p : trainable_parameters()) n += p.numel();
+    return n;
+  }
+
+  // The backbone's sites that carry deltas, as a tree of name components, each with its
+  // deltas and their parameter counts; then the totals and the trained share.
+  std::string summary() {
+    std::string out;
+    std::vector<std::string> previous;
+    for (const auto& site : sites_) {
+      auto line = site_deltas(site);
+      if (line.empty()) continue;
+      const auto parts = split_name(site.name);
+      size_t common = 0;
+      while (common < previous.size() && common + 1 < parts.size() && previous[common] == parts[common]) ++common;
+      for (size_t i = common; i + 1 < parts.size(); ++i) out += fmt::format("{:{}}{}\n", "", 2 * i, parts[i]);
+      out += fmt::format("{:{}}{} [{}] {}\n", "", 2 * (parts.size() - 1), parts.back(), to_string(site.kind), line);
+      previous = parts;
+    }
+    const auto trained = num_trainable_parameters(), total = num_backbone_parameters();
+    for (auto& [name, entry] : entries_) {
+      const auto backbone_trained = count(backbone_parameters(*entry.recipe));
+      out += fmt::format("delta '{}': {} on {} sites, {} parameters{}, {}\n", name, entry.recipe->method(),
+                         entry.attachments.size(), count(delta_parameters(entry)),
+                         backbone_trained ? fmt::format(" + {} backbone parameters it trains", backbone_trained) : "",
+                         entry.active ? "active" : "inactive");
+    }
+    out += fmt::format("trainable: {} of {} backbone parameters ({:.4f}%)\n", trained, total,
+                       total ? 100.0 * double(trained) / double(total) : 0.0);
+    return out;
+  }
+
+  // Writes delta `name` to `dir`: delta.safetensors (its parameters, and the backbone
+  // parameters it trains) and delta_config.json (method, options, pattern sites, the
+  // backbone's fingerprint). Kilobytes, not the model; each file written atomically.
+  void save(const std::string& name, const std::string& dir) {
+    auto& entry = at(name);
+    std::filesystem::create_directories(dir);
+    std::map<std::string, torch::Tensor> tensors;
+    for (auto& [key, p] : named_delta_parameters(name)) tensors[key] = p.detach();
+    for (const auto& p : backbone_->named_parameters())
+      if (matches_backbone(*entry.recipe, p.key())) tensors["backbone." + p.key()] = p.value().detach();
+    nlohmann::json sites = nlohmann::json::array();
+    for (const auto& a : entry.attachments) sites.push_back(a.site.name);
+    nlohmann::json config = {{"format", "deltatune-delta/1"}, {"method", entry.recipe->method()},
+                             {"options", entry.recipe->options_json()}, {"sites", sites},
+                             {"backbone_fingerprint", fingerprint_}};
+    write_safetensors(dir + "/delta.safetensors", tensors, {{"format", "pt"}});
+    detail::write_text_atomically(dir + "/delta_config.json", config.dump(2) + "\n", "DeltaModel::save");
+  }
+
+  // Reads a delta written by save() into the delta `name`, already added with the same
+  // recipe and pattern. A checkpoint from another backbone, or with other names, shapes or
+  // dtypes, is refused with one error listing every difference; nothing is copied then.
+  void load(const std::string& name, const std::string& dir) {
+    auto& entry = at(name);
+    const auto config_path = dir + "/delta_config.json";
+    std::ifstream in(config_path);
+    detail::check<CheckpointError>(in.is_open(), "{}: cannot open the delta's config (was it written by "
+                                   "DeltaModel::save?)", config_path);
+    nlohmann::json config;
+    try {
+      config = nlohmann::json::parse(in);
+    } catch (const nlohmann::json::exception& e) {
+      throw CheckpointError(fmt::format("{}: not valid JSON ({})", config_path, e.what()));
+    }
+    detail::check<CheckpointError>(config.value("backbone_fingerprint", "") == fingerprint_,
+                                   "{}: the delta was trained on another backbone (fingerprint {} here, {} there); "
+                                   "load it onto the model it was trained with", config_path, fingerprint_,
+                                   config.value("backbone_fingerprint", "none"));
+    detail::check<CheckpointError>(config.value("method", "") == entry.recipe->method(),
+                                   "{}: the delta is a {}, but '{}' here is a {}", config_path,
+                                   config.value("method", "?"), name, entry.recipe->method());
+    auto file = read_safetensors(dir + "/delta.safetensors");
+    std::vector<std::pair<torch::Tensor, torch::Tensor>> copies;
+    std::vector<std::string> problems;
+    auto expect = [&](const std::string& key, const torch::Tensor& target) {
+      auto it = file.tensors.find(key);
+      if (it == file.tensors.end()) return problems.push_back("missing " + key);
+      if (it->second.sizes() != target.sizes() || it->second.scalar_type() != target.scalar_type())
+        return problems.push_back(fmt::format("{}: file {} {}, model {} {}", key, c10::toString(it->second.scalar_type()),
+                                              it->second.sizes(), c10::toString(target.scalar_type()), target.sizes()));
+      copies.emplace_back(target, it->second);
+      file.tensors.erase(it);
+    };
+    for (auto& [key, p] : named_delta_parameters(name)) expect(key, p);
+    for (const auto& p : backbone_->named_parameters())
+      if (matches_backbone(*entry.recipe, p.key())) expect("backbone." + p.key(), p.value());
+    for (const auto& [key, t] : file.tensors) problems.push_back("unexpected " + key);
+    detail::check<CheckpointError>(problems.empty(), "{}/delta.safetensors does not fit delta '{}':\n  {}", dir, name,
+                                   fmt::join(problems, "\n  "));
+    torch::NoGradGuard no_grad;
+    for (auto& [target, source] : copies) target.copy_(source);
+  }
+
+  // The backbone's parameter names, shapes, dtypes and first values, hashed when the
+  // DeltaModel is built: a delta cannot be loaded onto another model, or other weights, by mistake.
+  const std::string& fingerprint() const { return fingerprint_; }
+
+ private:
+  Entry& at(const std::string& name) {
+    auto it = entries_.find(name);
+    if (it == entries_.end()) {
+      std::vector<std::string> names;
+      for (const auto& [n, e] : entries_) names.push_back(n);
+      throw OptionError(fmt::format("no delta named '{}'; this model has: {}", name,
+                                    names.empty() ? "none" : fmt::format("{}", fmt::join(names, ", "))));
+    }
+    return it->second;
+  }
+
+  // Calls f on the slot list of the attachment's site that fits its delta's family.
+  template <class F>
+  static void for_slots(Attachment& a, F&& f) {
+    switch (a.site.kind) {
+      case Site::Kind::linear: f(a.site.linear->deltas); break;
+      case Site::Kind::output: f(a.site.output->output_deltas); break;
+      case Site::Kind::attention: f(a.site.attention->prefix_deltas); break;
+      case Site::Kind::prompt: f(a.site.prompt->prompt_deltas); break;
+    }
+  }
+
+  void attach(const std::string& name, Attachment& a) {
+    auto cast = [&](auto* typed) {
+      detail::check(typed != nullptr, "method {} made a {} delta for {} site '{}'", a.delta->method(),
+                    to_string(a.delta->family()), to_string(a.site.kind), a.site.name);
+    };
+    switch (a.site.kind) {
+      case Site::Kind::linear: {
+        auto d = std::dynamic_pointer_cast<WeightDelta>(a.delta);
+        cast(d.get());
+        a.site.linear->deltas.attach(name, d);
+        break;
+      }
+      case Site::Kind::output: {
+        auto d = std::dynamic_pointer_cast<ActivationDelta>(a.delta);
+        cast(d.get());
+        a.site.output->output_deltas.attach(name, d);
+        break;
+      }
+      case Site::Kind::attention:
+      case Site::Kind::prompt: {
+        auto d = std::dynamic_pointer_cast<InputDelta>(a.delta);
+        cast(d.get());
+        (a.site.kind == Site::Kind::attention ? a.site.attention->prefix_deltas : a.site.prompt->prompt_deltas)
+            .attach(name, d);
+        break;
+      }
+    }
+  }
+
+  bool matches_backbone(const DeltaRecipe& recipe, const std::string& param) const {
+    for (const auto& re : recipe.trained_backbone_parameters())
+      if (std::regex_search(param, std::regex(re))) return true;
+    return false;
+  }
+  std::vector<torch::Tensor> backbone_parameters(const DeltaRecipe& recipe) {
+    std::vector<torch::Tensor> out;
+    for (const auto& p : backbone_->named_parameters())
+      if (matches_backbone(recipe, p.key())) out.push_back(p.value());
+    return out;
+  }
+
+  std::vector<torch::Tensor> delta_parameters(Entry& entry) {
+    std::vector<torch::Tensor> out;
+    std::set<const torch::nn::Module*> seen;
+    for (auto& a : entry.attachments)
+      if (seen.insert(&a.delta->module()).second)
+        for (auto& p : a.delta->module().parameters()) out.push_back(p);
+    for (const auto& [module_name, module] : entry.recipe->shared_modules())
+      for (auto& p : module->parameters()) out.push_back(p);
+    return out;
+  }
+
+  static int64_t count(const std::vector<torch::Tensor>& tensors) {
+    int64_t n = 0;
+    for (const auto& t : tensors) n += t.numel();
+    return n;
+  }
+
+  std::string site_deltas(const Site& site) const {
+    std::vector<std::string> parts;
+    for (const auto& [name, entry] : entries_)
+      for (const auto& a : entry.attachments)
+        if (a.site.name == site.name && a.site.kind == site.kind)
+          parts.push_back(fmt::format("{}: {} ({} params{})", name, entry.recipe->method(), a.delta->num_parameters(),
+                                      entry.active ? "" : ", inactive"));
+    return fmt::format("{}", fmt::join(parts, "; "));
+  }
+
+  static std::vector<std::string> split_name(const std::string& name) {
+    std::vector<std::string> parts;
+    size_t start = 0;
+    for (size_t dot; (dot = name.find('.', start)) != std::string::npos; start = dot + 1)
+      parts.push_back(name.substr(start, dot - start));
+    parts.push_back(name.substr(start));
+    return parts;
+  }
+
+  std::string no_match_message(const DeltaRecipe& recipe, const SitePattern& pattern,
+                               const std::vector<const Site*>& wrong_kind) const {
+    if (!wrong_kind.empty())
+      return fmt::format("pattern '{}' matches {} site(s), such as '{}' ({}), but {} acts on none of them", pattern.text(),
+                         wrong_kind.size(), wrong_kind.front()->name, to_string(wrong_kind.front()->kind),
+                         recipe.method());
+    std::vector<std::pair<size_t, std::string>> ranked;
+    for (const auto& site : sites_)
+      if (recipe.accepts(site.kind)) ranked.emplace_back(detail::edit_distance(pattern.text(), site.name), site.name);
+    std::sort(ranked.begin(), ranked.end());
+    std::vector<std::string> closest;
+    for (size_t i = 0; i < std::min<size_t>(5, ranked.size()); ++i) closest.push_back(ranked[i].second);
+    return fmt::format("pattern '{}' matches no site that {} acts on; closest names: {}", pattern.text(),
+                       recipe.method(), closest.empty() ? "none" : fmt::format("{}", fmt::join(closest, ", ")));
+  }
+
+  std::string compute_fingerprint() const {
+    std::uint64_t hash = 1469598103934665603ull;  // FNV-1a
+    auto mix = [&](const std::string& text) {
+      for (unsigned char c : text) hash = (hash ^ c) * 1099511628211ull;
+    };
+    for (const auto& p : backbone_->named_parameters())
+      mix(fmt::format("{}:{}:{}:{:.6e};", p.key(), p.value().sizes(), c10::toString(p.value().scalar_type()),
+                      p.value().detach().flatten().slice(0, 0, 16).to(torch::kFloat64).sum().item<double>()));
+    return fmt::format("{:016x}", hash);
+  }
+
+  std::shared_ptr<torch::nn::Module> backbone_;
+  std::vector<Site> sites_;
+  std::map<std::string, Entry> entries_;
+  std::string fingerprint_;
+};
+
+}  // namespace deltatune

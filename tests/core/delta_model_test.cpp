@@ -1,0 +1,142 @@
+// Tests of core/delta_model.hpp: patterns, freezing, activation, merging, summary and the
+// delta-only checkpoint round trip, on a toy two-layer backbone with a toy low-rank delta.
+#include <deltatune/core/delta_model.hpp>
+
+#include <cstdlib>
+#include <fstream>
+
+namespace dt = deltatune;
+
+namespace {
+
+// x B A (a rank-1 low-rank delta), B zero at init so the model starts unchanged.
+struct RankOneImpl : torch::nn::Module, dt::WeightDelta {
+  RankOneImpl(int64_t in, int64_t out)
+      : A(register_parameter("A", torch::randn({1, in}))), B(register_parameter("B", torch::zeros({out, 1}))) {}
+  torch::Tensor A, B;
+  std::string method() const override { return "rank_one"; }
+  nlohmann::json options_json() const override { return {{"r", 1}}; }
+  torch::nn::Module& module() override { return *this; }
+  torch::Tensor delta_weight(const torch::Tensor&) override { return B.matmul(A); }
+};
+
+struct RankOneRecipe : dt::DeltaRecipe {
+  std::string method() const override { return "rank_one"; }
+  nlohmann::json options_json() const override { return {{"r", 1}}; }
+  bool accepts(dt::Site::Kind kind) const override { return kind == dt::Site::Kind::linear; }
+  std::shared_ptr<dt::DeltaModule> make(const dt::Site& site) override {
+    return std::make_shared<RankOneImpl>(site.linear->in_features, site.linear->out_features);
+  }
+  std::vector<std::string> trained_backbone_parameters() const override { return {"norm\\.weight$"}; }
+};
+
+struct LayerImpl : torch::nn::Module, dt::OutputSite {
+  dt::FrozenLinear query = register_module("query", dt::FrozenLinear(6, 6, true));
+  dt::FrozenLinear value = register_module("value", dt::FrozenLinear(6, 6, true));
+  torch::nn::LayerNorm norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({6})));
+  torch::Tensor forward(const torch::Tensor& x) {
+    return finish(value(torch::tanh(query(x))), x, [&](const torch::Tensor& t) { return norm(t); });
+  }
+};
+TORCH_MODULE(Layer);
+
+struct ToyBackboneImpl : torch::nn::Module {
+  Layer layer0 = register_module("layer0", Layer()), layer1 = register_module("layer1", Layer());
+  torch::Tensor forward(const torch::Tensor& x) { return layer1(layer0(x)); }
+};
+TORCH_MODULE(ToyBackbone);
+
+std::string temp_dir(const std::string& tag) {
+  char pattern[] = "/tmp/deltatune-model-XXXXXX";
+  return std::string(::mkdtemp(pattern)) + "/" + tag;
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("DeltaModel attaches by glob, suffix and regex, and names the closest sites when nothing matches",
+                "[core][delta_model]") {
+  ToyBackbone backbone;
+  dt::DeltaModel model(backbone);
+  auto recipe = std::make_shared<RankOneRecipe>();
+  CATCH_CHECK(model.add("a", recipe, "query").attachments.size() == 2);          // suffix, as peft
+  CATCH_CHECK(model.add("b", recipe, "layer1.*").attachments.size() == 2);       // glob
+  CATCH_CHECK(model.add("c", recipe, "re:layer0\\.(query|value)").attachments.size() == 2);
+  CATCH_CHECK(model.add("d", recipe, "layer0.query|layer1.value").attachments.size() == 2);
+  CATCH_REQUIRE_THROWS_WITH(model.add("e", recipe, "querry"),
+                            Catch::Contains("pattern 'querry' matches no site that rank_one acts on") &&
+                                Catch::Contains("layer0.query"));
+  CATCH_REQUIRE_THROWS_WITH(model.add("e", recipe, "layer0"), Catch::Contains("(output), but rank_one acts on none"));
+  CATCH_REQUIRE_THROWS_WITH(model.add("a", recipe, "query"), Catch::Contains("'a' exists already"));
+  CATCH_REQUIRE_THROWS_WITH(model.add("e", recipe, "re:("), Catch::Contains("not a valid regular expression"));
+  CATCH_REQUIRE_THROWS_WITH(model.remove("zz"), Catch::Contains("no delta named 'zz'; this model has: a, b, c, d"));
+  model.remove("d");
+  CATCH_CHECK(model.deltas().size() == 3);
+}
+
+CATCH_TEST_CASE("DeltaModel trains only the delta and what its method trains; merge, deactivate, save and load",
+                "[core][delta_model]") {
+  torch::manual_seed(1);
+  ToyBackbone backbone;
+  dt::DeltaModel model(backbone);
+  auto x = torch::randn({4, 6});
+  const auto before = backbone(x).detach();
+  std::vector<torch::Tensor> frozen_before;
+  for (const auto& p : backbone->named_parameters())
+    if (p.key().find("norm.weight") == std::string::npos) frozen_before.push_back(p.value().clone());
+
+  model.add("task", std::make_shared<RankOneRecipe>(), "query|value");
+  CATCH_CHECK(torch::equal(backbone(x), before));  // B = 0: unchanged at step 0
+  // 4 deltas x (6 + 6) plus the two layer norms' weights (6 each) that the method trains.
+  CATCH_CHECK(model.num_trainable_parameters() == 4 * 12 + 2 * 6);
+
+  torch::optim::Adam opt(model.trainable_parameters(), 1e-2);
+  for (int step = 0; step < 5; ++step) {
+    opt.zero_grad();
+    (backbone(x) - 1).pow(2).mean().backward();
+    opt.step();
+  }
+  const auto tuned = backbone(x).detach();
+  CATCH_CHECK_FALSE(torch::allclose(tuned, before));
+  size_t i = 0;
+  for (const auto& p : backbone->named_parameters())
+    if (p.key().find("norm.weight") == std::string::npos) CATCH_CHECK(torch::equal(p.value(), frozen_before[i++]));
+
+  const auto summary = model.summary();
+  CATCH_CHECK_THAT(summary, Catch::Contains("layer0\n  query [linear] task: rank_one (12 params)"));
+  CATCH_CHECK_THAT(summary, Catch::Contains("trainable: 60 of 192 backbone parameters (31.2500%)"));
+  CATCH_CHECK_THAT(summary, Catch::Contains("delta 'task': rank_one on 4 sites, 48 parameters + 12 backbone parameters it trains, active"));
+
+  model.merge("task");
+  CATCH_CHECK(torch::allclose(backbone(x), tuned, 1e-5, 1e-5));
+  model.unmerge("task");
+  model.deactivate("task");
+  CATCH_CHECK(model.trainable_parameters().size() == 2);  // the layer norms alone
+  model.activate("task");
+
+  const auto dir = temp_dir("task");
+  model.save("task", dir);
+  std::ifstream config(dir + "/delta_config.json");
+  CATCH_CHECK(nlohmann::json::parse(config).at("sites").size() == 4);
+
+  // Same backbone, a fresh delta: loading restores the trained output exactly.
+  torch::manual_seed(1);
+  ToyBackbone same;
+  dt::DeltaModel reloaded(same);
+  reloaded.add("task", std::make_shared<RankOneRecipe>(), "query|value");
+  reloaded.load("task", dir);
+  CATCH_CHECK(torch::allclose(same(x), tuned, 1e-6, 1e-6));
+
+  // Another backbone (other weights) is refused; so is a delta attached elsewhere.
+  torch::manual_seed(2);
+  ToyBackbone other;
+  dt::DeltaModel elsewhere(other);
+  elsewhere.add("task", std::make_shared<RankOneRecipe>(), "query|value");
+  CATCH_REQUIRE_THROWS_WITH(elsewhere.load("task", dir), Catch::Contains("trained on another backbone"));
+  torch::manual_seed(1);
+  ToyBackbone same_again;
+  dt::DeltaModel partial(same_again);
+  partial.add("task", std::make_shared<RankOneRecipe>(), "query");
+  CATCH_REQUIRE_THROWS_WITH(partial.load("task", dir),
+                            Catch::Contains("does not fit delta 'task'") && Catch::Contains("unexpected layer0.value.A"));
+  CATCH_REQUIRE_THROWS_WITH(partial.load("task", "/nonexistent"), Catch::Contains("cannot open the delta's config"));
+}
