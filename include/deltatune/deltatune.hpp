@@ -10,3 +10,6 @@
 #include <deltatune/core/delta_model.hpp>   // DeltaModel: attach deltas by name pattern, train, merge, save and load
 #include <deltatune/kernels/kron_sum.hpp>   // kron_sum, kron_sum_matmul: Kronecker sums with their own backward
 #include <deltatune/backbones/checkpoint.hpp>  // read_hf_directory, read_torchscript, load_parameters: backbone weights
+#include <deltatune/train/glue.hpp>        // read_glue, GlueTask, to_t5 / from_t5_label: GLUE TSVs, T5's text to text
+#include <deltatune/train/metrics.hpp>     // accuracy, f1_score, matthews_corrcoef, pearson, spearman
+#include <deltatune/train/trainer.hpp>     // Trainer, TrainerOptions, LrSchedule, save/load_train_state, plot, log

@@ -1,0 +1,308 @@
+// A small generic trainer for delta tuning: AdamW on the trainable tensors only, warm-up and
+// decay, clipping, gradient accumulation, periodic evaluation with a best checkpoint and early
+// stopping, resume from the last state, a progress bar, a JSONL log and a plot of the curves.
+//
+// Model-agnostic: it sees a list of tensors, a loss function of a batch, a batch source that
+// gives batch i of epoch e, and callbacks to evaluate and to save the best model. Leaves out
+// multi-process data parallelism and fp16 loss scaling (bf16 autocast needs none).
+#pragma once
+
+#include <sys/stat.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <ATen/autocast_mode.h>
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include <deltatune/core/error.hpp>
+#include <deltatune/train/checkpoint_state.hpp>
+#include <deltatune/train/log.hpp>
+#include <deltatune/train/plot.hpp>
+#include <deltatune/train/progress.hpp>
+#include <deltatune/train/schedule.hpp>
+
+namespace deltatune {
+
+// bf16 (or `dtype`) autocast on `device` while in scope, as Python's torch.autocast: the
+// C++ API has the same thread-local switches (at::autocast), without a guard.
+//   { deltatune::AutocastGuard bf16(torch::kCPU); auto y = model(x); }  // matmuls in bf16
+class AutocastGuard {
+ public:
+  explicit AutocastGuard(at::DeviceType device, at::ScalarType dtype = at::kBFloat16)
+      : device_(device), was_enabled_(at::autocast::is_autocast_enabled(device)),
+        old_dtype_(at::autocast::get_autocast_dtype(device)) {
+    at::autocast::set_autocast_enabled(device, true);
+    at::autocast::set_autocast_dtype(device, dtype);
+    at::autocast::increment_nesting();
+  }
+  ~AutocastGuard() {
+    // The outermost guard drops the casts it cached, as torch.autocast's __exit__ does.
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(device_, was_enabled_);
+    at::autocast::set_autocast_dtype(device_, old_dtype_);
+  }
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  at::DeviceType device_;
+  bool was_enabled_;
+  at::ScalarType old_dtype_;
+};
+
+// How to train; defaults follow Compacter's GLUE set-up where it fixes one (lr 3e-3, no weight
+// decay, linear schedule) and transformers' Trainer elsewhere.
+struct TrainerOptions {
+  TORCH_ARG(int64_t, epochs) = 20;               // passes over the batch source (Compacter: 20 on GLUE)
+  TORCH_ARG(int64_t, max_steps) = -1;            // optimizer updates; > 0 overrides epochs
+  TORCH_ARG(double, lr) = 3e-3;                  // peak learning rate (Compacter: 3e-3)
+  TORCH_ARG(double, weight_decay) = 0.0;         // AdamW's decoupled decay
+  TORCH_ARG(double, warmup_ratio) = 0.0;         // share of the updates spent warming up
+  TORCH_ARG(int64_t, warmup_steps) = -1;         // >= 0 overrides warmup_ratio (Compacter: 500)
+  TORCH_ARG(ScheduleKind, schedule) = ScheduleKind::kLinear;  // decay to 0, or constant after warm-up
+  TORCH_ARG(double, max_grad_norm) = 1.0;        // global-norm clipping; <= 0 turns it off
+  TORCH_ARG(int64_t, accumulation_steps) = 1;    // micro-batches per optimizer update
+  TORCH_ARG(int64_t, eval_every) = 0;            // evaluate every this many updates; 0: after each epoch
+  TORCH_ARG(int64_t, patience) = 0;              // stop after this many evaluations without improvement; 0: never
+  TORCH_ARG(bool, greater_is_better) = true;     // the dev metric's direction (false for a loss)
+  TORCH_ARG(uint64_t, seed) = 42;                // torch::manual_seed at the start of a fresh run
+  TORCH_ARG(bool, bf16) = false;                 // bf16 autocast around loss_fn on the parameters' device
+  TORCH_ARG(std::string, output_dir) = "";       // log.jsonl, curves.png, best/, last/; "" writes nothing
+  TORCH_ARG(bool, resume) = true;                // continue from output_dir/last/ when it holds a state
+  TORCH_ARG(int64_t, log_every) = 10;            // updates between log lines of the mean loss
+  TORCH_ARG(bool, progress) = true;              // a progress bar on stdout
+};
+
+// Gives micro-batch `index` (0 <= index < batches_per_epoch) of epoch `epoch`. For a resumed run
+// to repeat an uninterrupted one, a batch must depend on (epoch, index) only: shuffle with a
+// generator seeded by the epoch, not the global one.
+template <class Batch>
+struct BatchSource {
+  int64_t batches_per_epoch = 0;
+  std::function<Batch(int64_t epoch, int64_t index)> batch;
+};
+
+// What a finished run did.
+struct TrainSummary {
+  int64_t steps = 0;                          // optimizer updates done, in all (a resumed run counts the earlier ones)
+  int64_t resumed_from = 0;                   // the step the run resumed at; 0 for a fresh run
+  double best_metric = std::numeric_limits<double>::quiet_NaN();
+  int64_t best_step = -1;                     // the update after which the best evaluation ran; -1 if none
+  bool stopped_early = false;
+  double final_loss = std::numeric_limits<double>::quiet_NaN();  // mean loss of the last logged updates
+  std::vector<double> seconds_per_epoch;      // wall time of each epoch this process ran (evaluation included)
+  int64_t peak_rss_bytes = 0;                 // VmHWM of /proc/self/status; 0 where there is none
+};
+
+// The process's peak resident memory (Linux's VmHWM), or 0 where /proc is absent.
+inline int64_t peak_rss_bytes() {
+  std::ifstream status("/proc/self/status");
+  std::string key;
+  for (int64_t kb; status >> key;)
+    if (key == "VmHWM:" && status >> kb) return kb * 1024;
+  return 0;
+}
+
+// Trains `trainable` by minimising `loss_fn` over the batches, evaluating as the options say.
+//   deltatune::Trainer<Batch> trainer(options, model->trainable_parameters(), loss_fn, source,
+//                                     [&] { return dev_accuracy(); }, [&](const std::string& dir) { save(dir); });
+//   auto summary = trainer.fit();
+template <class Batch>
+class Trainer {
+ public:
+  Trainer(TrainerOptions options, std::vector<torch::Tensor> trainable, std::function<torch::Tensor(const Batch&)> loss_fn,
+          BatchSource<Batch> source, std::function<double()> evaluate = {},
+          std::function<void(const std::string& dir)> save_best = {})
+      : options_(std::move(options)), params_(std::move(trainable)), loss_fn_(std::move(loss_fn)),
+        source_(std::move(source)), evaluate_(std::move(evaluate)), save_best_(std::move(save_best)),
+        optimizer_(params_, torch::optim::AdamWOptions(options_.lr()).weight_decay(options_.weight_decay())) {
+    check_options();
+    const int64_t per_epoch = updates_per_epoch(source_.batches_per_epoch, options_.accumulation_steps());
+    const int64_t total = options_.max_steps() > 0 ? options_.max_steps() : options_.epochs() * per_epoch;
+    schedule_ = {options_.schedule(),
+                 options_.warmup_steps() >= 0 ? options_.warmup_steps() : warmup_steps(options_.warmup_ratio(), total),
+                 total, options_.lr()};
+  }
+
+  // Runs to the end (or to early stopping) and returns what happened.
+  TrainSummary fit() {
+    start_or_resume();
+    std::optional<ProgressBar> bar;
+    if (options_.progress()) bar.emplace(schedule_.total);
+    auto epoch_start = std::chrono::steady_clock::now();
+    while (summary_.steps < schedule_.total && !summary_.stopped_early) {
+      const double loss = update();
+      if (bar) bar->update(summary_.steps, loss);
+      const bool epoch_end = summary_.steps % per_epoch() == 0;
+      const bool last = summary_.steps == schedule_.total;
+      if (options_.eval_every() > 0 ? summary_.steps % options_.eval_every() == 0 || last : epoch_end || last)
+        evaluate_and_save();
+      if (epoch_end) {
+        const auto now = std::chrono::steady_clock::now();
+        summary_.seconds_per_epoch.push_back(std::chrono::duration<double>(now - epoch_start).count());
+        epoch_start = now;
+      }
+    }
+    if (bar) bar->finish();
+    summary_.peak_rss_bytes = peak_rss_bytes();
+    if (!options_.output_dir().empty())
+      write_training_plot(options_.output_dir() + "/curves.png", loss_curve_, metric_curve_);
+    return summary_;
+  }
+
+  torch::optim::AdamW& optimizer() { return optimizer_; }
+  const LrSchedule& schedule() const { return schedule_; }
+
+ private:
+  void check_options() const {
+    detail::check<OptionError>(!params_.empty(), "Trainer: no trainable tensors; pass the delta's parameters");
+    for (std::size_t i = 0; i < params_.size(); ++i)
+      detail::check<OptionError>(params_[i].requires_grad(), "Trainer: trainable tensor {} (shape {}) does not "
+                                 "require grad", i, params_[i].sizes());
+    detail::check<OptionError>(options_.max_steps() > 0 || options_.epochs() > 0,
+                               "Trainer: give epochs > 0 or max_steps > 0 (epochs {}, max_steps {})",
+                               options_.epochs(), options_.max_steps());
+    detail::check<OptionError>(static_cast<bool>(loss_fn_) && static_cast<bool>(source_.batch),
+                               "Trainer: loss_fn and the batch source's function must be set");
+    detail::check<OptionError>(options_.patience() == 0 || evaluate_, "Trainer: patience {} needs an evaluate "
+                               "function", options_.patience());
+  }
+
+  int64_t per_epoch() const { return updates_per_epoch(source_.batches_per_epoch, options_.accumulation_steps()); }
+  std::string path(const std::string& name) const { return options_.output_dir() + "/" + name; }
+  std::string state_path() const { return path("last/train_state.safetensors"); }
+
+  void start_or_resume() {
+    if (!options_.output_dir().empty()) {
+      for (const auto& dir : {options_.output_dir(), path("last"), path("best")}) ::mkdir(dir.c_str(), 0755);
+      struct stat st {};
+      if (options_.resume() && ::stat(state_path().c_str(), &st) == 0) return resume();
+      log_.emplace(path("log.jsonl"), /*append=*/false);
+    }
+    torch::manual_seed(options_.seed());
+  }
+
+  void resume() {
+    const nlohmann::json state = load_train_state(state_path(), params_, optimizer_);
+    const auto saved = LrSchedule::from_json(state.at("schedule"));
+    detail::check<CheckpointError>(saved.total == schedule_.total && saved.warmup == schedule_.warmup,
+                                   "Trainer: {} was saved for {} updates ({} warm-up), these options give {} ({}); "
+                                   "resume with the same options or another output_dir", state_path(), saved.total,
+                                   saved.warmup, schedule_.total, schedule_.warmup);
+    summary_.steps = summary_.resumed_from = state.at("step");
+    summary_.best_step = state.at("best_step");
+    if (summary_.best_step >= 0) summary_.best_metric = state.at("best_metric");
+    summary_.stopped_early = state.at("stopped_early");
+    evals_without_improvement_ = state.at("evals_without_improvement");
+    loss_curve_ = {state.at("loss_x").get<std::vector<double>>(), state.at("loss_y").get<std::vector<double>>()};
+    metric_curve_.x = state.at("metric_x").get<std::vector<double>>();
+    for (const auto& y : state.at("metric_y")) metric_curve_.y.push_back(y.is_null() ? NAN : y.get<double>());
+    log_.emplace(path("log.jsonl"), /*append=*/true);
+    log_->log({{"event", "resume"}, {"step", summary_.steps}});
+  }
+
+  // One optimizer update over its micro-batches; returns their mean loss.
+  double update() {
+    const auto range = micro_batches(summary_.steps, source_.batches_per_epoch, options_.accumulation_steps());
+    optimizer_.zero_grad();
+    double loss_sum = 0;
+    for (int64_t i = range.begin; i < range.end; ++i) {
+      const Batch batch = source_.batch(range.epoch, i);
+      torch::Tensor loss;
+      {
+        std::optional<AutocastGuard> autocast;
+        if (options_.bf16()) autocast.emplace(params_.front().device().type());
+        loss = loss_fn_(batch);
+      }
+      // Mean over the update's micro-batches, so that accumulation matches one large batch.
+      (loss / static_cast<double>(range.count())).backward();
+      loss_sum += loss.detach().item<double>();
+    }
+    const double grad_norm = clip_grad_norm(params_, options_.max_grad_norm());
+    schedule_.apply(optimizer_, summary_.steps);
+    optimizer_.step();
+    ++summary_.steps;
+    const double loss = loss_sum / static_cast<double>(range.count());
+    window_sum_ += loss, ++window_count_;
+    if (summary_.steps % options_.log_every() == 0 || summary_.steps == schedule_.total) log_window(grad_norm);
+    return loss;
+  }
+
+  void log_window(double grad_norm) {
+    summary_.final_loss = window_sum_ / static_cast<double>(window_count_);
+    loss_curve_.x.push_back(static_cast<double>(summary_.steps));
+    loss_curve_.y.push_back(summary_.final_loss);
+    if (log_)
+      log_->log({{"step", summary_.steps}, {"epoch", static_cast<double>(summary_.steps) / per_epoch()},
+                 {"loss", summary_.final_loss}, {"lr", schedule_.lr(summary_.steps - 1)}, {"grad_norm", grad_norm}});
+    window_sum_ = 0, window_count_ = 0;
+  }
+
+  bool improves(double metric) const {
+    if (std::isnan(metric)) return false;  // a degenerate evaluation (Pearson of a constant) is no progress
+    if (summary_.best_step < 0) return true;
+    return options_.greater_is_better() ? metric > summary_.best_metric : metric < summary_.best_metric;
+  }
+
+  void evaluate_and_save() {
+    if (evaluate_) {
+      const double metric = evaluate_();
+      metric_curve_.x.push_back(static_cast<double>(summary_.steps));
+      metric_curve_.y.push_back(metric);
+      const bool better = improves(metric);
+      if (better) {
+        summary_.best_metric = metric, summary_.best_step = summary_.steps, evals_without_improvement_ = 0;
+        if (save_best_ && !options_.output_dir().empty()) save_best_(path("best"));
+      } else if (options_.patience() > 0 && ++evals_without_improvement_ >= options_.patience()) {
+        summary_.stopped_early = true;
+      }
+      if (log_)
+        log_->log({{"step", summary_.steps}, {"eval", std::isnan(metric) ? nlohmann::json() : nlohmann::json(metric)},
+                   {"best", better}, {"stopped_early", summary_.stopped_early}});
+    }
+    if (!options_.output_dir().empty()) save_state();
+  }
+
+  // Saved after evaluating, so that the state holds the generators as they are when training goes on.
+  void save_state() {
+    save_train_state(state_path(), params_, optimizer_,
+                     {{"step", summary_.steps}, {"schedule", schedule_.to_json()}, {"best_step", summary_.best_step},
+                      {"best_metric", summary_.best_step >= 0 ? summary_.best_metric : 0.0},
+                      {"stopped_early", summary_.stopped_early},
+                      {"evals_without_improvement", evals_without_improvement_},
+                      {"loss_x", loss_curve_.x}, {"loss_y", loss_curve_.y},
+                      {"metric_x", metric_curve_.x}, {"metric_y", nan_to_null(metric_curve_.y)}});
+  }
+
+  static nlohmann::json nan_to_null(const std::vector<double>& v) {
+    auto out = nlohmann::json::array();
+    for (const double x : v) out.push_back(std::isnan(x) ? nlohmann::json() : nlohmann::json(x));
+    return out;
+  }
+
+  TrainerOptions options_;
+  std::vector<torch::Tensor> params_;
+  std::function<torch::Tensor(const Batch&)> loss_fn_;
+  BatchSource<Batch> source_;
+  std::function<double()> evaluate_;
+  std::function<void(const std::string&)> save_best_;
+  torch::optim::AdamW optimizer_;
+  LrSchedule schedule_;
+  TrainSummary summary_;
+  std::optional<JsonlLogger> log_;
+  Curve loss_curve_, metric_curve_;
+  int64_t evals_without_improvement_ = 0;
+  double window_sum_ = 0;
+  int64_t window_count_ = 0;
+};
+
+}  // namespace deltatune

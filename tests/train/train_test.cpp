@@ -1,0 +1,322 @@
+// Tests of train/: schedule.hpp (golden: transformers, torch), progress.hpp, log.hpp, plot.hpp,
+// checkpoint_state.hpp and trainer.hpp on tiny problems on the CPU.
+#include <deltatune/train/checkpoint_state.hpp>
+#include <deltatune/train/log.hpp>
+#include <deltatune/train/plot.hpp>
+#include <deltatune/train/progress.hpp>
+#include <deltatune/train/schedule.hpp>
+#include <deltatune/train/trainer.hpp>
+
+#include <ftw.h>
+#include <stdlib.h>
+
+#include <sstream>
+
+#include "test_support.hpp"
+
+namespace dt = deltatune;
+
+namespace {
+
+// A fresh folder in the temporary directory, removed file by file at the end
+// (std::filesystem::remove_all crashes in binaries linked with this torch wheel).
+struct TempDir {
+  std::string path;
+  TempDir() {
+    std::string pattern = (std::filesystem::temp_directory_path() / "deltatune_train_XXXXXX").string();
+    path = ::mkdtemp(pattern.data());
+  }
+  ~TempDir() {
+    ::nftw(path.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
+           FTW_DEPTH | FTW_PHYS);
+  }
+};
+
+uint32_t read_u32_be(const std::string& s, std::size_t at) {
+  uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v = v << 8 | static_cast<uint8_t>(s[at + i]);
+  return v;
+}
+
+// A batch of the synthetic logistic-regression problem: x (B, 4), y (B,).
+struct Batch {
+  torch::Tensor x, y;
+};
+
+// 8 batches of 16 points whose label is the sign of a fixed direction; shuffled per epoch by
+// a generator seeded with the epoch, so batches depend on (epoch, index) only.
+dt::BatchSource<Batch> logistic_source(const torch::Tensor& x, const torch::Tensor& y) {
+  return {8, [x, y](int64_t epoch, int64_t index) {
+            auto gen = at::make_generator<at::CPUGeneratorImpl>(1000 + epoch);
+            const auto order = torch::randperm(128, gen).slice(0, index * 16, index * 16 + 16);
+            return Batch{x.index_select(0, order), y.index_select(0, order)};
+          }};
+}
+
+struct Logistic {
+  torch::Tensor x, y, w, b;
+  Logistic() {
+    torch::manual_seed(0);
+    x = torch::randn({128, 4}, torch::kFloat64);
+    y = (x.matmul(torch::tensor({1.0, -2.0, 0.5, 1.5}, torch::kFloat64)) > 0).to(torch::kFloat64);
+    w = torch::zeros({4}, torch::kFloat64).requires_grad_();
+    b = torch::zeros({1}, torch::kFloat64).requires_grad_();
+  }
+  // Dropout on the input, so that the global generator matters for resuming.
+  torch::Tensor loss(const Batch& batch) const {
+    const auto logits = torch::dropout(batch.x, 0.1, /*train=*/true).matmul(w) + b;
+    return torch::binary_cross_entropy_with_logits(logits, batch.y);
+  }
+  double accuracy() const {
+    torch::NoGradGuard no_grad;
+    return ((x.matmul(w) + b > 0).to(torch::kFloat64) == y).to(torch::kFloat64).mean().item<double>();
+  }
+  dt::Trainer<Batch> trainer(const dt::TrainerOptions& options, std::function<double()> evaluate = {}) {
+    return dt::Trainer<Batch>(options, {w, b}, [this](const Batch& batch) { return loss(batch); },
+                              logistic_source(x, y), evaluate ? evaluate : [this] { return accuracy(); });
+  }
+};
+
+}  // namespace
+
+CATCH_TEST_CASE("learning-rate schedules match transformers' step by step", "[schedule][golden]") {
+  const auto dir = deltatune::testing::golden_dir("schedule");
+  if (!dir) return;
+  for (const auto& c : nlohmann::json::parse(std::ifstream(*dir / "schedule.json"))) {
+    const dt::LrSchedule schedule{c.at("kind") == "linear" ? dt::ScheduleKind::kLinear : dt::ScheduleKind::kConstant,
+                                  c.at("warmup"), c.at("total"), c.at("base_lr")};
+    const auto lrs = c.at("lrs").get<std::vector<double>>();
+    for (std::size_t s = 0; s < lrs.size(); ++s) CATCH_CHECK(schedule.lr(static_cast<int64_t>(s)) == lrs[s]);
+  }
+  auto param = torch::zeros({1}, torch::requires_grad());
+  torch::optim::AdamW optimizer({param});
+  dt::LrSchedule{dt::ScheduleKind::kLinear, 4, 10, 1e-2}.apply(optimizer, 2);
+  CATCH_CHECK(optimizer.param_groups()[0].options().get_lr() == 5e-3);
+  CATCH_CHECK(dt::warmup_steps(0.06, 1000) == 60);
+  CATCH_CHECK(dt::warmup_steps(0.1, 15) == 2);
+}
+
+CATCH_TEST_CASE("clip_grad_norm matches torch.nn.utils.clip_grad_norm_", "[schedule][golden]") {
+  const auto dir = deltatune::testing::golden_dir("schedule");
+  if (!dir) return;
+  const auto file = dt::read_safetensors((*dir / "clip.safetensors").string());
+  const auto cases = nlohmann::json::parse(std::ifstream(*dir / "clip.json"));
+  for (const auto& [name, c] : cases.items()) {
+    std::vector<torch::Tensor> params;
+    for (int i = 0; i < 2; ++i) {
+      params.push_back(torch::zeros_like(file.tensors.at(name + ".grad." + std::to_string(i))).requires_grad_());
+      params.back().mutable_grad() = file.tensors.at(name + ".grad." + std::to_string(i)).clone();
+    }
+    params.push_back(torch::zeros({2}, torch::requires_grad()));  // no gradient: skipped
+    CATCH_CHECK(std::abs(dt::clip_grad_norm(params, c.at("max_norm")) - c.at("total_norm").get<double>()) <= 1e-12);
+    for (int i = 0; i < 2; ++i)
+      CATCH_CHECK(torch::allclose(params[i].grad(), file.tensors.at(name + ".clipped." + std::to_string(i)), 0, 1e-15));
+  }
+  // max_norm <= 0 measures without touching the gradients.
+  auto p = torch::zeros({2}, torch::requires_grad());
+  p.mutable_grad() = torch::tensor({3.0f, 4.0f});
+  CATCH_CHECK(dt::clip_grad_norm({p}, 0) == 5.0);
+  CATCH_CHECK(torch::equal(p.grad(), torch::tensor({3.0f, 4.0f})));
+}
+
+CATCH_TEST_CASE("micro_batches splits epochs into accumulated updates", "[schedule]") {
+  CATCH_CHECK(dt::updates_per_epoch(10, 4) == 3);
+  const auto first = dt::micro_batches(0, 10, 4), last = dt::micro_batches(2, 10, 4), next = dt::micro_batches(3, 10, 4);
+  CATCH_CHECK((first.epoch == 0 && first.begin == 0 && first.end == 4));
+  CATCH_CHECK((last.epoch == 0 && last.begin == 8 && last.end == 10 && last.count() == 2));
+  CATCH_CHECK((next.epoch == 1 && next.begin == 0));
+  CATCH_REQUIRE_THROWS_AS(dt::updates_per_epoch(10, 0), dt::OptionError);
+}
+
+CATCH_TEST_CASE("progress bar redraws on a terminal and writes lines otherwise", "[progress]") {
+  CATCH_CHECK(dt::format_duration(7) == "0:07");
+  CATCH_CHECK(dt::format_duration(3723) == "1:02:03");
+  CATCH_CHECK(dt::format_duration(NAN) == "?");
+  std::ostringstream tty, plain;
+  dt::ProgressBar bar(100, tty, true), file(100, plain, false, /*every_s=*/1e9);
+  for (int64_t step = 1; step <= 100; ++step) bar.update(step, 0.5), file.update(step, 0.5);
+  bar.finish();
+  const std::string redrawn = tty.str(), lines = plain.str();
+  CATCH_CHECK(std::count(redrawn.begin(), redrawn.end(), '\r') == 100);
+  // Not a terminal: the first and the last step only (every_s is far away).
+  CATCH_CHECK(std::count(lines.begin(), lines.end(), '\n') == 2);
+  CATCH_CHECK(lines.find('\r') == std::string::npos);
+  CATCH_CHECK(bar.line(25, 0.12345, 5.0) == " 25/100 [######..................]  25% loss 0.1235 5.00 it/s ETA 0:15");
+}
+
+CATCH_TEST_CASE("JSONL logger writes one flushed object a line", "[log]") {
+  TempDir dir;
+  const auto path = dir.path + "/log.jsonl";
+  {
+    dt::JsonlLogger log(path, false);
+    log.log({{"step", 1}, {"loss", 0.5}});
+    CATCH_CHECK(dt::read_jsonl(path).size() == 1);  // flushed before the logger closes
+    CATCH_REQUIRE_THROWS_WITH(log.log(nlohmann::json::array()), Catch::Contains("must be a JSON object"));
+  }
+  dt::JsonlLogger(path, true).log({{"step", 2}});
+  const auto records = dt::read_jsonl(path);
+  CATCH_REQUIRE(records.size() == 2);
+  CATCH_CHECK(records[1].at("step") == 2);
+}
+
+CATCH_TEST_CASE("PNG writer: valid chunks, CRC-32, Adler-32 and the pixels drawn", "[plot]") {
+  // Check values of the two checksums' specifications.
+  CATCH_CHECK(dt::detail::crc32("123456789") == 0xCBF43926u);
+  CATCH_CHECK(dt::detail::adler32("Wikipedia") == 0x11E60398u);
+  dt::Canvas canvas(300, 250);  // 300 * 3 + 1 bytes a row: several stored blocks
+  canvas.line(0, 0, 299, 249, {255, 0, 0});
+  const std::string png = canvas.png();
+  CATCH_REQUIRE(png.compare(0, 8, "\x89PNG\r\n\x1a\n") == 0);
+  std::string idat;
+  std::vector<std::string> types;
+  for (std::size_t at = 8; at < png.size();) {
+    const uint32_t length = read_u32_be(png, at);
+    types.push_back(png.substr(at + 4, 4));
+    CATCH_CHECK(dt::detail::crc32(png.substr(at + 4, 4 + length)) == read_u32_be(png, at + 8 + length));
+    if (types.back() == "IDAT") idat = png.substr(at + 8, length);
+    at += 12 + length;
+  }
+  CATCH_CHECK(types == std::vector<std::string>{"IHDR", "IDAT", "IEND"});
+  CATCH_CHECK(read_u32_be(png, 16) == 300);
+  std::string raw;  // inflate the stored blocks
+  for (std::size_t at = 2; at + 4 < idat.size();) {
+    const std::size_t n = static_cast<uint8_t>(idat[at + 1]) | static_cast<uint8_t>(idat[at + 2]) << 8;
+    raw += idat.substr(at + 5, n);
+    at += 5 + n;
+  }
+  CATCH_REQUIRE(raw.size() == 250u * (300 * 3 + 1));
+  CATCH_CHECK(dt::detail::adler32(raw) == read_u32_be(idat, idat.size() - 4));
+  const auto pixel = [&](int x, int y) { return raw.substr(std::size_t(y) * 901 + 1 + x * 3, 3); };
+  CATCH_CHECK(pixel(0, 0) == std::string("\xff\x00\x00", 3));
+  CATCH_CHECK(pixel(299, 249) == std::string("\xff\x00\x00", 3));
+  CATCH_CHECK(pixel(299, 0) == std::string("\xff\xff\xff", 3));
+
+  TempDir dir;
+  dt::write_training_plot(dir.path + "/curves.png", {{1, 2, 3}, {1.0, 0.5, NAN}}, {{2}, {0.9}});
+  CATCH_CHECK(std::filesystem::file_size(dir.path + "/curves.png") > 800u * 600 * 3);
+}
+
+CATCH_TEST_CASE("a restored training state continues bit-identically", "[checkpoint_state]") {
+  // Linear regression with noise drawn from the global generator each step.
+  const auto run = [](int64_t steps, const std::string& save_at, int64_t resume_steps) {
+    torch::manual_seed(3);
+    auto x = torch::randn({32, 3}), y = x.matmul(torch::tensor({1.0f, -1.0f, 2.0f}));
+    auto w = torch::zeros({3}, torch::requires_grad());
+    torch::optim::AdamW optimizer({w}, torch::optim::AdamWOptions(0.1).weight_decay(0.01));
+    const dt::LrSchedule schedule{dt::ScheduleKind::kLinear, 2, 10, 0.1};
+    int64_t step = 0;
+    if (resume_steps < 0) {  // a resumed run: load instead of starting over
+      step = dt::load_train_state(save_at, {w}, optimizer).at("step");
+      schedule.apply(optimizer, 0);  // the lr is restored anyway; show the state wins
+      CATCH_CHECK(dt::LrSchedule::from_json(dt::load_train_state(save_at, {w}, optimizer).at("schedule")).total == 10);
+    }
+    for (; step < steps; ++step) {
+      optimizer.zero_grad();
+      ((x + 0.1 * torch::randn_like(x)).matmul(w) - y).pow(2).mean().backward();
+      dt::clip_grad_norm({w}, 1.0);
+      schedule.apply(optimizer, step);
+      optimizer.step();
+      if (step + 1 == resume_steps)
+        dt::save_train_state(save_at, {w}, optimizer, {{"step", step + 1}, {"schedule", schedule.to_json()}});
+    }
+    return w.detach().clone();
+  };
+  TempDir dir;
+  const auto path = dir.path + "/state.safetensors";
+  const auto uninterrupted = run(10, "", 0);
+  run(4, path, 4);  // stops after 4 steps, having saved
+  torch::manual_seed(99);  // the resumed process's generator starts elsewhere
+  const auto resumed = run(10, path, -1);
+  CATCH_CHECK(torch::equal(resumed, uninterrupted));
+
+  auto other = torch::zeros({4}, torch::requires_grad());
+  torch::optim::AdamW optimizer({other});
+  CATCH_REQUIRE_THROWS_WITH(dt::load_train_state(path, {other}, optimizer), Catch::Contains("param.0 has shape"));
+  CATCH_REQUIRE_THROWS_AS(dt::load_train_state(path, {other, other}, optimizer), dt::CheckpointError);
+}
+
+CATCH_TEST_CASE("AutocastGuard runs matmuls in bf16 on the CPU while in scope", "[trainer]") {
+  const auto a = torch::randn({4, 4});
+  {
+    dt::AutocastGuard bf16(torch::kCPU);
+    CATCH_CHECK(torch::mm(a, a).scalar_type() == torch::kBFloat16);
+  }
+  CATCH_CHECK(torch::mm(a, a).scalar_type() == torch::kFloat32);
+  CATCH_CHECK(!at::autocast::is_autocast_enabled(torch::kCPU));
+}
+
+CATCH_TEST_CASE("Trainer learns a logistic regression and writes its log and plot", "[trainer]") {
+  TempDir dir;
+  Logistic problem;
+  const double before = problem.accuracy();
+  int saves = 0;
+  dt::Trainer<Batch> trainer(dt::TrainerOptions().epochs(10).lr(0.2).warmup_ratio(0.1).accumulation_steps(3)
+                                 .output_dir(dir.path).progress(false).log_every(2),
+                             {problem.w, problem.b}, [&](const Batch& batch) { return problem.loss(batch); },
+                             logistic_source(problem.x, problem.y), [&] { return problem.accuracy(); },
+                             [&](const std::string& best) {
+                               ++saves;
+                               CATCH_CHECK(best == dir.path + "/best");
+                             });
+  const auto summary = trainer.fit();
+  CATCH_CHECK(summary.steps == 30);  // 10 epochs of ceil(8 / 3) updates
+  CATCH_CHECK(trainer.schedule().warmup == 3);
+  CATCH_CHECK(summary.best_metric > 0.9);
+  CATCH_CHECK(before < 0.9);
+  CATCH_CHECK(saves >= 1);
+  CATCH_CHECK(summary.seconds_per_epoch.size() == 10);
+  CATCH_CHECK(summary.peak_rss_bytes > 0);
+  const auto log = dt::read_jsonl(dir.path + "/log.jsonl");
+  CATCH_CHECK(std::count_if(log.begin(), log.end(), [](const auto& r) { return r.contains("eval"); }) == 10);
+  CATCH_CHECK(std::filesystem::exists(dir.path + "/curves.png"));
+  CATCH_CHECK(std::filesystem::exists(dir.path + "/last/train_state.safetensors"));
+}
+
+CATCH_TEST_CASE("Trainer stops early after `patience` evaluations without improvement", "[trainer]") {
+  Logistic problem;
+  const std::vector<double> metrics{0.5, 0.7, 0.6, 0.7, 0.65, 0.9};
+  std::size_t evals = 0;
+  auto trainer = problem.trainer(dt::TrainerOptions().max_steps(100).eval_every(2).patience(3).progress(false),
+                                 [&] { return metrics.at(evals++); });
+  const auto summary = trainer.fit();
+  CATCH_CHECK(summary.stopped_early);
+  CATCH_CHECK(evals == 5);  // 0.7 at the 2nd, then 0.6, 0.7 (not better), 0.65
+  CATCH_CHECK(summary.best_metric == 0.7);
+  CATCH_CHECK(summary.best_step == 4);
+  CATCH_CHECK(summary.steps == 10);
+}
+
+CATCH_TEST_CASE("Trainer resumes an interrupted run to the same result", "[trainer]") {
+  const auto options = [](const std::string& dir) {
+    return dt::TrainerOptions().max_steps(20).eval_every(5).lr(0.05).warmup_steps(3).accumulation_steps(2)
+        .output_dir(dir).progress(false);
+  };
+  TempDir whole, parts;
+  Logistic a;
+  const auto full = a.trainer(options(whole.path)).fit();
+
+  Logistic b;
+  int64_t calls = 0;
+  dt::Trainer<Batch> crashing(options(parts.path), {b.w, b.b},
+                              [&](const Batch& batch) {
+                                // Dies in the middle of update 13, after the state of update 10 was saved.
+                                if (++calls == 25) throw std::runtime_error("killed");
+                                return b.loss(batch);
+                              },
+                              logistic_source(b.x, b.y), [&] { return b.accuracy(); });
+  CATCH_REQUIRE_THROWS_WITH(crashing.fit(), "killed");
+
+  Logistic c;  // a new process: fresh tensors, the state comes from the file
+  torch::manual_seed(12345);
+  const auto resumed = c.trainer(options(parts.path)).fit();
+  CATCH_CHECK(resumed.resumed_from == 10);
+  CATCH_CHECK(resumed.steps == 20);
+  CATCH_CHECK(torch::equal(c.w, a.w));
+  CATCH_CHECK(torch::equal(c.b, a.b));
+  CATCH_CHECK(resumed.best_metric == full.best_metric);
+  CATCH_CHECK(resumed.best_step == full.best_step);
+
+  // Changed options cannot continue the saved run.
+  Logistic d;
+  CATCH_REQUIRE_THROWS_WITH(d.trainer(options(parts.path).max_steps(30)).fit(), Catch::Contains("resume with the same options"));
+}
