@@ -1,8 +1,7 @@
 // A run's files: a JSONL log (one JSON object a line, flushed at once, so a crash loses at
-// most the line being written) and whole files written atomically (temporary file + rename).
+// most the line being written).
 #pragma once
 
-#include <unistd.h>
 
 #include <cerrno>
 #include <cstdint>
@@ -18,28 +17,6 @@
 #include <deltatune/core/error.hpp>
 
 namespace deltatune {
-
-namespace detail {
-
-// Writes `bytes` to `path.tmp-<pid>`, then renames it over `path`: readers see the old file or
-// the whole new one, never a half-written one. (No fsync: plots and summaries are cheap to remake;
-// checkpoints go through write_safetensors, which syncs.)
-inline void write_file_atomic(const std::string& path, const std::string& bytes) {
-  const std::string tmp = path + ".tmp-" + std::to_string(::getpid());
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    check(out.is_open(), "cannot write {}: cannot create {}: {}", path, tmp, std::strerror(errno));
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    out.close();
-    if (!out) std::remove(tmp.c_str());
-    check(static_cast<bool>(out), "cannot write {}: writing {} failed (disk full?)", path, tmp);
-  }
-  const bool renamed = std::rename(tmp.c_str(), path.c_str()) == 0;
-  if (!renamed) std::remove(tmp.c_str());
-  check(renamed, "cannot write {}: rename from {} failed: {}", path, tmp, std::strerror(errno));
-}
-
-}  // namespace detail
 
 // Appends one JSON object per line to a file and flushes each, for tail -f and for plotting.
 //   deltatune::JsonlLogger log("out/log.jsonl");

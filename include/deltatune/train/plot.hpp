@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include <deltatune/core/atomic_file.hpp>
 #include <deltatune/core/error.hpp>
 #include <deltatune/train/log.hpp>
 
@@ -200,7 +201,7 @@ inline void write_training_plot(const std::string& path, const Curve& loss, cons
   const int left = 80, panel_w = width - left - 20, panel_h = height / 2 - 50;
   detail::plot_panel(canvas, loss, left, 20, panel_w, panel_h, {31, 119, 180});
   detail::plot_panel(canvas, metric, left, height / 2 + 20, panel_w, panel_h, {255, 127, 14});
-  detail::write_file_atomic(path, canvas.png());
+  detail::write_text_atomically(path, canvas.png(), "write_training_plot");
 }
 
 }  // namespace deltatune
