@@ -2,7 +2,6 @@
 // most the line being written).
 #pragma once
 
-
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
