@@ -8,3 +8,5 @@
 #include <deltatune/core/delta.hpp>         // DeltaModule and its families: WeightDelta, ActivationDelta, InputDelta
 #include <deltatune/core/site.hpp>          // Sites: FrozenLinear, OutputSite, AttentionSite, PromptSite; find_sites
 #include <deltatune/kernels/kron_sum.hpp>   // kron_sum, kron_sum_matmul: Kronecker sums with their own backward
+#include <deltatune/text/sentencepiece_tokenizer.hpp>  // T5Tokenizer: SentencePiece with T5's conventions (</s>, <pad>, sentinels)
+#include <deltatune/text/wordpiece_tokenizer.hpp>      // WordPieceTokenizer: BERT's normaliser, WordPiece, [CLS] a [SEP] b [SEP]
