@@ -1,8 +1,12 @@
 # What deltatune needs from outside: LibTorch (from the torch wheel; tools/setup
-# passes its CMake folder) and nlohmann-json (Debian). The package config
-# (cmake/deltatuneConfig.cmake.in) finds the same.
+# passes its CMake folder), nlohmann-json and SentencePiece (Debian; T5's tokenizer).
+# The package config (cmake/deltatuneConfig.cmake.in) finds the same.
 find_package(Torch REQUIRED)
 find_package(nlohmann_json 3.10 REQUIRED)
+# SentencePiece ships no CMake package, only a pkg-config file: its imported target is
+# PkgConfig::sentencepiece, global so that a parent project sees it too.
+find_package(PkgConfig REQUIRED)
+pkg_check_modules(sentencepiece REQUIRED IMPORTED_TARGET GLOBAL sentencepiece)
 
 # Vendored with add_subdirectory, deltatune's parent links deltatune::deltatune, whose
 # usage requirements name Torch's imported targets (torch_cpu, torch_cuda, CUDA::...).

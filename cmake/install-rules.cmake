@@ -34,7 +34,7 @@ if(TARGET deltatune_cuda)
 endif()
 
 install(TARGETS ${deltatune_targets} EXPORT deltatuneTargets)
-# The targets keep their links by name (torch, nlohmann_json::nlohmann_json):
+# The targets keep their links by name (torch, nlohmann_json::nlohmann_json, PkgConfig::sentencepiece):
 # deltatuneConfig.cmake finds those packages before it loads this file.
 install(EXPORT deltatuneTargets
         NAMESPACE deltatune::

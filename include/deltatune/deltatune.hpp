@@ -13,3 +13,5 @@
 #include <deltatune/train/glue.hpp>        // read_glue, GlueTask, to_t5 / from_t5_label: GLUE TSVs, T5's text to text
 #include <deltatune/train/metrics.hpp>     // accuracy, f1_score, matthews_corrcoef, pearson, spearman
 #include <deltatune/train/trainer.hpp>     // Trainer, TrainerOptions, LrSchedule, save/load_train_state, plot, log
+#include <deltatune/text/sentencepiece_tokenizer.hpp>  // T5Tokenizer: SentencePiece with T5's conventions (</s>, <pad>, sentinels)
+#include <deltatune/text/wordpiece_tokenizer.hpp>      // WordPieceTokenizer: BERT's normaliser, WordPiece, [CLS] a [SEP] b [SEP]
