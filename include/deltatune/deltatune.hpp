@@ -8,3 +8,11 @@
 #include <deltatune/core/delta.hpp>         // DeltaModule and its families: WeightDelta, ActivationDelta, InputDelta
 #include <deltatune/core/site.hpp>          // Sites: FrozenLinear, OutputSite, AttentionSite, PromptSite; find_sites
 #include <deltatune/kernels/kron_sum.hpp>   // kron_sum, kron_sum_matmul: Kronecker sums with their own backward
+#include <deltatune/methods/lora.hpp>       // LoRA: W0 + (alpha / r) B A, mergeable
+#include <deltatune/methods/bitfit.hpp>     // BitFit: trained bias offsets, added biases where there are none
+#include <deltatune/methods/ia3.hpp>        // IA3: learned scaling of keys, values, feed-forward activation
+#include <deltatune/methods/phm.hpp>        // PHMLinear, PHMSharedFactors: W = sum_i A_i (x) B_i
+#include <deltatune/methods/adapter.hpp>    // Adapter: Houlsby, Pfeiffer, PHM-Adapter, Compacter, Compacter++
+#include <deltatune/methods/prompt.hpp>     // PromptTuning: P trained input embeddings
+#include <deltatune/methods/prefix.hpp>     // PrefixTuning: trained keys and values in every attention site
+#include <deltatune/methods/spec.hpp>       // select_parameters: last layers, chosen names, layer norms
