@@ -15,3 +15,11 @@
 #include <deltatune/train/trainer.hpp>     // Trainer, TrainerOptions, LrSchedule, save/load_train_state, plot, log
 #include <deltatune/text/sentencepiece_tokenizer.hpp>  // T5Tokenizer: SentencePiece with T5's conventions (</s>, <pad>, sentinels)
 #include <deltatune/text/wordpiece_tokenizer.hpp>      // WordPieceTokenizer: BERT's normaliser, WordPiece, [CLS] a [SEP] b [SEP]
+#include <deltatune/methods/lora.hpp>       // LoRA: W0 + (alpha / r) B A, mergeable
+#include <deltatune/methods/bitfit.hpp>     // BitFit: trained bias offsets, added biases where there are none
+#include <deltatune/methods/ia3.hpp>        // IA3: learned scaling of keys, values, feed-forward activation
+#include <deltatune/methods/phm.hpp>        // PHMLinear, PHMSharedFactors: W = sum_i A_i (x) B_i
+#include <deltatune/methods/adapter.hpp>    // Adapter: Houlsby, Pfeiffer, PHM-Adapter, Compacter, Compacter++
+#include <deltatune/methods/prompt.hpp>     // PromptTuning: P trained input embeddings
+#include <deltatune/methods/prefix.hpp>     // PrefixTuning: trained keys and values in every attention site
+#include <deltatune/methods/spec.hpp>       // select_parameters: last layers, chosen names, layer norms

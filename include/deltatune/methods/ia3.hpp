@@ -1,0 +1,92 @@
+// IA3 (Liu et al. 2022, "(IA)^3"): learned vectors that rescale keys, values and the
+// feed-forward inner activation, ones at init so the model is unchanged at step 0.
+//
+// On keys and values the vector l (out) scales the Linear's output: y = l * (x W0^T + b0).
+// On the feed-forward output Linear (wo) it scales the input, which is the inner
+// activation: y = (l * x) W0^T + b0. Both fold into W0 (and b0), so IA3 is mergeable.
+// peft stores l as ia3_l of shape (out, 1) or (1, in); here it is flat (features).
+#pragma once
+
+#include <torch/torch.h>
+
+#include <deltatune/core/delta.hpp>
+#include <deltatune/core/error.hpp>
+
+namespace deltatune {
+
+struct IA3Options {
+  explicit IA3Options(int64_t features) : features_(features) {}
+  TORCH_ARG(int64_t, features);            // out_features (keys, values) or in_features (feed-forward)
+  TORCH_ARG(bool, feedforward) = false;    // scale the input (the inner activation) instead of the output
+};
+
+class IA3Impl : public torch::nn::Cloneable<IA3Impl>, public WeightDelta {
+ public:
+  explicit IA3Impl(IA3Options options) : options(std::move(options)) { reset(); }
+
+  void reset() override {
+    detail::check<OptionError>(options.features() > 0, "IA3: option features must be positive, got {}",
+                               options.features());
+    ia3_l = register_parameter("ia3_l", torch::ones({options.features()}));
+  }
+
+  // An output-scaling IA3 on a Linear with a bias scales the bias too; WeightDelta's
+  // delta_bias sees only the weight, so the injector hands the frozen bias over here.
+  void bind_base_bias(torch::Tensor base_bias) { base_bias_ = std::move(base_bias); }
+
+  std::string method() const override { return "ia3"; }
+  nlohmann::json options_json() const override {
+    return {{"features", options.features()}, {"feedforward", options.feedforward()}};
+  }
+  torch::nn::Module& module() override { return *this; }
+
+  // (out, in): (l - 1) scaling the rows (output) or the columns (feed-forward input) of W0.
+  torch::Tensor delta_weight(const torch::Tensor& base_weight) override {
+    check_features(base_weight);
+    return base_weight * scale_shape(ia3_l - 1);
+  }
+  torch::Tensor delta_bias(const torch::Tensor& base_weight) override {
+    if (options.feedforward() || !base_bias_.defined()) return {};
+    check_features(base_weight);
+    return base_bias_ * (ia3_l - 1);
+  }
+  // The change to undo a merge, from the merged weight l * W0: (1 - 1/l) scaling it, as
+  // peft's unmerge divides by l (the site must call this rather than delta_weight).
+  torch::Tensor unmerge_delta_weight(const torch::Tensor& merged_weight) {
+    return merged_weight * scale_shape(1 - 1 / ia3_l);
+  }
+
+  torch::Tensor delta_output(const torch::Tensor& x, const torch::Tensor& base_weight,
+                             const torch::Tensor& base_output) override {
+    check_features(base_weight);
+    if (options.feedforward()) return torch::nn::functional::linear(x * (ia3_l - 1), base_weight);
+    return base_output * (ia3_l - 1);
+  }
+
+  void pretty_print(std::ostream& stream) const override {
+    stream << "deltatune::IA3(features=" << options.features()
+           << ", feedforward=" << (options.feedforward() ? "true" : "false") << ")";
+  }
+
+  IA3Options options;
+  torch::Tensor ia3_l;  // (features), ones at init
+
+ private:
+  // l as a column (out, 1) for output scaling or a row (1, in) for input scaling.
+  torch::Tensor scale_shape(const torch::Tensor& l) const {
+    return options.feedforward() ? l.unsqueeze(0) : l.unsqueeze(1);
+  }
+  void check_features(const torch::Tensor& base_weight) const {
+    const int64_t size = base_weight.size(options.feedforward() ? 1 : 0);
+    detail::check<ShapeError>(size == options.features(), "IA3: the layer's {} is {} but option features is {}",
+                              options.feedforward() ? "in_features" : "out_features", size, options.features());
+  }
+  torch::Tensor base_bias_;
+};
+TORCH_MODULE(IA3);
+
+inline IA3Options ia3_options_from_json(const nlohmann::json& j) {
+  return IA3Options(j.at("features")).feedforward(j.at("feedforward"));
+}
+
+}  // namespace deltatune

@@ -1,0 +1,117 @@
+// Prefix tuning (Li & Liang 2021): P trained keys and values prepended in every attention
+// layer, here the encoder's self-attention, the decoder's self-attention and its
+// cross-attention alike (peft reaches only the decoder's: a deliberate difference).
+//
+// While training, the table is reparameterised as peft's PrefixEncoder does: an embedding
+// E (P, d) through Linear(d, hidden) -> tanh -> Linear(hidden, L * 2 * inner), L the number
+// of attention sites; eject() then computes it once and keeps plain parameters, which is
+// all inference needs. Site i's key is column block 2i, its value block 2i + 1 (peft's
+// past_key_values layout). Not an identity at init: attention gives the prefix columns
+// weight however small their keys, so every output moves (none of peft's inits is one).
+//
+// Masks grow by P (the site prepends ones). T5's relative position bias: a site should
+// treat the P prefix columns as the earliest key positions, queries at P .. P + T - 1, which
+// is what transformers' T5 computes when peft hands the prefix over as past_key_values.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+#include <deltatune/core/delta.hpp>
+#include <deltatune/core/error.hpp>
+
+namespace deltatune {
+
+struct PrefixTuningOptions {
+  PrefixTuningOptions(int64_t num_virtual_tokens, int64_t d_model, std::vector<std::string> sites)
+      : num_virtual_tokens_(num_virtual_tokens), d_model_(d_model), sites_(std::move(sites)) {}
+  TORCH_ARG(int64_t, num_virtual_tokens);      // P; the paper uses 10 to 200
+  TORCH_ARG(int64_t, d_model);                 // width of the embedding E that the MLP reads
+  TORCH_ARG(std::vector<std::string>, sites);  // attention sites' module paths, in layer order
+  TORCH_ARG(int64_t, inner) = 0;               // keys' width, heads x d_kv; 0: d_model
+  TORCH_ARG(bool, prefix_projection) = true;   // train through the MLP (the paper), or the table directly
+  TORCH_ARG(int64_t, hidden) = 512;            // the MLP's hidden width (the paper, peft's encoder_hidden_size)
+};
+
+class PrefixTuningImpl : public torch::nn::Cloneable<PrefixTuningImpl>, public InputDelta {
+ public:
+  explicit PrefixTuningImpl(PrefixTuningOptions options) : options(std::move(options)) { reset(); }
+
+  int64_t inner() const { return options.inner() > 0 ? options.inner() : options.d_model(); }
+
+  void reset() override {
+    const auto& o = options;
+    detail::check<OptionError>(o.num_virtual_tokens() > 0, "PrefixTuning: option num_virtual_tokens must be positive, got {}",
+                               o.num_virtual_tokens());
+    detail::check<OptionError>(o.d_model() > 0 && o.hidden() > 0 && o.inner() >= 0,
+                               "PrefixTuning: options d_model = {}, hidden = {} must be positive, inner = {} not negative",
+                               o.d_model(), o.hidden(), o.inner());
+    detail::check<OptionError>(!o.sites().empty(), "PrefixTuning: option sites is empty; name the attention sites");
+    const int64_t P = o.num_virtual_tokens(), out = int64_t(o.sites().size()) * 2 * inner();
+    if (!o.prefix_projection()) {
+      embedding = register_parameter("embedding", torch::randn({P, out}));  // nn.Embedding's N(0, 1)
+      return;
+    }
+    embedding = register_parameter("embedding", torch::randn({P, o.d_model()}));
+    transform = register_module("transform", torch::nn::Sequential(torch::nn::Linear(o.d_model(), o.hidden()),
+                                                                   torch::nn::Tanh(),
+                                                                   torch::nn::Linear(o.hidden(), out)));
+  }
+
+  // (P, L * 2 * inner): the keys and values of every site.
+  torch::Tensor key_values() { return transform.is_empty() ? embedding : transform->forward(embedding); }
+
+  // Replaces the MLP by the table it computes; training may go on from the table.
+  void eject() {
+    if (transform.is_empty()) return;
+    torch::Tensor table;
+    {
+      torch::NoGradGuard no_grad;
+      table = key_values().clone();
+    }
+    unregister_module("transform");
+    transform = torch::nn::Sequential(nullptr);
+    embedding.set_data(table);  // the same parameter, now the table (P, L * 2 * inner)
+    options.prefix_projection(false);
+  }
+
+  int64_t num_virtual_tokens() const override { return options.num_virtual_tokens(); }
+  std::pair<torch::Tensor, torch::Tensor> prefix_key_value(const std::string& site) override {
+    const auto& sites = options.sites();
+    const auto it = std::find(sites.begin(), sites.end(), site);
+    if (it == sites.end()) return {};
+    auto kv = key_values().view({options.num_virtual_tokens(), int64_t(sites.size()), 2, inner()});  // (P, L, 2, inner)
+    const int64_t i = it - sites.begin();
+    return {kv.select(1, i).select(1, 0), kv.select(1, i).select(1, 1)};  // (P, inner) each
+  }
+
+  std::string method() const override { return "prefix_tuning"; }
+  nlohmann::json options_json() const override {
+    const auto& o = options;
+    return {{"num_virtual_tokens", o.num_virtual_tokens()}, {"d_model", o.d_model()}, {"sites", o.sites()},
+            {"inner", o.inner()}, {"prefix_projection", o.prefix_projection()}, {"hidden", o.hidden()}};
+  }
+  torch::nn::Module& module() override { return *this; }
+
+  void pretty_print(std::ostream& stream) const override {
+    stream << "deltatune::PrefixTuning(num_virtual_tokens=" << options.num_virtual_tokens()
+           << ", sites=" << options.sites().size() << ", inner=" << inner()
+           << ", prefix_projection=" << (options.prefix_projection() ? "true" : "false") << ")";
+  }
+
+  PrefixTuningOptions options;
+  torch::Tensor embedding;  // E (P, d) under the MLP, or the table (P, L * 2 * inner)
+  torch::nn::Sequential transform{nullptr};
+};
+TORCH_MODULE(PrefixTuning);
+
+inline PrefixTuningOptions prefix_tuning_options_from_json(const nlohmann::json& j) {
+  return PrefixTuningOptions(j.at("num_virtual_tokens"), j.at("d_model"), j.at("sites").get<std::vector<std::string>>())
+      .inner(j.at("inner"))
+      .prefix_projection(j.at("prefix_projection"))
+      .hidden(j.at("hidden"));
+}
+
+}  // namespace deltatune

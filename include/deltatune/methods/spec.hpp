@@ -1,0 +1,92 @@
+// Spec-based tuning: unfreeze a chosen part of the backbone itself, by parameter name only.
+//
+// Three selectors, united: the last k layers of each stack (a layer is what the layer
+// pattern's group 1 numbers: "encoder.block.11.", "encoder.layer.5."), parameters whose
+// name matches one of the globs ("*.SelfAttention.q.weight", "*.layer_norm.*"), and the
+// layer norms. No parameters of its own, so not a DeltaModule: the injector reads the
+// selection and sets requires_grad; it knows nothing of T5 or BERT beyond the patterns.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <fnmatch.h>
+
+#include <map>
+#include <regex>
+#include <string>
+#include <vector>
+
+#include <deltatune/core/error.hpp>
+
+namespace deltatune {
+
+struct SpecTuningOptions {
+  TORCH_ARG(int64_t, last_layers) = 0;                // k: the last k layers of every stack
+  TORCH_ARG(std::string, layer_pattern) = R"(^(.*?\b(?:block|layer))\.(\d+)\.)";  // stack name, layer index
+  TORCH_ARG(std::vector<std::string>, modules) = {};  // globs (fnmatch) over full parameter names
+  TORCH_ARG(bool, layer_norms) = false;               // every layer norm (layer_norm, LayerNorm)
+  TORCH_ARG(std::string, layer_norm_pattern) = R"((^|\.)(final_)?(layer_norm|LayerNorm)\.)";
+};
+
+namespace detail {
+
+// Per stack (the text before the layer index), the largest layer index among the names.
+inline std::map<std::string, int64_t> last_layer_index(const std::vector<std::string>& names, const std::regex& layer) {
+  std::map<std::string, int64_t> last;
+  std::smatch m;
+  for (const auto& name : names)
+    if (std::regex_search(name, m, layer)) last[m[1]] = std::max<int64_t>(last[m[1]], std::stoll(m[2]));
+  return last;
+}
+
+inline bool matches_any_glob(const std::string& name, const std::vector<std::string>& globs) {
+  for (const auto& glob : globs)
+    if (fnmatch(glob.c_str(), name.c_str(), 0) == 0) return true;
+  return false;
+}
+
+}  // namespace detail
+
+// The names among `names` that the options select, in their order.
+inline std::vector<std::string> select_parameters(const std::vector<std::string>& names, const SpecTuningOptions& o) {
+  detail::check<OptionError>(o.last_layers() >= 0, "SpecTuning: option last_layers must not be negative, got {}",
+                             o.last_layers());
+  const std::regex layer(o.layer_pattern()), layer_norm(o.layer_norm_pattern());
+  detail::check<OptionError>(layer.mark_count() >= 2,
+                             "SpecTuning: option layer_pattern '{}' needs two groups: the stack and the layer index",
+                             o.layer_pattern());
+  const auto last = detail::last_layer_index(names, layer);
+  std::vector<std::string> selected;
+  std::smatch m;
+  for (const auto& name : names) {
+    const bool in_last = o.last_layers() > 0 && std::regex_search(name, m, layer) &&
+                         std::stoll(m[2]) > last.at(m[1]) - o.last_layers();
+    if (in_last || detail::matches_any_glob(name, o.modules()) ||
+        (o.layer_norms() && std::regex_search(name, layer_norm)))
+      selected.push_back(name);
+  }
+  return selected;
+}
+
+// The same over a module tree's named parameters.
+inline std::vector<std::string> select_parameters(const torch::nn::Module& root, const SpecTuningOptions& o) {
+  std::vector<std::string> names;
+  for (const auto& item : root.named_parameters()) names.push_back(item.key());
+  return select_parameters(names, o);
+}
+
+inline nlohmann::json spec_tuning_options_json(const SpecTuningOptions& o) {
+  return {{"last_layers", o.last_layers()}, {"layer_pattern", o.layer_pattern()}, {"modules", o.modules()},
+          {"layer_norms", o.layer_norms()}, {"layer_norm_pattern", o.layer_norm_pattern()}};
+}
+
+inline SpecTuningOptions spec_tuning_options_from_json(const nlohmann::json& j) {
+  return SpecTuningOptions()
+      .last_layers(j.at("last_layers"))
+      .layer_pattern(j.at("layer_pattern"))
+      .modules(j.at("modules").get<std::vector<std::string>>())
+      .layer_norms(j.at("layer_norms"))
+      .layer_norm_pattern(j.at("layer_norm_pattern"));
+}
+
+}  // namespace deltatune

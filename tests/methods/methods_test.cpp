@@ -1,0 +1,401 @@
+// Table-driven tests over every delta method: shapes, identity at init where promised,
+// gradients only into the delta, merge, bad options, options round trips, the
+// Compacter paper's parameter shares on T5-base shapes, and the spec selectors.
+#include <deltatune/deltatune.hpp>
+
+#include "test_support.hpp"
+
+namespace dt = deltatune;
+using dt::testing::close;
+using dt::testing::describe_difference;
+
+namespace {
+
+constexpr double kTol = 1e-5;
+
+// Moves every parameter away from its init so that merge and gradients see a real delta.
+void perturb(torch::nn::Module& m) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : m.parameters()) p.add_(torch::randn_like(p) * 0.1);
+}
+
+struct WeightCase {
+  std::string name;
+  bool identity_at_init;
+  std::function<std::shared_ptr<dt::WeightDelta>(int64_t in, int64_t out)> make;
+};
+
+std::vector<WeightCase> weight_cases() {
+  return {
+      {"lora", true, [](int64_t in, int64_t out) { return dt::LoRA(dt::LoRAOptions(in, out).r(2).alpha(4)).ptr(); }},
+      {"rslora", true,
+       [](int64_t in, int64_t out) { return dt::LoRA(dt::LoRAOptions(in, out).r(4).use_rslora(true)).ptr(); }},
+      {"bitfit", true, [](int64_t, int64_t out) { return dt::BitFit(dt::BitFitOptions(out)).ptr(); }},
+      {"ia3", true, [](int64_t, int64_t out) { return dt::IA3(dt::IA3Options(out)).ptr(); }},
+      {"ia3_feedforward", true,
+       [](int64_t in, int64_t) { return dt::IA3(dt::IA3Options(in).feedforward(true)).ptr(); }},
+      {"phm_linear", false, [](int64_t in, int64_t out) { return dt::PHMLinear(dt::PHMLinearOptions(in, out).n(2)).ptr(); }},
+      {"lphm_linear", false,
+       [](int64_t in, int64_t out) { return dt::PHMLinear(dt::PHMLinearOptions(in, out).n(4).rank(1)).ptr(); }},
+  };
+}
+
+std::vector<torch::Tensor> snapshot(torch::nn::Module& m) {
+  std::vector<torch::Tensor> out;
+  for (auto& p : m.parameters()) out.push_back(p.detach().clone());
+  return out;
+}
+
+bool bit_identical(torch::nn::Module& m, const std::vector<torch::Tensor>& before) {
+  auto now = m.parameters();
+  for (size_t i = 0; i < now.size(); ++i)
+    if (!torch::equal(now[i], before[i])) return false;
+  return true;
+}
+
+// Three AdamW steps on the delta's parameters (plus `extra`); the loss reaches the backbone too.
+void train_steps(std::vector<torch::Tensor> params, const std::function<torch::Tensor()>& loss) {
+  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(1e-2));
+  for (int step = 0; step < 3; ++step) {
+    opt.zero_grad();
+    loss().backward();
+    opt.step();
+  }
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("weight deltas: shapes, identity at init, merge, unmerge, gradients", "[methods][lora][bitfit][ia3][phm]") {
+  for (const auto& c : weight_cases()) {
+    CATCH_SECTION(c.name) {
+      torch::manual_seed(0);
+      dt::FrozenLinear base(8, 12, /*with_bias=*/true);
+      {
+        torch::NoGradGuard no_grad;
+        base->bias.normal_();
+      }
+      auto delta = c.make(8, 12);
+      // Output-scaling IA3 folds into the bias too: the injector hands it the frozen bias.
+      if (auto* ia3 = dynamic_cast<dt::IA3Impl*>(delta.get())) ia3->bind_base_bias(base->bias);
+      base->deltas.attach("d", delta);
+      auto x = torch::randn({3, 5, 8});
+      auto y0 = torch::nn::functional::linear(x, base->weight, base->bias);
+      auto y = base(x);
+      CATCH_CHECK(y.sizes() == torch::IntArrayRef({3, 5, 12}));
+      if (c.identity_at_init) CATCH_CHECK(torch::equal(y, y0));
+      else CATCH_CHECK_FALSE(torch::allclose(y, y0));
+
+      perturb(delta->module());
+      auto frozen = snapshot(*base);
+      train_steps(delta->module().parameters(), [&] { return base(x).pow(2).mean(); });
+      CATCH_CHECK(bit_identical(*base, frozen));
+      CATCH_CHECK_FALSE(base->weight.grad().defined());
+      for (auto& p : delta->module().parameters()) CATCH_CHECK(p.grad().defined());
+
+      torch::NoGradGuard no_grad;
+      auto unmerged = base(x);
+      base->merge("d");
+      auto merged = base(x);
+      CATCH_INFO(describe_difference(merged, unmerged));
+      CATCH_CHECK(close(merged, unmerged, {kTol, kTol}));
+      CATCH_REQUIRE_THROWS_WITH(base->merge("d"), "delta 'd' is already merged into this layer");
+      if (auto* ia3 = dynamic_cast<dt::IA3Impl*>(delta.get())) {
+        // FrozenLinear::unmerge subtracts delta_weight(merged W); IA3 needs the merged form.
+        base->weight.sub_(ia3->unmerge_delta_weight(base->weight));
+        CATCH_CHECK(close(base->weight, frozen[0], {kTol, kTol}));
+      } else {
+        base->unmerge("d");
+        CATCH_CHECK(close(base->weight, frozen[0], {kTol, kTol}));
+        CATCH_CHECK(close(base(x), unmerged, {kTol, kTol}));
+      }
+    }
+  }
+}
+
+CATCH_TEST_CASE("BitFit adds zero biases where the backbone has none, and refuses to merge them", "[methods][bitfit]") {
+  dt::FrozenLinear base(6, 4, /*with_bias=*/false);
+  auto bitfit = dt::BitFit(dt::BitFitOptions(4));
+  base->deltas.attach("b", bitfit.ptr());
+  auto x = torch::randn({2, 6});
+  CATCH_CHECK(torch::equal(base(x), torch::nn::functional::linear(x, base->weight)));
+  CATCH_REQUIRE_THROWS_WITH(base->merge("b"), "delta 'b' changes a bias this layer does not have; it cannot be merged");
+  auto h = torch::randn({2, 3, 4});
+  CATCH_CHECK(torch::equal(bitfit->add_to(h), h));  // a layer norm's added bias, zero at init
+}
+
+CATCH_TEST_CASE("IA3 on a biased Linear scales the bias too when merged", "[methods][ia3]") {
+  dt::FrozenLinear base(5, 3, true);
+  {
+    torch::NoGradGuard no_grad;
+    base->bias.normal_();
+  }
+  auto ia3 = dt::IA3(dt::IA3Options(3));
+  ia3->bind_base_bias(base->bias);
+  perturb(*ia3);
+  base->deltas.attach("s", ia3.ptr());
+  auto x = torch::randn({4, 5});
+  torch::NoGradGuard no_grad;
+  auto expected = torch::nn::functional::linear(x, base->weight, base->bias) * ia3->ia3_l;
+  CATCH_CHECK(close(base(x), expected, {kTol, kTol}));
+  base->merge("s");
+  CATCH_CHECK(close(base(x), expected, {kTol, kTol}));
+}
+
+namespace {
+
+struct ActivationCase {
+  std::string name;
+  std::function<dt::Adapter(dt::PHMSharedFactors)> make;
+};
+
+std::vector<ActivationCase> activation_cases() {
+  const int64_t d = 16;
+  return {
+      {"houlsby", [=](dt::PHMSharedFactors) { return dt::Adapter(dt::houlsby_options(d).reduction_factor(4)); }},
+      {"pfeiffer", [=](dt::PHMSharedFactors) { return dt::Adapter(dt::pfeiffer_options(d).reduction_factor(4)); }},
+      {"phm_adapter", [=](dt::PHMSharedFactors) { return dt::Adapter(dt::phm_adapter_options(d, 2).reduction_factor(4)); }},
+      {"compacter", [=](dt::PHMSharedFactors s) { return dt::Adapter(dt::compacter_options(d).reduction_factor(2), s); }},
+      {"compacter++",
+       [=](dt::PHMSharedFactors s) { return dt::Adapter(dt::compacter_plus_plus_options(d).reduction_factor(2), s); }},
+  };
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("activation deltas: shapes, placement, gradients only into the delta", "[methods][adapter][compacter]") {
+  for (const auto& c : activation_cases()) {
+    CATCH_SECTION(c.name) {
+      torch::manual_seed(1);
+      auto shared = dt::PHMSharedFactors(dt::PHMSharedFactorsOptions(4));
+      auto adapter = c.make(shared);
+      const bool plain = c.name == "houlsby" || c.name == "pfeiffer";
+      CATCH_CHECK(adapter->method() == (plain ? "adapter" : c.name));
+      // A frozen sublayer: body Linear, residual, layer norm.
+      dt::FrozenLinear body(16, 16, true);
+      torch::nn::LayerNorm ln(torch::nn::LayerNormOptions({16}));
+      dt::freeze(*ln);
+      auto x = torch::randn({2, 3, 16});
+      auto sublayer = [&] {
+        auto h = body(x);
+        return adapter->forward_sublayer(h, x, [&](const torch::Tensor& t) { return ln(t); });
+      };
+      CATCH_CHECK(sublayer().sizes() == x.sizes());
+
+      // The placement, written out.
+      torch::Tensor expected;
+      {
+        auto h = body(x);
+        if (adapter->options.placement() == dt::AdapterPlacement::houlsby)
+          expected = ln(h + adapter->bottleneck_forward(h) + x);
+        else
+          expected = ln(h + adapter->bottleneck_forward(ln(h + x)) + x);
+      }
+      CATCH_CHECK(close(sublayer(), expected, {kTol, kTol}));
+
+      // Linear adapters are near-identity: |f(h)| is about std^2 * d * m of |h|.
+      if (adapter->options.phm_n() == 0) {
+        auto h = torch::randn({4, 16});
+        CATCH_CHECK((adapter->forward(h) - h).abs().max().item<double>() < 1e-2);
+      }
+
+      auto params = adapter->parameters();
+      const bool uses_shared = adapter->options.phm_rank() > 0;
+      if (uses_shared) params.push_back(shared->phm_rule);
+      auto frozen = snapshot(*body);
+      auto frozen_ln = snapshot(*ln);
+      train_steps(params, [&] { return sublayer().pow(2).mean(); });
+      CATCH_CHECK(bit_identical(*body, frozen));
+      CATCH_CHECK(bit_identical(*ln, frozen_ln));
+      for (auto& p : params) CATCH_CHECK(p.grad().defined());
+    }
+  }
+}
+
+CATCH_TEST_CASE("Compacter layers share one rule A, counted once", "[methods][compacter]") {
+  auto shared = dt::PHMSharedFactors(dt::PHMSharedFactorsOptions(4));
+  auto a = dt::Adapter(dt::compacter_options(256), shared);
+  auto b = dt::Adapter(dt::compacter_plus_plus_options(256), shared);
+  CATCH_CHECK(a->bottleneck() == 8);
+  CATCH_CHECK(a->adapter_down->rule().is_same(b->adapter_up->rule()));
+  for (const auto& item : a->named_parameters()) CATCH_CHECK(item.key().find("phm_rule") == std::string::npos);
+  // Own rule (PHM-Adapter): initialised N(0, 0.01); shared: N(0, 1e-4).
+  CATCH_CHECK(shared->phm_rule.abs().max().item<double>() < 1e-3);
+  auto own = dt::Adapter(dt::phm_adapter_options(256, 4));
+  CATCH_CHECK(own->adapter_down->phm_rule.defined());
+}
+
+CATCH_TEST_CASE("bad options are refused with the option and value named", "[methods][options]") {
+  CATCH_REQUIRE_THROWS_WITH(dt::LoRA(dt::LoRAOptions(8, 8).r(0)), "LoRA: option r (rank) must be positive, got 0");
+  CATCH_REQUIRE_THROWS_WITH(dt::LoRA(dt::LoRAOptions(8, 8).dropout(1.5)), "LoRA: option dropout must be in [0, 1), got 1.5");
+  CATCH_REQUIRE_THROWS_WITH(dt::PHMLinear(dt::PHMLinearOptions(10, 8).n(4)),
+                            "PHMLinear: option n = 4 must divide in_features = 10 and out_features = 8");
+  CATCH_REQUIRE_THROWS_WITH(dt::PHMLinear(dt::PHMLinearOptions(8, 8).n(0)), "PHMLinear: option n must be positive, got 0");
+  CATCH_REQUIRE_THROWS_WITH(dt::PHMLinear(dt::PHMLinearOptions(8, 8).n(2), dt::PHMSharedFactors(dt::PHMSharedFactorsOptions(4))),
+                            "PHMLinear: option n = 2 differs from the shared factors' n = 4");
+  CATCH_REQUIRE_THROWS_WITH(dt::Adapter(dt::compacter_options(64)),
+                            "PHMLinear: option n = 4 must divide in_features = 64 and out_features = 2");
+  CATCH_REQUIRE_THROWS_WITH(dt::Adapter(dt::AdapterOptions(16).non_linearity("sigmoid")),
+                            "Adapter: option non_linearity 'sigmoid' is not one of relu, gelu, gelu_new, swish, silu, tanh");
+  CATCH_REQUIRE_THROWS_WITH(dt::IA3(dt::IA3Options(0)), "IA3: option features must be positive, got 0");
+  CATCH_REQUIRE_THROWS_WITH(dt::BitFit(dt::BitFitOptions(-1)), "BitFit: option features must be positive, got -1");
+  CATCH_REQUIRE_THROWS_WITH(dt::PromptTuning(dt::PromptTuningOptions(0, 8)),
+                            "PromptTuning: option num_virtual_tokens must be positive, got 0");
+  CATCH_REQUIRE_THROWS_WITH(dt::PromptTuning(dt::PromptTuningOptions(2, 8).init(dt::PromptInit::sampled_vocabulary)),
+                            "PromptTuning: option init sampled_vocabulary needs the (vocabulary, d_model = 8) embedding table; got none");
+  CATCH_REQUIRE_THROWS_WITH(dt::PrefixTuning(dt::PrefixTuningOptions(2, 8, {})),
+                            "PrefixTuning: option sites is empty; name the attention sites");
+  CATCH_REQUIRE_THROWS_WITH(dt::select_parameters(std::vector<std::string>{}, dt::SpecTuningOptions().last_layers(-2)),
+                            "SpecTuning: option last_layers must not be negative, got -2");
+  // A weight delta on a layer of another size says which size.
+  dt::FrozenLinear base(4, 6, false);
+  auto ia3 = dt::IA3(dt::IA3Options(5));
+  CATCH_REQUIRE_THROWS_WITH(ia3->delta_weight(base->weight), "IA3: the layer's out_features is 6 but option features is 5");
+}
+
+CATCH_TEST_CASE("options_json round-trips for every method", "[methods][options]") {
+  auto lora = dt::LoRA(dt::LoRAOptions(8, 4).r(2).alpha(16).dropout(0.1).use_rslora(true));
+  CATCH_CHECK(dt::LoRA(dt::lora_options_from_json(lora->options_json()))->options_json() == lora->options_json());
+  auto ia3 = dt::IA3(dt::IA3Options(8).feedforward(true));
+  CATCH_CHECK(dt::IA3(dt::ia3_options_from_json(ia3->options_json()))->options_json() == ia3->options_json());
+  auto bitfit = dt::BitFit(dt::BitFitOptions(3));
+  CATCH_CHECK(dt::BitFit(dt::bitfit_options_from_json(bitfit->options_json()))->options_json() == bitfit->options_json());
+  auto phm = dt::PHMLinear(dt::PHMLinearOptions(8, 4).n(2).rank(1).path(dt::KronSumPath::factored));
+  CATCH_CHECK(dt::PHMLinear(dt::phm_linear_options_from_json(phm->options_json()))->options_json() == phm->options_json());
+  auto adapter = dt::Adapter(dt::pfeiffer_options(32).bottleneck(8).phm_n(2));
+  CATCH_CHECK(dt::Adapter(dt::adapter_options_from_json(adapter->options_json()))->options_json() == adapter->options_json());
+  auto prompt = dt::PromptTuning(dt::PromptTuningOptions(3, 4).init(dt::PromptInit::token_ids).init_token_ids({1, 2}),
+                                 torch::randn({5, 4}));
+  const auto prompt_options = dt::prompt_tuning_options_from_json(prompt->options_json());
+  CATCH_CHECK(dt::PromptTuning(prompt_options, torch::randn({5, 4}))->options_json() == prompt->options_json());
+  auto prefix = dt::PrefixTuning(dt::PrefixTuningOptions(2, 8, {"a", "b"}).inner(4).hidden(6));
+  CATCH_CHECK(dt::PrefixTuning(dt::prefix_tuning_options_from_json(prefix->options_json()))->options_json() ==
+              prefix->options_json());
+  auto spec = dt::SpecTuningOptions().last_layers(2).modules({"*.q.weight"}).layer_norms(true);
+  CATCH_CHECK(dt::spec_tuning_options_json(dt::spec_tuning_options_from_json(dt::spec_tuning_options_json(spec))) ==
+              dt::spec_tuning_options_json(spec));
+}
+
+CATCH_TEST_CASE("prompt tuning: P embeddings from the vocabulary or uniform", "[methods][prompt]") {
+  auto vocabulary = torch::randn({10, 4});
+  auto text = dt::PromptTuning(dt::PromptTuningOptions(5, 4).init(dt::PromptInit::token_ids).init_token_ids({7, 2}),
+                               vocabulary);
+  CATCH_CHECK(text->prompt_embeddings().sizes() == torch::IntArrayRef({5, 4}));
+  CATCH_CHECK(torch::equal(text->embedding[0], vocabulary[7]));
+  CATCH_CHECK(torch::equal(text->embedding[3], vocabulary[2]));  // ids repeated to P
+  auto sampled = dt::PromptTuning(
+      dt::PromptTuningOptions(6, 4).init(dt::PromptInit::sampled_vocabulary).sample_top_k(3), vocabulary);
+  for (int64_t i = 0; i < 6; ++i) {
+    auto row = sampled->embedding[i];
+    CATCH_CHECK((torch::equal(row, vocabulary[0]) || torch::equal(row, vocabulary[1]) || torch::equal(row, vocabulary[2])));
+  }
+  auto uniform = dt::PromptTuning(dt::PromptTuningOptions(50, 4));
+  CATCH_CHECK(uniform->embedding.abs().max().item<double>() <= 0.5);
+  CATCH_CHECK(uniform->num_virtual_tokens() == 50);
+  // Gradients reach the prompt, not the vocabulary it came from.
+  auto frozen = vocabulary.clone();
+  train_steps({text->embedding}, [&] { return torch::cat({text->prompt_embeddings(), vocabulary}).pow(2).sum(); });
+  CATCH_CHECK(torch::equal(vocabulary, frozen));
+  CATCH_CHECK_FALSE(torch::equal(text->embedding[0], vocabulary[7]));
+}
+
+CATCH_TEST_CASE("prefix tuning: keys and values per site, through the MLP, then ejected", "[methods][prefix]") {
+  const std::vector<std::string> sites = {"encoder.block.0.layer.0.SelfAttention",
+                                          "decoder.block.0.layer.0.SelfAttention",
+                                          "decoder.block.0.layer.1.EncDecAttention"};
+  auto prefix = dt::PrefixTuning(dt::PrefixTuningOptions(3, 8, sites).inner(6).hidden(10));
+  CATCH_CHECK(prefix->key_values().sizes() == torch::IntArrayRef({3, 3 * 2 * 6}));
+  for (size_t i = 0; i < sites.size(); ++i) {
+    auto [key, value] = prefix->prefix_key_value(sites[i]);
+    CATCH_CHECK(key.sizes() == torch::IntArrayRef({3, 6}));
+    auto all = prefix->key_values().detach();
+    CATCH_CHECK(torch::equal(key.detach(), all.slice(1, 12 * i, 12 * i + 6)));
+    CATCH_CHECK(torch::equal(value.detach(), all.slice(1, 12 * i + 6, 12 * i + 12)));
+  }
+  CATCH_CHECK_FALSE(prefix->prefix_key_value("encoder.block.1.layer.0.SelfAttention").first.defined());
+
+  train_steps(prefix->parameters(), [&] {
+    auto [k, v] = prefix->prefix_key_value(sites[2]);
+    return (k * v).sum();
+  });
+  for (auto& p : prefix->parameters()) CATCH_CHECK(p.grad().defined());
+
+  auto before = prefix->key_values().detach().clone();
+  const auto mlp_params = prefix->parameters().size();
+  prefix->eject();
+  CATCH_CHECK(mlp_params == 5);
+  CATCH_CHECK(prefix->parameters().size() == 1);
+  CATCH_CHECK(prefix->num_parameters() == 3 * 36);
+  CATCH_CHECK(torch::equal(prefix->key_values(), before));
+  CATCH_CHECK(prefix->options_json()["prefix_projection"] == false);
+}
+
+CATCH_TEST_CASE("spec-based selectors: last layers, chosen names, layer norms", "[methods][spec]") {
+  const std::vector<std::string> names = {
+      "shared.weight",
+      "encoder.block.0.layer.0.SelfAttention.q.weight",
+      "encoder.block.0.layer.0.layer_norm.weight",
+      "encoder.block.1.layer.1.DenseReluDense.wi.weight",
+      "encoder.block.2.layer.0.SelfAttention.q.weight",
+      "encoder.final_layer_norm.weight",
+      "decoder.block.0.layer.2.DenseReluDense.wo.weight",
+      "decoder.block.1.layer.1.EncDecAttention.k.weight",
+      "encoder.layer.3.attention.output.LayerNorm.bias",
+      "encoder.layer.4.output.dense.bias",
+  };
+  using V = std::vector<std::string>;
+  // Per stack: encoder.block ends at 2, decoder.block at 1, BERT's encoder.layer at 4.
+  CATCH_CHECK(dt::select_parameters(names, dt::SpecTuningOptions().last_layers(1)) ==
+              V{"encoder.block.2.layer.0.SelfAttention.q.weight", "decoder.block.1.layer.1.EncDecAttention.k.weight",
+                "encoder.layer.4.output.dense.bias"});
+  CATCH_CHECK(dt::select_parameters(names, dt::SpecTuningOptions().modules({"*.SelfAttention.q.*", "shared.*"})) ==
+              V{"shared.weight", "encoder.block.0.layer.0.SelfAttention.q.weight",
+                "encoder.block.2.layer.0.SelfAttention.q.weight"});
+  CATCH_CHECK(dt::select_parameters(names, dt::SpecTuningOptions().layer_norms(true)) ==
+              V{"encoder.block.0.layer.0.layer_norm.weight", "encoder.final_layer_norm.weight",
+                "encoder.layer.3.attention.output.LayerNorm.bias"});
+  CATCH_CHECK(dt::select_parameters(names, dt::SpecTuningOptions()).empty());
+}
+
+namespace {
+
+// T5-base from its shapes: d_model 768, d_ff 3072, 12 + 12 layers, 12 heads x 64,
+// vocabulary 32128 (shared embeddings tied to the LM head), 32 relative-position buckets.
+struct T5Shapes {
+  int64_t d = 768, d_ff = 3072, layers = 12, vocab = 32128, heads = 12, buckets = 32;
+  int64_t backbone() const {
+    const int64_t attention = 4 * d * d, ffn = 2 * d * d_ff;
+    const int64_t encoder = layers * (attention + ffn + 2 * d) + heads * buckets + d;
+    const int64_t decoder = layers * (2 * attention + ffn + 3 * d) + heads * buckets + d;
+    return vocab * d + encoder + decoder;
+  }
+  int64_t layer_norms() const { return (2 * layers + 3 * layers + 2) * d; }
+};
+
+// Adapters over T5: after self-attention and feed-forward in every encoder and decoder
+// block (houlsby: 48 on T5-base; adapters adds none after cross-attention), or after the
+// feed-forward block only (pfeiffer: 24). Each counted by building it.
+int64_t adapter_parameters(const dt::AdapterOptions& options, const T5Shapes& t5, dt::PHMSharedFactors shared) {
+  dt::Adapter one(options, shared);
+  const int64_t per_block = options.placement() == dt::AdapterPlacement::houlsby ? 2 : 1;
+  return 2 * t5.layers * per_block * one->num_parameters();
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("parameter shares on T5-base shapes match the Compacter paper", "[methods][compacter][counts]") {
+  const T5Shapes t5;
+  CATCH_CHECK(t5.backbone() == 222903552);
+  auto shared = dt::PHMSharedFactors(dt::PHMSharedFactorsOptions(4));
+  const auto percent = [&](int64_t trained) { return std::round(1e5 * double(trained) / t5.backbone()) / 1e3; };
+  // Compacter and Compacter++: one shared A (64) plus the layer norms, trained with them.
+  const int64_t compacter = adapter_parameters(dt::compacter_options(768), t5, shared) + 64 + t5.layer_norms();
+  const int64_t compacter_pp = adapter_parameters(dt::compacter_plus_plus_options(768), t5, shared) + 64 + t5.layer_norms();
+  // PHM-Adapter, n = 12: each PHM layer owns its A (12^3), full B.
+  const int64_t phm_adapter = adapter_parameters(dt::phm_adapter_options(768, 12), t5, nullptr) + t5.layer_norms();
+  CATCH_CHECK(compacter == 161728);
+  CATCH_CHECK(compacter_pp == 104704);
+  CATCH_CHECK(phm_adapter == 398976);
+  CATCH_CHECK(percent(compacter) == 0.073);
+  CATCH_CHECK(percent(compacter_pp) == 0.047);
+  CATCH_CHECK(percent(phm_adapter) == 0.179);
+}
