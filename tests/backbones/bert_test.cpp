@@ -4,6 +4,7 @@
 #include <deltatune/backbones/bert.hpp>
 
 #include <fstream>
+#include <regex>
 
 #include "test_support.hpp"
 
@@ -139,6 +140,20 @@ CATCH_TEST_CASE("a bare BertModel checkpoint gets a fresh, trainable classifier"
   // A head checkpoint of another size is an error, not a silent re-initialisation.
   CATCH_REQUIRE_THROWS_WITH(bb::load_bert_classifier((*dir / "cls").string(), 2),
                             Contains("wrong shape (2): classifier.weight") && Contains("classifier.bias"));
+}
+
+CATCH_TEST_CASE("LayerNorm parameters named gamma and beta, as in older checkpoints, load", "[bert][golden]") {
+  const auto dir = dt::testing::golden_dir("bert");
+  if (!dir) return;
+  auto checkpoint = bb::read_checkpoint((*dir / "cls").string());
+  bb::Checkpoint legacy{checkpoint.source, checkpoint.config, {}};
+  for (const auto& [name, tensor] : checkpoint.tensors) {
+    auto renamed = std::regex_replace(name, std::regex(R"(LayerNorm\.weight$)"), "LayerNorm.gamma");
+    legacy.tensors[std::regex_replace(renamed, std::regex(R"(LayerNorm\.bias$)"), "LayerNorm.beta")] = tensor;
+  }
+  CATCH_REQUIRE(legacy.tensors.count("bert.embeddings.LayerNorm.gamma"));
+  auto model = bb::load_bert_classifier(legacy);
+  check_matches(model, *dir, "cls", "labels_cls");
 }
 
 CATCH_TEST_CASE("the regression head's loss is the mean squared error", "[bert][golden]") {

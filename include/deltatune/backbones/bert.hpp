@@ -414,34 +414,58 @@ inline std::vector<std::string> bert_ignored_tensors() {
   return {R"(embeddings\.(position_ids|token_type_ids)$)", R"(^cls\.)"};
 }
 
-// A BertModel from a Hugging Face folder or a TorchScript archive (of a BertModel, or of
-// a model holding one under "bert." such as BertForSequenceClassification), in eval mode,
-// frozen. Missing, unexpected or mis-shaped tensors throw one CheckpointError listing them.
-inline BertModel load_bert(const std::string& path) {
-  const auto checkpoint = read_checkpoint(path);
+// Older checkpoints (bert-base-uncased's among them) call LayerNorm parameters gamma and
+// beta; transformers renames them on load, so `model`'s LayerNorms accept those names too.
+inline LoadOptions::NamePairs bert_legacy_names(torch::nn::Module& model) {
+  LoadOptions::NamePairs aliases;
+  for (const auto& p : model.named_parameters()) {
+    const auto& name = p.key();
+    const auto dot = name.rfind('.');
+    if (name.find("LayerNorm.") == std::string::npos) continue;
+    aliases.emplace_back(name, name.substr(0, dot + 1) + (name.substr(dot + 1) == "weight" ? "gamma" : "beta"));
+  }
+  return aliases;
+}
+
+// A BertModel from a checkpoint read by read_checkpoint (a Hugging Face folder or a
+// TorchScript archive) of a BertModel, or of a model holding one under "bert." such as
+// BertForSequenceClassification; in eval mode, frozen. Missing, unexpected or mis-shaped
+// tensors throw one CheckpointError listing them.
+inline BertModel load_bert(const Checkpoint& checkpoint) {
   BertModel model(bert_config(checkpoint));
   auto ignored = bert_ignored_tensors();
   ignored.push_back(R"(^classifier\.)");
-  load_parameters(*model, checkpoint, LoadOptions().prefixes({"bert."}).ignore_unexpected(ignored));
+  load_parameters(*model, checkpoint,
+                  LoadOptions().prefixes({"bert."}).aliases(bert_legacy_names(*model)).ignore_unexpected(ignored));
   model->eval();
   return model;
 }
+
+//   auto bert = deltatune::backbones::load_bert("all-MiniLM-L6-v2");  // a folder or a .pt archive
+inline BertModel load_bert(const std::string& path) { return load_bert(read_checkpoint(path)); }
 
 // A BertForSequenceClassification from a checkpoint of one (names under "bert.") or of a
 // bare BertModel (its classifier then freshly initialised, as transformers does), in eval
 // mode with the backbone frozen and the classifier trainable. num_labels defaults to the
 // config's (its id2label); a classifier of another size in the checkpoint is an error.
-inline BertForSequenceClassification load_bert_classifier(const std::string& path,
+inline BertForSequenceClassification load_bert_classifier(const Checkpoint& checkpoint,
                                                           std::optional<int64_t> num_labels = std::nullopt) {
-  const auto checkpoint = read_checkpoint(path);
   auto config = bert_config(checkpoint);
   if (num_labels) config.num_labels(*num_labels);
   BertForSequenceClassification model(config);
-  auto options = LoadOptions().module_prefixes({"bert."}).ignore_unexpected(bert_ignored_tensors());
+  auto options = LoadOptions()
+                     .module_prefixes({"bert."})
+                     .aliases(bert_legacy_names(*model))
+                     .ignore_unexpected(bert_ignored_tensors());
   if (!checkpoint.tensors.count("classifier.weight")) options.allow_missing({R"(^classifier\.)"});
   load_parameters(*model, checkpoint, options);
   model->eval();
   return model;
+}
+
+inline BertForSequenceClassification load_bert_classifier(const std::string& path,
+                                                          std::optional<int64_t> num_labels = std::nullopt) {
+  return load_bert_classifier(read_checkpoint(path), num_labels);
 }
 
 }  // namespace deltatune::backbones
