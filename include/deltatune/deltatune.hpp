@@ -23,3 +23,4 @@
 #include <deltatune/methods/prompt.hpp>     // PromptTuning: P trained input embeddings
 #include <deltatune/methods/prefix.hpp>     // PrefixTuning: trained keys and values in every attention site
 #include <deltatune/methods/spec.hpp>       // select_parameters: last layers, chosen names, layer norms
+#include <deltatune/backbones/bert.hpp>        // BertModel, BertForSequenceClassification, load_bert: native BERT

@@ -116,6 +116,40 @@ inline Checkpoint read_torchscript(const std::string& path) {
   return out;
 }
 
+// Where the checkpoint's config came from, for messages: "<dir>/config.json" or "<archive> (extra file config.json)".
+inline std::string config_file(const Checkpoint& checkpoint) {
+  return std::filesystem::is_directory(checkpoint.source)
+             ? (std::filesystem::path(checkpoint.source) / "config.json").string()
+             : fmt::format("{} (extra file config.json)", checkpoint.source);
+}
+
+// config[key] as T; a missing key, a null or a value of another type throws CheckpointError
+// naming the config file and the key. An archive saved without the config says how to add it.
+template <class T>
+T config_value(const Checkpoint& checkpoint, const std::string& key) {
+  detail::check<CheckpointError>(!checkpoint.config.empty() || std::filesystem::is_directory(checkpoint.source),
+                                 "{}: the archive holds no config.json; save it with torch.jit.save(module, path, "
+                                 "_extra_files={{\"config.json\": model.config.to_json_string()}})",
+                                 checkpoint.source);
+  const auto it = checkpoint.config.find(key);
+  detail::check<CheckpointError>(it != checkpoint.config.end() && !it->is_null(), "{}: no \"{}\" key",
+                                 config_file(checkpoint), key);
+  try {
+    return it->get<T>();
+  } catch (const nlohmann::json::exception&) {
+    throw CheckpointError(fmt::format("{}: \"{}\" is {}, not of the expected type", config_file(checkpoint), key,
+                                      it->dump()));
+  }
+}
+
+// config[key] as T, or `fallback` where the key is absent or null (transformers' defaults).
+template <class T>
+T config_value(const Checkpoint& checkpoint, const std::string& key, T fallback) {
+  const auto it = checkpoint.config.find(key);
+  if (it == checkpoint.config.end() || it->is_null()) return fallback;
+  return config_value<T>(checkpoint, key);
+}
+
 // A folder is read as a Hugging Face checkpoint, a file as a TorchScript archive.
 inline Checkpoint read_checkpoint(const std::string& path) {
   detail::check<CheckpointError>(std::filesystem::exists(path), "{}: no such file or folder", path);
@@ -128,6 +162,9 @@ struct LoadOptions {
   using NamePairs = std::vector<std::pair<std::string, std::string>>;
   // Prefixes a checkpoint name may carry before the module's name.
   TORCH_ARG(std::vector<std::string>, prefixes) = {};
+  // Prefixes of the module's names that a checkpoint may lack: a head model ("bert.") loading
+  // a bare backbone's checkpoint.
+  TORCH_ARG(std::vector<std::string>, module_prefixes) = {};
   // Module name -> checkpoint names to try when it is absent (tied weights: "lm_head.weight" -> "shared.weight").
   TORCH_ARG(NamePairs, aliases) = {};
   // Checkpoint tensors that may go unused (regexes), as transformers' _keys_to_ignore_on_load_unexpected.
@@ -164,6 +201,8 @@ namespace deltatune::backbones {
 inline void load_parameters(torch::nn::Module& module, const Checkpoint& checkpoint, const LoadOptions& options = {}) {
   auto find = [&](const std::string& name) -> const torch::Tensor* {
     std::vector<std::string> candidates{name};
+    for (const auto& prefix : options.module_prefixes())
+      if (name.rfind(prefix, 0) == 0) candidates.push_back(name.substr(prefix.size()));
     for (const auto& [target, alias] : options.aliases())
       if (target == name) candidates.push_back(alias);
     for (const auto& candidate : std::vector<std::string>(candidates)) {
