@@ -9,3 +9,4 @@
 #include <deltatune/core/site.hpp>          // Sites: FrozenLinear, OutputSite, AttentionSite, PromptSite; find_sites
 #include <deltatune/kernels/kron_sum.hpp>   // kron_sum, kron_sum_matmul: Kronecker sums with their own backward
 #include <deltatune/backbones/checkpoint.hpp>  // read_hf_directory, read_torchscript, load_parameters: backbone weights
+#include <deltatune/backbones/t5.hpp>          // T5Model, load_t5: native T5 (v1.0, v1.1 / Flan) with sites under HF names
