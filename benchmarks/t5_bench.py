@@ -36,7 +36,8 @@ def median_ms(step, reps, warmup):
 
 def transformers_times(a):
     config = T5Config(d_model=a.d_model, num_layers=a.layers, num_heads=a.heads, d_kv=a.d_kv, d_ff=a.d_ff,
-                      vocab_size=a.vocab, feed_forward_proj=a.ffn, tie_word_embeddings=a.ffn == "relu")
+                      vocab_size=a.vocab, feed_forward_proj=a.ffn, tie_word_embeddings=a.ffn == "relu",
+                      decoder_start_token_id=0)
     torch.manual_seed(0)
     model = T5ForConditionalGeneration(config)
     for name, p in model.named_parameters():
