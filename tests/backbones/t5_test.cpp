@@ -154,7 +154,7 @@ CATCH_TEST_CASE("T5 is frozen, trains its deltas only, and drops out in training
   CATCH_CHECK((with_delta - without).abs().max().item<double>() > 1e-3);
 }
 
-CATCH_TEST_CASE("T5 lists its sites under Hugging Face names; a tied head shares the embeddings", "[t5]") {
+CATCH_TEST_CASE("T5 lists its sites under Hugging Face names, and a tied head shares the embeddings", "[t5]") {
   bb::T5Model model(tiny_config("relu").tie_word_embeddings(true));
   std::map<std::string, dt::Site::Kind> sites;
   for (const auto& site : dt::find_sites(*model)) sites[site.name] = site.kind;

@@ -268,17 +268,18 @@ class T5AttentionMask {
   T5AttentionMask(torch::Tensor key_padding, bool causal, BiasFn position_bias)
       : key_padding_(std::move(key_padding)), causal_(causal), position_bias_(std::move(position_bias)) {}
 
-  torch::Tensor get(int64_t prefix, int64_t query_len, int64_t key_len, torch::ScalarType dtype) {
+  // For queries of `options` (dtype and device).
+  torch::Tensor get(int64_t prefix, int64_t query_len, int64_t key_len, const torch::TensorOptions& options) {
     auto& mask = memo_[{prefix, query_len, key_len}];
-    if (!mask.defined()) mask = make(prefix, query_len, key_len, dtype);
+    if (!mask.defined()) mask = make(prefix, query_len, key_len, options);
     return mask;
   }
 
  private:
-  torch::Tensor make(int64_t prefix, int64_t query_len, int64_t key_len, torch::ScalarType dtype) const {
-    auto mask = position_bias_ ? position_bias_(query_len, key_len).to(dtype)
-                               : torch::zeros({1, 1, query_len, key_len}, torch::TensorOptions().dtype(dtype));
-    const double lowest = detail::lowest_value(dtype);
+  torch::Tensor make(int64_t prefix, int64_t query_len, int64_t key_len, const torch::TensorOptions& options) const {
+    auto mask = position_bias_ ? position_bias_(query_len, key_len).to(options)
+                               : torch::zeros({1, 1, query_len, key_len}, options);
+    const double lowest = detail::lowest_value(mask.scalar_type());
     if (key_padding_.defined()) {
       detail::check(key_padding_.size(1) + prefix == key_len,
                     "T5 attention: the mask covers {} keys plus {} prefix ones, the layer has {}",
@@ -338,7 +339,7 @@ class T5AttentionImpl : public torch::nn::Module, public AttentionSite {
       if (!first_call) kv = {torch::cat({cache->key, kv.key}, 2), torch::cat({cache->value, kv.value}, 2), cache->prefix};
       if (cache != nullptr) *cache = kv;
     }
-    auto bias = mask.get(kv.prefix, query.size(2), kv.key.size(2), query.scalar_type());
+    auto bias = mask.get(kv.prefix, query.size(2), kv.key.size(2), query.options());
     auto out = torch::scaled_dot_product_attention(query, kv.key, kv.value, bias, is_training() ? dropout_rate : 0.0,
                                                    /*is_causal=*/false, /*scale=*/1.0);  // (B, H, Tq, d_kv)
     return o(out.transpose(1, 2).reshape({x.size(0), x.size(1), num_heads * d_kv}));
