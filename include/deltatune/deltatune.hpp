@@ -24,3 +24,4 @@
 #include <deltatune/methods/prefix.hpp>     // PrefixTuning: trained keys and values in every attention site
 #include <deltatune/methods/spec.hpp>       // select_parameters: last layers, chosen names, layer norms
 #include <deltatune/backbones/bert.hpp>        // BertModel, BertForSequenceClassification, load_bert: native BERT
+#include <deltatune/backbones/t5.hpp>          // T5Model, load_t5: native T5 (v1.0, v1.1 / Flan) with sites under HF names

@@ -1,0 +1,213 @@
+// Tests of backbones/t5.hpp: loading both checkpoint forms against transformers' outputs
+// (tools/golden/t5.py), greedy decoding, frozen weights, dropout, sites and their wiring.
+#include <deltatune/backbones/t5.hpp>
+
+#include <fstream>
+
+#include "test_support.hpp"
+
+namespace dt = deltatune;
+namespace bb = deltatune::backbones;
+using dt::testing::close;
+using dt::testing::describe_difference;
+
+namespace {
+
+// A tiny random model in the shape of the fixtures', for tests that need no reference.
+bb::T5Config tiny_config(const std::string& feed_forward_proj = "gated-gelu") {
+  return bb::T5Config()
+      .vocab_size(50)
+      .d_model(16)
+      .d_kv(4)
+      .d_ff(32)
+      .num_layers(2)
+      .num_decoder_layers(3)
+      .num_heads(2)
+      .relative_attention_num_buckets(8)
+      .relative_attention_max_distance(20)
+      .feed_forward_proj(feed_forward_proj)
+      .tie_word_embeddings(false);
+}
+
+struct Batch {
+  torch::Tensor input_ids, attention_mask, labels;
+};
+
+Batch tiny_batch() {
+  torch::manual_seed(3);
+  auto input_ids = torch::randint(2, 50, {2, 7}, torch::kLong);
+  auto attention_mask = torch::ones_like(input_ids);
+  attention_mask.index_put_({1, torch::indexing::Slice(5)}, 0);
+  return {input_ids, attention_mask, torch::randint(2, 50, {2, 5}, torch::kLong)};
+}
+
+// dW = s W0 with one trained scalar s: the smallest weight delta that changes the layer.
+class ScaleDelta : public torch::nn::Module, public dt::WeightDelta {
+ public:
+  ScaleDelta() { s = register_parameter("s", torch::full({}, 0.5)); }
+  std::string method() const override { return "scale"; }
+  nlohmann::json options_json() const override { return nlohmann::json::object(); }
+  torch::nn::Module& module() override { return *this; }
+  torch::Tensor delta_weight(const torch::Tensor& base_weight) override { return s * base_weight; }
+  torch::Tensor s;
+};
+
+// Fixed prompt embeddings (P, d) and prefix keys/values (P, inner) at every attention site.
+class FixedInputs : public torch::nn::Module, public dt::InputDelta {
+ public:
+  FixedInputs(int64_t d_model, int64_t inner) : prompt(torch::randn({2, d_model})), key(torch::randn({3, inner})),
+                                                value(torch::randn({3, inner})) {}
+  std::string method() const override { return "fixed"; }
+  nlohmann::json options_json() const override { return nlohmann::json::object(); }
+  torch::nn::Module& module() override { return *this; }
+  int64_t num_virtual_tokens() const override { return 3; }
+  torch::Tensor prompt_embeddings() override { return prompt; }
+  std::pair<torch::Tensor, torch::Tensor> prefix_key_value(const std::string&) override { return {key, value}; }
+  torch::Tensor prompt, key, value;
+};
+
+void check_close(const std::string& what, const torch::Tensor& actual, const torch::Tensor& expected,
+                 dt::testing::Tolerance tol) {
+  CATCH_INFO(what << ": " << describe_difference(actual, expected));
+  CATCH_CHECK(close(actual, expected, tol));
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("T5 from Hugging Face folders and TorchScript archives matches transformers", "[t5][golden]") {
+  const auto dir = dt::testing::golden_dir("t5");
+  if (!dir) return;
+  const auto tol = dt::testing::tolerance_for(torch::kFloat32);
+  for (const std::string name : {"v1_0", "v1_1"}) {
+    const auto io = dt::read_safetensors((*dir / name / "io.safetensors").string()).tensors;
+    std::vector<std::pair<std::string, std::string>> forms{{"hf", ""}, {"model.pt", ""}, {"hf_half", "half_"}};
+    if (name == "v1_1") forms.emplace_back("hf_sharded", "");
+    for (const auto& [form, prefix] : forms) {
+      CATCH_INFO(name << "/" << form);
+      auto model = bb::load_t5((*dir / name / form).string());
+      CATCH_CHECK_FALSE(model->is_training());
+      torch::NoGradGuard no_grad;
+      const auto out = model->forward(io.at("input_ids"), io.at("attention_mask"), {}, io.at("labels"));
+      check_close("encoder hidden", out.encoder_last_hidden_state, io.at(prefix + "encoder_hidden"), tol);
+      check_close("decoder hidden", out.decoder_last_hidden_state, io.at(prefix + "decoder_hidden"), tol);
+      check_close("logits", out.logits, io.at(prefix + "logits"), tol);
+      check_close("loss", out.loss.reshape(1), io.at(prefix + "loss"), tol);
+      const auto& expected_ids = io.at(prefix + "generated");
+      auto ids = model->generate_greedy(io.at("input_ids"), io.at("attention_mask"), expected_ids.size(1) - 1);
+      CATCH_CHECK(torch::equal(ids, expected_ids));
+    }
+  }
+}
+
+CATCH_TEST_CASE("T5 reports every checkpoint mismatch in one error, and config errors by key", "[t5][golden]") {
+  const auto dir = dt::testing::golden_dir("t5");
+  if (!dir) return;
+  const auto path = (*dir / "v1_0" / "hf").string();
+  auto config = bb::read_json_file(*dir / "v1_0" / "hf" / "config.json");
+  config["d_ff"] = 48;
+  config["num_layers"] = 3;
+  try {
+    bb::load_t5(path, bb::T5LoadOptions().config(config));
+    CATCH_FAIL("a config that does not fit the weights was accepted");
+  } catch (const dt::CheckpointError& e) {
+    const std::string message = e.what();
+    CATCH_CHECK_THAT(message, Catch::Contains("missing (") && Catch::Contains("encoder.block.2.layer.0.SelfAttention.q.weight"));
+    CATCH_CHECK_THAT(message, Catch::Contains("wrong shape (") &&
+                                  Catch::Contains("encoder.block.0.layer.1.DenseReluDense.wi.weight (checkpoint [64, 32], model [48, 32])"));
+  }
+  config = bb::read_json_file(*dir / "v1_0" / "hf" / "config.json");
+  config.erase("d_model");
+  CATCH_REQUIRE_THROWS_WITH(bb::T5Config::from_json(config, "x/config.json"),
+                            Catch::Contains("x/config.json") && Catch::Contains("\"d_model\" is missing"));
+  config["d_model"] = "32";
+  CATCH_REQUIRE_THROWS_WITH(bb::T5Config::from_json(config, "x/config.json"),
+                            Catch::Contains("\"d_model\" is \"32\", expected an integer"));
+  config["d_model"] = 32;
+  config["feed_forward_proj"] = "gated-tanh";
+  CATCH_REQUIRE_THROWS_AS(bb::T5Config::from_json(config, "x/config.json"), dt::CheckpointError);
+}
+
+CATCH_TEST_CASE("T5 is frozen, trains its deltas only, and drops out in training mode only", "[t5]") {
+  bb::T5Model model(tiny_config());
+  for (const auto& p : model->named_parameters()) {
+    CATCH_INFO(p.key());
+    CATCH_CHECK_FALSE(p.value().requires_grad());
+  }
+  const auto batch = tiny_batch();
+  auto delta = std::make_shared<ScaleDelta>();
+  model->decoder->blocks[1]->cross_attention->EncDecAttention->v->deltas.attach("toy", delta);
+
+  model->train();
+  auto a = model->forward(batch.input_ids, batch.attention_mask, {}, batch.labels);
+  auto b = model->forward(batch.input_ids, batch.attention_mask, {}, batch.labels);
+  CATCH_CHECK_FALSE(torch::allclose(a.logits, b.logits));
+  a.loss.backward();
+  CATCH_CHECK(delta->s.grad().defined());
+  for (const auto& p : model->parameters()) CATCH_CHECK_FALSE(p.grad().defined());
+
+  model->eval();
+  torch::NoGradGuard no_grad;
+  auto with_delta = model->forward(batch.input_ids, batch.attention_mask, {}, batch.labels).logits;
+  CATCH_CHECK(torch::equal(with_delta, model->forward(batch.input_ids, batch.attention_mask, {}, batch.labels).logits));
+  model->decoder->blocks[1]->cross_attention->EncDecAttention->v->deltas.set_active("toy", false);
+  auto without = model->forward(batch.input_ids, batch.attention_mask, {}, batch.labels).logits;
+  CATCH_CHECK((with_delta - without).abs().max().item<double>() > 1e-3);
+}
+
+CATCH_TEST_CASE("T5 lists its sites under Hugging Face names, and a tied head shares the embeddings", "[t5]") {
+  bb::T5Model model(tiny_config("relu").tie_word_embeddings(true));
+  std::map<std::string, dt::Site::Kind> sites;
+  for (const auto& site : dt::find_sites(*model)) sites[site.name] = site.kind;
+  using K = dt::Site::Kind;
+  const std::vector<std::pair<std::string, K>> expected{
+      {"encoder", K::prompt},
+      {"encoder.block.1.layer.0", K::output},
+      {"encoder.block.1.layer.0.SelfAttention", K::attention},
+      {"encoder.block.1.layer.0.SelfAttention.q", K::linear},
+      {"encoder.block.1.layer.0.SelfAttention.o", K::linear},
+      {"encoder.block.0.layer.1", K::output},
+      {"encoder.block.0.layer.1.DenseReluDense.wi", K::linear},
+      {"decoder.block.2.layer.0.SelfAttention.v", K::linear},
+      {"decoder.block.2.layer.1", K::output},
+      {"decoder.block.2.layer.1.EncDecAttention", K::attention},
+      {"decoder.block.2.layer.1.EncDecAttention.k", K::linear},
+      {"decoder.block.2.layer.2", K::output},
+      {"decoder.block.2.layer.2.DenseReluDense.wo", K::linear},
+      {"lm_head", K::linear}};
+  for (const auto& [name, kind] : expected) {
+    CATCH_INFO(name);
+    CATCH_REQUIRE(sites.count(name) == 1);
+    CATCH_CHECK(sites[name] == kind);
+  }
+  // Per encoder block 4 + 2 linears, 2 outputs, 1 attention; per decoder block 8 + 2, 3, 2;
+  // lm_head; the encoder's prompt site.
+  CATCH_CHECK(sites.size() == 2 * (6 + 2 + 1) + 3 * (10 + 3 + 2) + 1 + 1);
+  CATCH_CHECK(model->lm_head->weight.is_same(model->shared->weight));
+  for (const auto& p : model->named_parameters()) CATCH_CHECK(p.key() != "lm_head.weight");
+  CATCH_CHECK(model->named_parameters().contains("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"));
+  CATCH_CHECK_FALSE(model->named_parameters().contains("encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"));
+}
+
+CATCH_TEST_CASE("T5 decoding with the cache equals the full forward pass, prompts and prefixes attached", "[t5]") {
+  bb::T5Model model(tiny_config());
+  model->eval();
+  torch::NoGradGuard no_grad;
+  const auto batch = tiny_batch();
+  auto inputs = std::make_shared<FixedInputs>(16, 8);
+  for (auto& site : dt::find_sites(*model)) {
+    if (site.prompt) site.prompt->prompt_deltas.attach("fixed", inputs);
+    if (site.attention) site.attention->prefix_deltas.attach("fixed", inputs);
+  }
+  const auto decoder_ids = model->shift_right(batch.labels);
+  const auto full = model->forward(batch.input_ids, batch.attention_mask, decoder_ids);
+  CATCH_CHECK(full.encoder_last_hidden_state.size(1) == 2 + 7);  // the prompt's 2 positions first
+  const auto encoded = model->encode(batch.input_ids, batch.attention_mask);
+  bb::T5DecoderCache cache;
+  std::vector<torch::Tensor> steps;
+  for (int64_t t = 0; t < decoder_ids.size(1); ++t)
+    steps.push_back(model->decode(decoder_ids.narrow(1, t, 1), encoded, &cache));
+  CATCH_CHECK(cache.length() == 3 + decoder_ids.size(1));  // the prefix's 3 positions, then the tokens
+  const auto stepped = torch::cat(steps, 1);
+  CATCH_INFO(describe_difference(stepped, full.logits));
+  CATCH_CHECK(close(stepped, full.logits, dt::testing::tolerance_for(torch::kFloat32)));
+}
