@@ -77,11 +77,7 @@ inline double gradcheck(const std::function<torch::Tensor(const std::vector<torc
 // unknown (the test runner was started outside ctest) or the references are not installed.
 inline std::optional<std::filesystem::path> golden_dir(const std::string& name) {
   const char* root = std::getenv("DELTATUNE_GOLDEN_DIR");
-  if (root == nullptr) {
-    CATCH_WARN("golden tests skipped: DELTATUNE_GOLDEN_DIR is not set (run through ctest, or set it to the "
-               "folder tools/golden/make_fixtures.py --out wrote)");
-    return std::nullopt;
-  }
+  if (root == nullptr) root = DELTATUNE_TEST_GOLDEN_DIR;
   const std::filesystem::path dir = std::filesystem::path(root) / name;
   if (std::filesystem::exists(std::filesystem::path(root) / "UNAVAILABLE")) {
     std::ifstream why(std::filesystem::path(root) / "UNAVAILABLE");
@@ -100,10 +96,11 @@ inline std::optional<std::filesystem::path> golden_dir(const std::string& name) 
 // after a warning that makes ctest report the case as skipped: a user has none of it.
 inline std::optional<std::filesystem::path> shared_data(const std::string& relative) {
   const char* root = std::getenv("DELTATUNE_SHARED_DATA");
-  const auto dir = std::filesystem::path(root ? root : "") / relative;
-  if (root == nullptr || !std::filesystem::exists(dir)) {
-    CATCH_WARN("real-data tests skipped: " << dir.string() << " is not there (DELTATUNE_SHARED_DATA points "
-                                           << "at ../shared/data when ctest runs)");
+  if (root == nullptr) root = DELTATUNE_TEST_SHARED_DATA;
+  const auto dir = std::filesystem::path(root) / relative;
+  if (!std::filesystem::exists(dir)) {
+    CATCH_WARN("real-data tests skipped: " << dir.string() << " is not there (../shared/data beside the checkout, "
+                                           << "or set DELTATUNE_SHARED_DATA)");
     return std::nullopt;
   }
   return dir;

@@ -1,27 +1,34 @@
-// deltatune's umbrella header: every public component, one line each.
+// deltatune's umbrella header: every public component, one line each, in the order of
+// the architecture (DESIGN.md): kernels, methods, core, backbones, text, train.
 // Leaves out the CUDA kernels (kernels/kron_sum_cuda.cuh): link deltatune::cuda for those.
 #pragma once
 
-#include <deltatune/core/error.hpp>         // Error, ShapeError, OptionError, CheckpointError: what deltatune throws
-#include <deltatune/core/format.hpp>        // fmt, as LibTorch ships it, header-only
-#include <deltatune/core/safetensors.hpp>   // read_safetensors, write_safetensors (atomic): Hugging Face's format
-#include <deltatune/core/delta.hpp>         // DeltaModule and its families: WeightDelta, ActivationDelta, InputDelta
-#include <deltatune/core/site.hpp>          // Sites: FrozenLinear, OutputSite, AttentionSite, PromptSite; find_sites
-#include <deltatune/core/delta_model.hpp>   // DeltaModel: attach deltas by name pattern, train, merge, save and load
-#include <deltatune/kernels/kron_sum.hpp>   // kron_sum, kron_sum_matmul: Kronecker sums with their own backward
+#include <deltatune/core/error.hpp>          // Error, ShapeError, OptionError, CheckpointError: what deltatune throws
+#include <deltatune/core/format.hpp>         // fmt, as LibTorch ships it, header-only
+#include <deltatune/kernels/kron_sum.hpp>    // kron_sum, kron_sum_matmul: Kronecker sums with their own backward
+
+#include <deltatune/core/delta.hpp>          // DeltaModule and its families: WeightDelta, ActivationDelta, InputDelta
+#include <deltatune/methods/lora.hpp>        // LoRA: W0 + (alpha / r) B A, mergeable
+#include <deltatune/methods/bitfit.hpp>      // BitFit: trained bias offsets, added biases where there are none
+#include <deltatune/methods/ia3.hpp>         // IA3: learned scaling of keys, values, feed-forward activation
+#include <deltatune/methods/phm.hpp>         // PHMLinear, PHMSharedFactors: W = sum_i A_i (x) B_i
+#include <deltatune/methods/adapter.hpp>     // Adapter: Houlsby, Pfeiffer, PHM-Adapter, Compacter, Compacter++
+#include <deltatune/methods/prompt.hpp>      // PromptTuning: P trained input embeddings
+#include <deltatune/methods/prefix.hpp>      // PrefixTuning: trained keys and values in every attention site
+#include <deltatune/methods/spec.hpp>        // select_parameters: last layers, chosen names, layer norms
+
+#include <deltatune/core/safetensors.hpp>    // read_safetensors, write_safetensors (atomic): Hugging Face's format
+#include <deltatune/core/site.hpp>           // Sites: FrozenLinear, OutputSite, AttentionSite, PromptSite; find_sites
+#include <deltatune/core/delta_model.hpp>    // DeltaModel: attach deltas by name pattern, train, merge, save and load
+#include <deltatune/methods/recipes.hpp>     // how each method attaches through DeltaModel::add; default sites
+
 #include <deltatune/backbones/checkpoint.hpp>  // read_hf_directory, read_torchscript, load_parameters: backbone weights
-#include <deltatune/train/glue.hpp>        // read_glue, GlueTask, to_t5 / from_t5_label: GLUE TSVs, T5's text to text
-#include <deltatune/train/metrics.hpp>     // accuracy, f1_score, matthews_corrcoef, pearson, spearman
-#include <deltatune/train/trainer.hpp>     // Trainer, TrainerOptions, LrSchedule, save/load_train_state, plot, log
-#include <deltatune/text/sentencepiece_tokenizer.hpp>  // T5Tokenizer: SentencePiece with T5's conventions (</s>, <pad>, sentinels)
-#include <deltatune/text/wordpiece_tokenizer.hpp>      // WordPieceTokenizer: BERT's normaliser, WordPiece, [CLS] a [SEP] b [SEP]
-#include <deltatune/methods/lora.hpp>       // LoRA: W0 + (alpha / r) B A, mergeable
-#include <deltatune/methods/bitfit.hpp>     // BitFit: trained bias offsets, added biases where there are none
-#include <deltatune/methods/ia3.hpp>        // IA3: learned scaling of keys, values, feed-forward activation
-#include <deltatune/methods/phm.hpp>        // PHMLinear, PHMSharedFactors: W = sum_i A_i (x) B_i
-#include <deltatune/methods/adapter.hpp>    // Adapter: Houlsby, Pfeiffer, PHM-Adapter, Compacter, Compacter++
-#include <deltatune/methods/prompt.hpp>     // PromptTuning: P trained input embeddings
-#include <deltatune/methods/prefix.hpp>     // PrefixTuning: trained keys and values in every attention site
-#include <deltatune/methods/spec.hpp>       // select_parameters: last layers, chosen names, layer norms
 #include <deltatune/backbones/bert.hpp>        // BertModel, BertForSequenceClassification, load_bert: native BERT
-#include <deltatune/backbones/t5.hpp>          // T5Model, load_t5: native T5 (v1.0, v1.1 / Flan) with sites under HF names
+#include <deltatune/backbones/t5.hpp>          // T5Model, load_t5: native T5 (v1.0, v1.1 / Flan), sites under HF names
+
+#include <deltatune/text/sentencepiece_tokenizer.hpp>  // T5Tokenizer: SentencePiece with T5's conventions
+#include <deltatune/text/wordpiece_tokenizer.hpp>      // WordPieceTokenizer: BERT's normaliser and WordPiece
+
+#include <deltatune/train/glue.hpp>          // read_glue, GlueTask, to_t5 / from_t5_label: GLUE TSVs, T5's text to text
+#include <deltatune/train/metrics.hpp>       // accuracy, f1_score, matthews_corrcoef, pearson, spearman
+#include <deltatune/train/trainer.hpp>       // Trainer, TrainerOptions, LrSchedule, save/load_train_state, plot, log

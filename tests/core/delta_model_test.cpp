@@ -27,7 +27,12 @@ struct RankOneRecipe : dt::DeltaRecipe {
   std::shared_ptr<dt::DeltaModule> make(const dt::Site& site) override {
     return std::make_shared<RankOneImpl>(site.linear->in_features, site.linear->out_features);
   }
-  std::vector<std::string> trained_backbone_parameters() const override { return {"norm\\.weight$"}; }
+  std::vector<std::string> select_backbone_parameters(const std::vector<std::string>& names) const override {
+    std::vector<std::string> out;
+    for (const auto& n : names)
+      if (n.size() > 11 && n.compare(n.size() - 11, 11, "norm.weight") == 0) out.push_back(n);
+    return out;
+  }
 };
 
 struct LayerImpl : torch::nn::Module, dt::OutputSite {

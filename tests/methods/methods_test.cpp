@@ -99,26 +99,33 @@ CATCH_TEST_CASE("weight deltas: shapes, identity at init, merge, unmerge, gradie
       CATCH_INFO(describe_difference(merged, unmerged));
       CATCH_CHECK(close(merged, unmerged, {kTol, kTol}));
       CATCH_REQUIRE_THROWS_WITH(base->merge("d"), "delta 'd' is already merged into this layer");
-      if (auto* ia3 = dynamic_cast<dt::IA3Impl*>(delta.get())) {
-        // FrozenLinear::unmerge subtracts delta_weight(merged W); IA3 needs the merged form.
-        base->weight.sub_(ia3->unmerge_delta_weight(base->weight));
-        CATCH_CHECK(close(base->weight, frozen[0], {kTol, kTol}));
-      } else {
-        base->unmerge("d");
-        CATCH_CHECK(close(base->weight, frozen[0], {kTol, kTol}));
-        CATCH_CHECK(close(base(x), unmerged, {kTol, kTol}));
-      }
+      base->unmerge("d");  // IA3 included: it undoes its scaling from the merged weight and bias
+      CATCH_CHECK(close(base->weight, frozen[0], {kTol, kTol}));
+      CATCH_CHECK(close(base(x), unmerged, {kTol, kTol}));
     }
   }
 }
 
-CATCH_TEST_CASE("BitFit adds zero biases where the backbone has none, and refuses to merge them", "[methods][bitfit]") {
+CATCH_TEST_CASE("BitFit adds zero biases where the backbone has none, and merges into a bias the layer gains",
+                "[methods][bitfit]") {
   dt::FrozenLinear base(6, 4, /*with_bias=*/false);
   auto bitfit = dt::BitFit(dt::BitFitOptions(4));
   base->deltas.attach("b", bitfit.ptr());
   auto x = torch::randn({2, 6});
   CATCH_CHECK(torch::equal(base(x), torch::nn::functional::linear(x, base->weight)));
-  CATCH_REQUIRE_THROWS_WITH(base->merge("b"), "delta 'b' changes a bias this layer does not have; it cannot be merged");
+  {
+    torch::NoGradGuard no_grad;
+    bitfit->bias.normal_();
+  }
+  const auto tuned = base(x).detach();
+  base->merge("b");
+  CATCH_REQUIRE(base->bias.defined());
+  CATCH_CHECK_FALSE(base->bias.requires_grad());
+  CATCH_CHECK(torch::allclose(base(x), tuned, 1e-6, 1e-6));
+  {
+    torch::NoGradGuard no_grad;
+    bitfit->bias.zero_();
+  }
   auto h = torch::randn({2, 3, 4});
   CATCH_CHECK(torch::equal(bitfit->add_to(h), h));  // a layer norm's added bias, zero at init
 }

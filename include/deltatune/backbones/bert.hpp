@@ -132,6 +132,7 @@ class BertEmbeddingsImpl : public torch::nn::Module, public PromptSite {
         register_module("token_type_embeddings", torch::nn::Embedding(c.type_vocab_size(), c.hidden_size()));
     layer_norm = register_module("LayerNorm", detail::bert_layer_norm(c));
     dropout = register_module("dropout", torch::nn::Dropout(c.hidden_dropout_prob()));
+    embedding_table = word_embeddings->weight;  // prompt tuning starts from its rows
   }
 
   // input_ids (B, T), token_type_ids (B, T) or undefined (all 0), mask (B, T) or undefined
@@ -166,6 +167,7 @@ class BertSelfAttentionImpl : public torch::nn::Module, public AttentionSite {
     query = register_module("query", FrozenLinear(c.hidden_size(), c.hidden_size(), true));
     key = register_module("key", FrozenLinear(c.hidden_size(), c.hidden_size(), true));
     value = register_module("value", FrozenLinear(c.hidden_size(), c.hidden_size(), true));
+    hidden_features = key_value_features = c.hidden_size();  // what a prefix is sized by
   }
 
   // hidden (B, T, d), mask (B, T) bool (true: a token) or undefined -> (B, T, d).
@@ -201,6 +203,7 @@ class BertSublayerOutputImpl : public torch::nn::Module, public OutputSite {
  public:
   BertSublayerOutputImpl(int64_t in_features, const BertConfig& c) {
     dense = register_module("dense", FrozenLinear(in_features, c.hidden_size(), true));
+    output_features = c.hidden_size();  // what an adapter is sized by
     layer_norm = register_module("LayerNorm", detail::bert_layer_norm(c));
     dropout = register_module("dropout", torch::nn::Dropout(c.hidden_dropout_prob()));
   }

@@ -320,6 +320,8 @@ class T5AttentionImpl : public torch::nn::Module, public AttentionSite {
     k = register_module("k", FrozenLinear(c.d_model(), inner, false));
     v = register_module("v", FrozenLinear(c.d_model(), inner, false));
     o = register_module("o", FrozenLinear(inner, c.d_model(), false));
+    hidden_features = c.d_model();  // what a prefix is sized by
+    key_value_features = inner;
     if (has_relative_attention_bias)
       relative_attention_bias = register_module("relative_attention_bias", torch::nn::Embedding(num_buckets, num_heads));
   }
@@ -429,6 +431,7 @@ class T5SublayerImpl : public torch::nn::Module, public OutputSite {
   void register_norm_and_dropout(const T5Config& c) {
     layer_norm = register_module("layer_norm", T5LayerNorm(c.d_model(), c.layer_norm_epsilon()));
     dropout = register_module("dropout", torch::nn::Dropout(c.dropout_rate()));
+    output_features = c.d_model();  // what an adapter is sized by
   }
   torch::Tensor finish_sublayer(const torch::Tensor& body_output, const torch::Tensor& residual) {
     return finish(dropout(body_output), residual, /*layer_norm=*/{});
@@ -621,6 +624,7 @@ class T5ModelImpl : public torch::nn::Module {
     shared = register_module("shared", torch::nn::Embedding(c.vocab_size(), c.d_model()));
     encoder = register_module("encoder", T5Encoder(c));
     decoder = register_module("decoder", T5Decoder(c));
+    encoder->embedding_table = shared->weight;  // prompt tuning starts from its rows
     lm_head = register_module("lm_head", c.tie_word_embeddings()
                                              ? FrozenLinear(std::shared_ptr<FrozenLinearImpl>(
                                                    std::make_shared<detail::T5TiedHeadImpl>(shared->weight)))

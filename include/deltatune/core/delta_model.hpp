@@ -35,12 +35,21 @@ class DeltaRecipe {
   virtual nlohmann::json options_json() const = 0;
   // The site kinds its deltas act on: linear for weight deltas, output for adapters, ...
   virtual bool accepts(Site::Kind kind) const = 0;
+  // Called once with every matched site before make(): a prefix sizes its table by them.
+  virtual void prepare(const std::vector<const Site*>& /*sites*/) {}
   virtual std::shared_ptr<DeltaModule> make(const Site& site) = 0;
   // Modules trained once for the whole delta, by name ("phm_rule" for Compacter's A).
   virtual std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>> shared_modules() { return {}; }
-  // Backbone parameters the method trains by definition, as regexes over their names
-  // (Compacter: the layer norms; BitFit on BERT: the biases).
-  virtual std::vector<std::string> trained_backbone_parameters() const { return {}; }
+  // The sites the method targets when add() is given no pattern, per backbone ("t5",
+  // "bert"), as peft's default target modules; empty where it has none.
+  virtual std::string default_pattern(const std::string& /*backbone*/) const { return ""; }
+  // The backbone parameters, among `names`, that the method trains by definition
+  // (Compacter: the layer norms; BitFit on BERT: the LayerNorm biases; spec-based tuning: all it trains).
+  virtual std::vector<std::string> select_backbone_parameters(const std::vector<std::string>& /*names*/) const {
+    return {};
+  }
+  // False for methods that only unfreeze backbone parameters (spec-based tuning): add() then matches no sites.
+  virtual bool uses_sites() const { return true; }
 };
 
 namespace detail {
@@ -124,6 +133,7 @@ class DeltaModel {
   struct Entry {
     std::shared_ptr<DeltaRecipe> recipe;
     std::vector<Attachment> attachments;
+    std::vector<std::string> backbone_parameters;  // the backbone parameters it trains, by name
     bool active = true;
   };
 
@@ -148,25 +158,70 @@ class DeltaModel {
     detail::check<OptionError>(!name.empty() && name.find('.') == std::string::npos,
                                "delta name '{}' must be non-empty and hold no '.'", name);
     detail::check<OptionError>(!entries_.count(name), "a delta named '{}' exists already; remove() it first", name);
-    const SitePattern matcher(pattern);
-    std::vector<const Site*> matched, wrong_kind;
-    for (const auto& site : sites_) {
-      if (!matcher.matches(site.name)) continue;
-      (recipe->accepts(site.kind) ? matched : wrong_kind).push_back(&site);
+    std::vector<const Site*> matched;
+    if (recipe->uses_sites()) {
+      const SitePattern matcher(pattern);
+      std::vector<const Site*> wrong_kind;
+      for (const auto& site : sites_) {
+        if (!matcher.matches(site.name)) continue;
+        (recipe->accepts(site.kind) ? matched : wrong_kind).push_back(&site);
+      }
+      if (matched.empty()) throw OptionError(no_match_message(*recipe, matcher, wrong_kind));
     }
-    if (matched.empty()) throw OptionError(no_match_message(*recipe, matcher, wrong_kind));
-    Entry entry{recipe, {}, true};
+    std::vector<std::string> names;
+    for (const auto& p : backbone_->named_parameters()) names.push_back(p.key());
+    Entry entry{recipe, {}, recipe->select_backbone_parameters(names), true};
+    detail::check<OptionError>(recipe->uses_sites() || !entry.backbone_parameters.empty(),
+                               "{} selects no backbone parameter; check its options", recipe->method());
+    if (!matched.empty()) recipe->prepare(matched);
     for (const auto* site : matched) entry.attachments.push_back({*site, recipe->make(*site)});
     for (auto& a : entry.attachments) attach(name, a);
-    for (auto& p : backbone_parameters(*recipe)) p.set_requires_grad(true);
+    for (auto& p : backbone_parameters(entry)) p.set_requires_grad(true);
     return entries_[name] = std::move(entry);
+  }
+
+  // Attaches at the method's default sites for this backbone (LoRA: q and v on T5, query
+  // and value on BERT, as peft).
+  Entry& add(const std::string& name, std::shared_ptr<DeltaRecipe> recipe) {
+    const auto family = backbone_family();
+    const auto pattern = recipe->default_pattern(family);
+    detail::check<OptionError>(!pattern.empty(), "{} has no default sites on this backbone ({}); pass a pattern to "
+                               "add('{}', ..., pattern)", recipe->method(), family.empty() ? "not T5 or BERT" : family,
+                               name);
+    return add(name, std::move(recipe), pattern);
+  }
+
+  // "t5" or "bert" from the site names, as the default target tables are keyed; else "".
+  std::string backbone_family() const {
+    for (const auto& site : sites_) {
+      if (site.name.find("SelfAttention") != std::string::npos) return "t5";
+      if (site.name.find("attention.self") != std::string::npos) return "bert";
+    }
+    return "";
+  }
+
+  // add(name, options[, pattern]) with a method's options (LoRAOptions, AdapterOptions,
+  // ...): methods/recipes.hpp turns them into the method's recipe.
+  template <class Options, class = decltype(make_recipe(std::declval<const Options&>()))>
+  Entry& add(const std::string& name, const Options& options, const std::string& pattern) {
+    return add(name, make_recipe(options), pattern);
+  }
+  template <class Options, class = decltype(make_recipe(std::declval<const Options&>()))>
+  Entry& add(const std::string& name, const Options& options) {
+    return add(name, make_recipe(options));
   }
 
   // Detaches and forgets a delta (unmerge it first if merged).
   void remove(const std::string& name) {
     auto& entry = at(name);
     for (auto& a : entry.attachments) for_slots(a, [&](auto& slots) { slots.detach(name); });
+    auto released = backbone_parameters(entry);
     entries_.erase(name);
+    for (const auto& [other, e] : entries_)  // still trained by another delta: leave it trainable
+      for (const auto& p : backbone_parameters(e))
+        released.erase(std::remove_if(released.begin(), released.end(), [&](const torch::Tensor& r) { return r.is_same(p); }),
+                       released.end());
+    for (auto& p : released) p.set_requires_grad(false);
   }
 
   // Inactive deltas stay attached but take no part in forward passes.
@@ -263,7 +318,7 @@ class DeltaModel {
     }
     const auto trained = num_trainable_parameters(), total = num_backbone_parameters();
     for (auto& [name, entry] : entries_) {
-      const auto backbone_trained = count(backbone_parameters(*entry.recipe));
+      const auto backbone_trained = count(backbone_parameters(entry));
       out += fmt::format("delta '{}': {} on {} sites, {} parameters{}, {}\n", name, entry.recipe->method(),
                          entry.attachments.size(), count(delta_parameters(entry)),
                          backbone_trained ? fmt::format(" + {} backbone parameters it trains", backbone_trained) : "",
@@ -282,8 +337,7 @@ class DeltaModel {
     std::filesystem::create_directories(dir);
     std::map<std::string, torch::Tensor> tensors;
     for (auto& [key, p] : named_delta_parameters(name)) tensors[key] = p.detach();
-    for (const auto& p : backbone_->named_parameters())
-      if (matches_backbone(*entry.recipe, p.key())) tensors["backbone." + p.key()] = p.value().detach();
+    for (const auto& key : entry.backbone_parameters) tensors["backbone." + key] = backbone_parameter(key).detach();
     nlohmann::json sites = nlohmann::json::array();
     for (const auto& a : entry.attachments) sites.push_back(a.site.name);
     nlohmann::json config = {{"format", "deltatune-delta/1"}, {"method", entry.recipe->method()},
@@ -328,8 +382,7 @@ class DeltaModel {
       file.tensors.erase(it);
     };
     for (auto& [key, p] : named_delta_parameters(name)) expect(key, p);
-    for (const auto& p : backbone_->named_parameters())
-      if (matches_backbone(*entry.recipe, p.key())) expect("backbone." + p.key(), p.value());
+    for (const auto& key : entry.backbone_parameters) expect("backbone." + key, backbone_parameter(key));
     for (const auto& [key, t] : file.tensors) problems.push_back("unexpected " + key);
     detail::check<CheckpointError>(problems.empty(), "{}/delta.safetensors does not fit delta '{}':\n  {}", dir, name,
                                    fmt::join(problems, "\n  "));
@@ -393,15 +446,14 @@ class DeltaModel {
     }
   }
 
-  bool matches_backbone(const DeltaRecipe& recipe, const std::string& param) const {
-    for (const auto& re : recipe.trained_backbone_parameters())
-      if (std::regex_search(param, std::regex(re))) return true;
-    return false;
+  torch::Tensor backbone_parameter(const std::string& key) const {
+    auto* p = backbone_->named_parameters().find(key);
+    detail::check(p != nullptr, "the backbone has no parameter '{}'", key);
+    return *p;
   }
-  std::vector<torch::Tensor> backbone_parameters(const DeltaRecipe& recipe) {
+  std::vector<torch::Tensor> backbone_parameters(const Entry& entry) const {
     std::vector<torch::Tensor> out;
-    for (const auto& p : backbone_->named_parameters())
-      if (matches_backbone(recipe, p.key())) out.push_back(p.value());
+    for (const auto& key : entry.backbone_parameters) out.push_back(backbone_parameter(key));
     return out;
   }
 

@@ -104,8 +104,8 @@ class FrozenLinearImpl : public torch::nn::Module {
     auto db = slot.delta->delta_bias(weight);
     detail::check(torch::isfinite(dW).all().item<bool>() && (!db.defined() || torch::isfinite(db).all().item<bool>()),
                   "delta '{}' holds NaN or infinite values; it was not merged", name);
-    detail::check(!db.defined() || bias.defined(),
-                  "delta '{}' changes a bias this layer does not have; it cannot be merged", name);
+    // A bias delta on a layer without one (BitFit on T5) gives it a frozen bias to fold into.
+    if (db.defined() && !bias.defined()) bias = register_parameter("bias", torch::zeros_like(db), false);
     weight.add_(dW);
     if (db.defined()) bias.add_(db);
     slot.merged = true;
@@ -115,8 +115,9 @@ class FrozenLinearImpl : public torch::nn::Module {
     auto& slot = deltas.at(name);
     detail::check(slot.merged, "delta '{}' is not merged into this layer", name);
     torch::NoGradGuard no_grad;
-    weight.sub_(slot.delta->delta_weight(weight));
-    if (auto db = slot.delta->delta_bias(weight); db.defined()) bias.sub_(db);
+    auto db = slot.delta->unmerge_delta_bias(weight);  // before the weight changes back
+    weight.sub_(slot.delta->unmerge_delta_weight(weight));
+    if (db.defined()) bias.sub_(db);
     slot.merged = false;
   }
 
@@ -138,6 +139,7 @@ class OutputSite {
  public:
   virtual ~OutputSite() = default;
   DeltaSlots<ActivationDelta> output_deltas;
+  int64_t output_features = 0;  // the width d of h, set by the backbone: adapters are built to it
 
  protected:
   // Deltas apply in attachment order; the last one decides how the sublayer ends (the
@@ -156,6 +158,8 @@ class AttentionSite {
   virtual ~AttentionSite() = default;
   DeltaSlots<InputDelta> prefix_deltas;
   std::string site_name;  // set by find_sites(); prefix deltas keep one key/value pair per site
+  int64_t hidden_features = 0;     // the model width d the attention reads, set by the backbone
+  int64_t key_value_features = 0;  // heads x d_head: the width of the keys and values prepended
 
  protected:
   // The (B, P, inner) keys and values to prepend, or undefined tensors when no prefix runs.
@@ -179,6 +183,7 @@ class PromptSite {
  public:
   virtual ~PromptSite() = default;
   DeltaSlots<InputDelta> prompt_deltas;
+  torch::Tensor embedding_table;  // the (V, d) word embeddings, set by the backbone: prompts start from its rows
 
  protected:
   // embeds (B, T, d) -> (B, P + T, d); mask (B, T) -> (B, P + T), prompts always visible.

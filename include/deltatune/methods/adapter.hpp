@@ -32,7 +32,8 @@ enum class AdapterPlacement {
 };
 
 struct AdapterOptions {
-  explicit AdapterOptions(int64_t d_model) : d_model_(d_model) {}
+  // d_model 0: DeltaModel takes it from each output site.
+  explicit AdapterOptions(int64_t d_model = 0) : d_model_(d_model) {}
   TORCH_ARG(int64_t, d_model);                 // the sublayer's output size d
   TORCH_ARG(int64_t, reduction_factor) = 16;   // m = d / reduction_factor (adapters' default)
   TORCH_ARG(int64_t, bottleneck) = 0;          // m itself where positive (Houlsby sweeps 8, 64, 256)
@@ -44,23 +45,23 @@ struct AdapterOptions {
 };
 
 // Houlsby's adapter on a sublayer of width d.
-inline AdapterOptions houlsby_options(int64_t d_model) { return AdapterOptions(d_model); }
+inline AdapterOptions houlsby_options(int64_t d_model = 0) { return AdapterOptions(d_model); }
 // Pfeiffer's adapter: feed-forward only, ReLU, reduction 16.
-inline AdapterOptions pfeiffer_options(int64_t d_model) {
+inline AdapterOptions pfeiffer_options(int64_t d_model = 0) {
   return AdapterOptions(d_model).non_linearity("relu").placement(AdapterPlacement::pfeiffer);
 }
 // PHM-Adapter: Houlsby placement, PHM projections with full B_i and their own A (the
 // Compacter paper's baseline, n = 12 in its tables), reduction 32.
-inline AdapterOptions phm_adapter_options(int64_t d_model, int64_t n = 12) {
+inline AdapterOptions phm_adapter_options(int64_t d_model = 0, int64_t n = 12) {
   return AdapterOptions(d_model).reduction_factor(32).phm_n(n);
 }
 // Compacter: Houlsby placement, LPHM projections (rank 1, n = 4) whose A is shared by
 // every adapter layer (pass one PHMSharedFactors to all), GELU, reduction 32.
-inline AdapterOptions compacter_options(int64_t d_model) {
+inline AdapterOptions compacter_options(int64_t d_model = 0) {
   return AdapterOptions(d_model).reduction_factor(32).phm_n(4).phm_rank(1);
 }
 // Compacter++: Compacter at the feed-forward site only (Pfeiffer placement).
-inline AdapterOptions compacter_plus_plus_options(int64_t d_model) {
+inline AdapterOptions compacter_plus_plus_options(int64_t d_model = 0) {
   return compacter_options(d_model).placement(AdapterPlacement::pfeiffer);
 }
 
@@ -89,6 +90,20 @@ inline const char* to_string(AdapterPlacement placement) {
 }
 
 }  // namespace detail
+
+// The method's name in configs and summaries, from the options that make it that method.
+inline std::string adapter_method(const AdapterOptions& o) {
+  if (o.phm_n() == 0) return "adapter";
+  if (o.phm_rank() == 0) return "phm_adapter";
+  return o.placement() == AdapterPlacement::pfeiffer ? "compacter++" : "compacter";
+}
+
+inline nlohmann::json adapter_options_json(const AdapterOptions& o) {
+  return {{"d_model", o.d_model()},       {"reduction_factor", o.reduction_factor()},
+          {"bottleneck", o.bottleneck()}, {"non_linearity", o.non_linearity()},
+          {"init_std", o.init_std()},     {"placement", detail::to_string(o.placement())},
+          {"phm_n", o.phm_n()},           {"phm_rank", o.phm_rank()}};
+}
 
 class AdapterImpl : public torch::nn::Cloneable<AdapterImpl>, public ActivationDelta {
  public:
@@ -144,18 +159,11 @@ class AdapterImpl : public torch::nn::Cloneable<AdapterImpl>, public ActivationD
     return end_sublayer(hidden + bottleneck_forward(normed), residual, layer_norm);
   }
 
-  std::string method() const override {
-    if (options.phm_n() == 0) return "adapter";
-    if (options.phm_rank() == 0) return "phm_adapter";
-    return options.placement() == AdapterPlacement::pfeiffer ? "compacter++" : "compacter";
-  }
+  std::string method() const override { return adapter_method(options); }
   nlohmann::json options_json() const override {
-    const auto& o = options;
-    return {{"d_model", o.d_model()},           {"reduction_factor", o.reduction_factor()},
-            {"bottleneck", o.bottleneck()},     {"non_linearity", o.non_linearity()},
-            {"init_std", o.init_std()},         {"placement", detail::to_string(o.placement())},
-            {"phm_n", o.phm_n()},               {"phm_rank", o.phm_rank()},
-            {"shared_rule", static_cast<bool>(shared)}};
+    auto j = adapter_options_json(options);
+    j["shared_rule"] = static_cast<bool>(shared);
+    return j;
   }
   torch::nn::Module& module() override { return *this; }
 

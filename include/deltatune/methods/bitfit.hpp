@@ -15,7 +15,8 @@
 namespace deltatune {
 
 struct BitFitOptions {
-  explicit BitFitOptions(int64_t features) : features_(features) {}
+  // features 0: DeltaModel takes it from each site.
+  explicit BitFitOptions(int64_t features = 0) : features_(features) {}
   TORCH_ARG(int64_t, features);  // the layer's output size: out_features, or d_model for a layer norm
 };
 

@@ -16,7 +16,9 @@
 namespace deltatune {
 
 struct LoRAOptions {
-  LoRAOptions(int64_t in_features, int64_t out_features) : in_features_(in_features), out_features_(out_features) {}
+  // Shapes 0: DeltaModel takes them from each site.
+  LoRAOptions(int64_t in_features = 0, int64_t out_features = 0)
+      : in_features_(in_features), out_features_(out_features) {}
   TORCH_ARG(int64_t, in_features);
   TORCH_ARG(int64_t, out_features);
   TORCH_ARG(int64_t, r) = 8;             // rank; the paper's GPT-3 runs use 1 to 64, peft's default is 8

@@ -25,7 +25,8 @@
 namespace deltatune {
 
 struct PrefixTuningOptions {
-  PrefixTuningOptions(int64_t num_virtual_tokens, int64_t d_model, std::vector<std::string> sites)
+  // d_model 0 and no sites: DeltaModel takes them (and inner) from the attention sites.
+  explicit PrefixTuningOptions(int64_t num_virtual_tokens, int64_t d_model = 0, std::vector<std::string> sites = {})
       : num_virtual_tokens_(num_virtual_tokens), d_model_(d_model), sites_(std::move(sites)) {}
   TORCH_ARG(int64_t, num_virtual_tokens);      // P; the paper uses 10 to 200
   TORCH_ARG(int64_t, d_model);                 // width of the embedding E that the MLP reads

@@ -25,7 +25,8 @@ enum class PromptInit {
 };
 
 struct PromptTuningOptions {
-  PromptTuningOptions(int64_t num_virtual_tokens, int64_t d_model)
+  // d_model 0: DeltaModel takes it from the prompt site's embedding table.
+  explicit PromptTuningOptions(int64_t num_virtual_tokens, int64_t d_model = 0)
       : num_virtual_tokens_(num_virtual_tokens), d_model_(d_model) {}
   TORCH_ARG(int64_t, num_virtual_tokens);   // P; the paper's main runs use 100
   TORCH_ARG(int64_t, d_model);              // embedding width d
@@ -69,6 +70,12 @@ inline torch::Tensor prompt_init_rows(const PromptTuningOptions& o, const torch:
 
 }  // namespace detail
 
+inline nlohmann::json prompt_tuning_options_json(const PromptTuningOptions& o) {
+  return {{"num_virtual_tokens", o.num_virtual_tokens()}, {"d_model", o.d_model()},
+          {"init", detail::to_string(o.init())},          {"init_range", o.init_range()},
+          {"sample_top_k", o.sample_top_k()},             {"init_token_ids", o.init_token_ids()}};
+}
+
 class PromptTuningImpl : public torch::nn::Cloneable<PromptTuningImpl>, public InputDelta {
  public:
   // `vocabulary`: the backbone's (V, d) embedding table; needed unless init is uniform.
@@ -95,12 +102,7 @@ class PromptTuningImpl : public torch::nn::Cloneable<PromptTuningImpl>, public I
   torch::Tensor prompt_embeddings() override { return embedding; }  // (P, d)
 
   std::string method() const override { return "prompt_tuning"; }
-  nlohmann::json options_json() const override {
-    const auto& o = options;
-    return {{"num_virtual_tokens", o.num_virtual_tokens()}, {"d_model", o.d_model()},
-            {"init", detail::to_string(o.init())},          {"init_range", o.init_range()},
-            {"sample_top_k", o.sample_top_k()},             {"init_token_ids", o.init_token_ids()}};
-  }
+  nlohmann::json options_json() const override { return prompt_tuning_options_json(options); }
   torch::nn::Module& module() override { return *this; }
 
   void pretty_print(std::ostream& stream) const override {
