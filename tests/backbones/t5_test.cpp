@@ -173,15 +173,17 @@ CATCH_TEST_CASE("T5 lists its sites under Hugging Face names, and a tied head sh
       {"decoder.block.2.layer.1.EncDecAttention.k", K::linear},
       {"decoder.block.2.layer.2", K::output},
       {"decoder.block.2.layer.2.DenseReluDense.wo", K::linear},
+      {"decoder.block.2.layer.2.layer_norm", K::linear},  // weight sites: BitFit adds their bias
+      {"encoder.final_layer_norm", K::linear},
       {"lm_head", K::linear}};
   for (const auto& [name, kind] : expected) {
     CATCH_INFO(name);
     CATCH_REQUIRE(sites.count(name) == 1);
     CATCH_CHECK(sites[name] == kind);
   }
-  // Per encoder block 4 + 2 linears, 2 outputs, 1 attention; per decoder block 8 + 2, 3, 2;
-  // lm_head; the encoder's prompt site.
-  CATCH_CHECK(sites.size() == 2 * (6 + 2 + 1) + 3 * (10 + 3 + 2) + 1 + 1);
+  // Per encoder block 4 + 2 linears, 2 layer norms, 2 outputs, 1 attention; per decoder
+  // block 8 + 2, 3, 3, 2; the two final layer norms, lm_head, the encoder's prompt site.
+  CATCH_CHECK(sites.size() == 2 * (6 + 2 + 2 + 1) + 3 * (10 + 3 + 3 + 2) + 2 + 1 + 1);
   CATCH_CHECK(model->lm_head->weight.is_same(model->shared->weight));
   for (const auto& p : model->named_parameters()) CATCH_CHECK(p.key() != "lm_head.weight");
   CATCH_CHECK(model->named_parameters().contains("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"));

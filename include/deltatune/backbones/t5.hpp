@@ -212,14 +212,25 @@ inline T5Config T5Config::from_json(const nlohmann::json& json, const std::strin
 }
 
 // RMS layer norm without bias or mean subtraction; with mixed dtypes, as transformers: the
-// statistic in float32, the result in the weight's half precision.
-class T5LayerNormImpl : public torch::nn::Module {
+// statistic in float32, the result in the weight's half precision. A weight site: BitFit
+// adds the bias T5 leaves out (and merging gives the norm one).
+class T5LayerNormImpl : public torch::nn::Module, public WeightSite {
  public:
-  T5LayerNormImpl(int64_t d_model, double eps) : eps(eps) {
+  T5LayerNormImpl(int64_t d_model, double eps) : WeightSite(this), eps(eps) {
+    in_features = out_features = d_model;
     weight = register_parameter("weight", torch::ones({d_model}));
   }
 
   torch::Tensor forward(const torch::Tensor& x) {
+    auto y = normalize(x);
+    if (bias.defined()) y = y + bias;
+    return add_deltas(x, y);
+  }
+
+  double eps;
+
+ private:
+  torch::Tensor normalize(const torch::Tensor& x) {
     // The fused kernel is the same math, rounded once, and 3x faster forward + backward on CPU.
     if (x.scalar_type() == weight.scalar_type()) return torch::rms_norm(x, {weight.size(0)}, weight, eps);
     auto variance = x.to(torch::kFloat).pow(2).mean(-1, /*keepdim=*/true);
@@ -227,9 +238,6 @@ class T5LayerNormImpl : public torch::nn::Module {
     if (weight.scalar_type() == torch::kHalf || weight.scalar_type() == torch::kBFloat16) h = h.to(weight.dtype());
     return weight * h;
   }
-
-  double eps;
-  torch::Tensor weight;
 };
 TORCH_MODULE(T5LayerNorm);
 

@@ -244,7 +244,7 @@ class DeltaModel {
     for (const auto& a : entry.attachments)
       detail::check(a.delta->mergeable(), "delta '{}' ({}) acts on {} sites and cannot be merged; only weight deltas "
                     "(lora, ia3, bitfit, phm) can", name, entry.recipe->method(), to_string(a.site.kind));
-    std::vector<FrozenLinearImpl*> done;
+    std::vector<WeightSite*> done;
     try {
       for (auto& a : entry.attachments) {
         a.site.linear->merge(name);
@@ -499,9 +499,17 @@ class DeltaModel {
       return fmt::format("pattern '{}' matches {} site(s), such as '{}' ({}), but {} acts on none of them", pattern.text(),
                          wrong_kind.size(), wrong_kind.front()->name, to_string(wrong_kind.front()->kind),
                          recipe.method());
+    // Compared with as many trailing name components as the pattern has: "SelfAttention.qq"
+    // is one edit from "...layer.0.SelfAttention.q".
+    const auto components = std::count(pattern.text().begin(), pattern.text().end(), '.') + 1;
     std::vector<std::pair<size_t, std::string>> ranked;
-    for (const auto& site : sites_)
-      if (recipe.accepts(site.kind)) ranked.emplace_back(detail::edit_distance(pattern.text(), site.name), site.name);
+    for (const auto& site : sites_) {
+      if (!recipe.accepts(site.kind)) continue;
+      const auto parts = split_name(site.name);
+      const auto first = parts.size() > size_t(components) ? parts.size() - components : 0;
+      std::vector<std::string> tail(parts.begin() + first, parts.end());
+      ranked.emplace_back(detail::edit_distance(pattern.text(), fmt::format("{}", fmt::join(tail, "."))), site.name);
+    }
     std::sort(ranked.begin(), ranked.end());
     std::vector<std::string> closest;
     for (size_t i = 0; i < std::min<size_t>(5, ranked.size()); ++i) closest.push_back(ranked[i].second);

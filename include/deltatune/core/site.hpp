@@ -1,6 +1,7 @@
 // Sites: the named places in a backbone where deltas act (DESIGN.md, layer 3).
 //
-// A backbone is built from modules that are sites: FrozenLinear (weight deltas), a
+// A backbone is built from modules that are sites: FrozenLinear (weight deltas; layer
+// norms may be weight sites too), a
 // sublayer that is an OutputSite (activation deltas on its output, before the residual),
 // an attention that is an AttentionSite (prefix keys and values) and an input that is a
 // PromptSite (prompt embeddings). find_sites() walks a module tree and returns every site
@@ -74,25 +75,15 @@ inline void freeze(torch::nn::Module& module) {
   for (auto& p : module.parameters()) p.set_requires_grad(false);
 }
 
-// y = x W^T + b with frozen W (out, in) and b (out), under the names "weight" and "bias"
-// so that checkpoints load name to name; plus the weight deltas attached to it.
-class FrozenLinearImpl : public torch::nn::Module {
+// A frozen weight W (out, in), or a layer norm's scale (d), with an optional bias (out),
+// that weight deltas act on: the module that owns them registers them as "weight" and
+// "bias" and adds add_deltas(x, y) to its own output y.
+class WeightSite {
  public:
-  FrozenLinearImpl(int64_t in_features, int64_t out_features, bool with_bias)
-      : in_features(in_features), out_features(out_features) {
-    weight = register_parameter("weight", torch::empty({out_features, in_features}), false);
-    if (with_bias) bias = register_parameter("bias", torch::zeros({out_features}), false);
-    // PyTorch's nn.Linear initialisation, so that a backbone built at random is usable.
-    torch::NoGradGuard no_grad;
-    torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
-  }
-
-  // (..., in) -> (..., out): the frozen layer plus every running delta's contribution.
-  torch::Tensor forward(const torch::Tensor& x) {
-    auto y = torch::nn::functional::linear(x, weight, bias);
-    for (auto* delta : deltas.running()) y = y + delta->delta_output(x, weight, y);
-    return y;
-  }
+  virtual ~WeightSite() = default;
+  int64_t in_features = 0, out_features = 0;
+  torch::Tensor weight, bias;
+  DeltaSlots<WeightDelta> deltas;
 
   // Folds the delta into weight and bias (zero overhead at inference); refuses a delta
   // that is already merged or whose dW holds NaN or infinity.
@@ -105,7 +96,7 @@ class FrozenLinearImpl : public torch::nn::Module {
     detail::check(torch::isfinite(dW).all().item<bool>() && (!db.defined() || torch::isfinite(db).all().item<bool>()),
                   "delta '{}' holds NaN or infinite values; it was not merged", name);
     // A bias delta on a layer without one (BitFit on T5) gives it a frozen bias to fold into.
-    if (db.defined() && !bias.defined()) bias = register_parameter("bias", torch::zeros_like(db), false);
+    if (db.defined() && !bias.defined()) bias = owner_->register_parameter("bias", torch::zeros_like(db), false);
     weight.add_(dW);
     if (db.defined()) bias.add_(db);
     slot.merged = true;
@@ -121,14 +112,40 @@ class FrozenLinearImpl : public torch::nn::Module {
     slot.merged = false;
   }
 
+ protected:
+  explicit WeightSite(torch::nn::Module* owner) : owner_(owner) {}
+
+  // y, the frozen layer's output for input x, plus every running delta's contribution.
+  torch::Tensor add_deltas(const torch::Tensor& x, torch::Tensor y) {
+    for (auto* delta : deltas.running()) y = y + delta->delta_output(x, weight, y);
+    return y;
+  }
+
+ private:
+  torch::nn::Module* owner_;
+};
+
+// y = x W^T + b with frozen W (out, in) and b (out), under the names "weight" and "bias"
+// so that checkpoints load name to name; plus the weight deltas attached to it.
+class FrozenLinearImpl : public torch::nn::Module, public WeightSite {
+ public:
+  FrozenLinearImpl(int64_t in_features, int64_t out_features, bool with_bias) : WeightSite(this) {
+    this->in_features = in_features;
+    this->out_features = out_features;
+    weight = register_parameter("weight", torch::empty({out_features, in_features}), false);
+    if (with_bias) bias = register_parameter("bias", torch::zeros({out_features}), false);
+    // PyTorch's nn.Linear initialisation, so that a backbone built at random is usable.
+    torch::NoGradGuard no_grad;
+    torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
+  }
+
+  // (..., in) -> (..., out): the frozen layer plus every running delta's contribution.
+  torch::Tensor forward(const torch::Tensor& x) { return add_deltas(x, torch::nn::functional::linear(x, weight, bias)); }
+
   void pretty_print(std::ostream& stream) const override {
     stream << "deltatune::FrozenLinear(in_features=" << in_features << ", out_features=" << out_features
            << ", bias=" << (bias.defined() ? "true" : "false") << ", deltas=" << deltas.slots().size() << ")";
   }
-
-  int64_t in_features, out_features;
-  torch::Tensor weight, bias;
-  DeltaSlots<WeightDelta> deltas;
 };
 TORCH_MODULE(FrozenLinear);
 
@@ -207,7 +224,7 @@ struct Site {
   std::string name;
   Kind kind;
   std::shared_ptr<torch::nn::Module> module;  // keeps the site alive
-  FrozenLinearImpl* linear = nullptr;
+  WeightSite* linear = nullptr;  // a FrozenLinear, or a layer norm that weight deltas act on
   OutputSite* output = nullptr;
   AttentionSite* attention = nullptr;
   PromptSite* prompt = nullptr;
@@ -228,7 +245,7 @@ inline std::vector<Site> find_sites(torch::nn::Module& root) {
   std::vector<Site> sites;
   for (const auto& item : root.named_modules("", /*include_self=*/false)) {
     const auto& module = item.value();
-    if (auto* linear = dynamic_cast<FrozenLinearImpl*>(module.get()))
+    if (auto* linear = dynamic_cast<WeightSite*>(module.get()))
       sites.push_back({item.key(), Site::Kind::linear, module, linear});
     if (auto* output = dynamic_cast<OutputSite*>(module.get()))
       sites.push_back({item.key(), Site::Kind::output, module, nullptr, output});
