@@ -4,6 +4,9 @@
 
 #include <torch/torch.h>
 
+#include <ftw.h>
+#include <stdlib.h>
+
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -71,6 +74,31 @@ inline double gradcheck(const std::function<torch::Tensor(const std::vector<torc
   }
   return worst;
 }
+
+// A fresh folder under the system temp folder, removed with all it holds when the test ends.
+// Removed with nftw, not std::filesystem::remove_all: libtorch.so exports its own copy of that
+// symbol, which wins at link time and crashes (calls a null pointer) in LibTorch 2.11's pip wheel.
+struct TempDir {
+  std::filesystem::path path;
+  TempDir() {
+    std::string pattern = (std::filesystem::temp_directory_path() / "deltatune_test_XXXXXX").string();
+    path = ::mkdtemp(pattern.data());
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  ~TempDir() {
+    ::nftw(path.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
+           FTW_DEPTH | FTW_PHYS);
+  }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+  void write(const std::string& name, const std::string& text) const { std::ofstream(file(name)) << text; }
+  // Names of everything in the folder, to spot a leftover temporary file.
+  std::vector<std::string> entries() const {
+    std::vector<std::string> names;
+    for (const auto& e : std::filesystem::directory_iterator(path)) names.push_back(e.path().filename().string());
+    return names;
+  }
+};
 
 // The folder tools/golden/<name>.py wrote its fixtures to (ctest runs it first), or
 // nullopt after a warning that makes ctest report the case as skipped: the folder is

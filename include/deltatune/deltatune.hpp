@@ -18,6 +18,7 @@
 #include <deltatune/methods/spec.hpp>        // select_parameters: last layers, chosen names, layer norms
 
 #include <deltatune/core/safetensors.hpp>    // read_safetensors, write_safetensors (atomic): Hugging Face's format
+#include <deltatune/core/json_file.hpp>      // read_json_file: JSON files, errors naming the file
 #include <deltatune/core/site.hpp>           // Sites: FrozenLinear, OutputSite, AttentionSite, PromptSite; find_sites
 #include <deltatune/core/delta_model.hpp>    // DeltaModel: attach deltas by name pattern, train, merge, save and load
 #include <deltatune/methods/recipes.hpp>     // how each method attaches through DeltaModel::add; default sites

@@ -16,25 +16,6 @@ using Catch::Matchers::Contains;
 
 namespace {
 
-// A flat folder of test files, emptied file by file when the case ends (remove_all crashes
-// in binaries linked with this torch wheel).
-struct Folder {
-  fs::path path;
-  Folder() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("deltatune_checkpoint_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~Folder() {
-    std::vector<fs::path> files{fs::directory_iterator(path), fs::directory_iterator()};
-    for (const auto& f : files) fs::remove(f);
-    fs::remove(path);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-  void write(const std::string& name, const std::string& text) const { std::ofstream(file(name)) << text; }
-};
-
 // A module with names as a backbone's: "proj.weight" (2, 3), "proj.bias" (2), "norm.weight" (2).
 struct TinyImpl : torch::nn::Module {
   TinyImpl() {
@@ -60,7 +41,7 @@ void check_loaded(Tiny& tiny, const std::map<std::string, torch::Tensor>& expect
 }  // namespace
 
 CATCH_TEST_CASE("a Hugging Face folder with model.safetensors loads name to name", "[checkpoint]") {
-  Folder dir;
+  dt::testing::TempDir dir;
   dir.write("config.json", R"({"hidden_size": 2, "model_type": "tiny"})");
   dt::write_safetensors(dir.file("model.safetensors"), tiny_tensors());
   const auto checkpoint = bb::read_checkpoint(dir.path.string());
@@ -71,7 +52,7 @@ CATCH_TEST_CASE("a Hugging Face folder with model.safetensors loads name to name
 }
 
 CATCH_TEST_CASE("a sharded folder is read through its index", "[checkpoint]") {
-  Folder dir;
+  dt::testing::TempDir dir;
   dir.write("config.json", "{}");
   auto all = tiny_tensors();
   dt::write_safetensors(dir.file("model-00001-of-00002.safetensors"),
@@ -94,7 +75,7 @@ CATCH_TEST_CASE("a sharded folder is read through its index", "[checkpoint]") {
 
 CATCH_TEST_CASE("F16 and BF16 checkpoints load into a float32 module, rounded once", "[checkpoint]") {
   for (auto dtype : {torch::kFloat16, torch::kBFloat16}) {
-    Folder dir;
+    dt::testing::TempDir dir;
     dir.write("config.json", "{}");
     std::map<std::string, torch::Tensor> stored, expected;
     for (const auto& [name, t] : tiny_tensors()) {
@@ -111,7 +92,7 @@ CATCH_TEST_CASE("F16 and BF16 checkpoints load into a float32 module, rounded on
 
 CATCH_TEST_CASE("missing, unexpected and mis-shaped tensors are listed in one error naming the folder",
                 "[checkpoint]") {
-  Folder dir;
+  dt::testing::TempDir dir;
   dir.write("config.json", "{}");
   auto tensors = tiny_tensors();
   tensors.erase("proj.bias");
@@ -159,12 +140,12 @@ CATCH_TEST_CASE("load options map head prefixes, aliases, ignored and allowed-mi
 }
 
 CATCH_TEST_CASE("a folder without config.json or weights is refused, naming what is missing", "[checkpoint]") {
-  Folder dir;
+  dt::testing::TempDir dir;
   dt::write_safetensors(dir.file("model.safetensors"), tiny_tensors());
   CATCH_REQUIRE_THROWS_AS(bb::read_hf_directory(dir.path.string()), dt::CheckpointError);
   CATCH_REQUIRE_THROWS_WITH(bb::read_checkpoint(dir.path.string()), Contains(dir.file("config.json")));
 
-  Folder empty;
+  dt::testing::TempDir empty;
   empty.write("config.json", "{}");
   CATCH_REQUIRE_THROWS_WITH(bb::read_hf_directory(empty.path.string()),
                             Contains(empty.path.string()) && Contains("model.safetensors"));
@@ -172,7 +153,7 @@ CATCH_TEST_CASE("a folder without config.json or weights is refused, naming what
 }
 
 CATCH_TEST_CASE("a TorchScript archive gives its parameters by name and its config.json extra file", "[checkpoint]") {
-  Folder dir;
+  dt::testing::TempDir dir;
   torch::jit::Module inner("inner"), outer("outer");
   const auto tensors = tiny_tensors();
   inner.register_parameter("weight", tensors.at("proj.weight"), false);
@@ -199,7 +180,7 @@ CATCH_TEST_CASE("a TorchScript archive gives its parameters by name and its conf
 }
 
 CATCH_TEST_CASE("a file that is not a TorchScript archive is refused, naming it", "[checkpoint]") {
-  Folder dir;
+  dt::testing::TempDir dir;
   dir.write("weights.pt", "this is not a zip archive");
   CATCH_REQUIRE_THROWS_AS(bb::read_torchscript(dir.file("weights.pt")), dt::CheckpointError);
   CATCH_REQUIRE_THROWS_WITH(bb::read_checkpoint(dir.file("weights.pt")),

@@ -2,8 +2,9 @@
 // delta-only checkpoint round trip, on a toy two-layer backbone with a toy low-rank delta.
 #include <deltatune/core/delta_model.hpp>
 
-#include <cstdlib>
 #include <fstream>
+
+#include "test_support.hpp"
 
 namespace dt = deltatune;
 
@@ -50,11 +51,6 @@ struct ToyBackboneImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x) { return layer1(layer0(x)); }
 };
 TORCH_MODULE(ToyBackbone);
-
-std::string temp_dir(const std::string& tag) {
-  char pattern[] = "/tmp/deltatune-model-XXXXXX";
-  return std::string(::mkdtemp(pattern)) + "/" + tag;
-}
 
 }  // namespace
 
@@ -118,7 +114,8 @@ CATCH_TEST_CASE("DeltaModel trains only the delta and what its method trains; me
   CATCH_CHECK(model.trainable_parameters().size() == 2);  // the layer norms alone
   model.activate("task");
 
-  const auto dir = temp_dir("task");
+  dt::testing::TempDir tmp;
+  const auto dir = tmp.file("task");  // save() creates it
   model.save("task", dir);
   std::ifstream config(dir + "/delta_config.json");
   CATCH_CHECK(nlohmann::json::parse(config).at("sites").size() == 4);

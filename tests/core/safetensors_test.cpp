@@ -1,12 +1,13 @@
 // Tests of core/safetensors.hpp: round trips, bytes identical to Python's, malformed files rejected, atomic writes.
 #include <deltatune/core/safetensors.hpp>
 
-#include <ftw.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+
+#include "test_support.hpp"
 
 namespace dt = deltatune;
 namespace fs = std::filesystem;
@@ -42,29 +43,6 @@ std::map<std::string, torch::Tensor> golden_tensors() {
   return {{"a", torch::arange(6, torch::kFloat32).reshape({2, 3})}, {"b", torch::tensor({1, 2}, torch::kInt64)}};
 }
 
-int remove_entry(const char* path, const struct stat*, int, struct FTW*) { return ::remove(path); }
-
-// A fresh directory under the system temp folder, removed with all it holds when the test ends.
-// Removed with nftw, not std::filesystem::remove_all: libtorch.so exports its own copy of that
-// symbol, which wins at link time and crashes (calls a null pointer) in LibTorch 2.11's pip wheel.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("deltatune_safetensors_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~TempDir() { ::nftw(path.c_str(), remove_entry, 16, FTW_DEPTH | FTW_PHYS); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-  // Names of everything in the directory, to spot a leftover temporary file.
-  std::vector<std::string> entries() const {
-    std::vector<std::string> names;
-    for (const auto& e : fs::directory_iterator(path)) names.push_back(e.path().filename().string());
-    return names;
-  }
-};
-
 void write_bytes(const std::string& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary) << bytes;
 }
@@ -85,7 +63,7 @@ std::string make_file(const std::string& header, const std::string& data = "", u
 }
 
 // Reading `bytes` must throw CheckpointError naming the file and holding each of `parts`.
-void expect_rejected(const TempDir& dir, const std::string& bytes, const std::vector<std::string>& parts) {
+void expect_rejected(const dt::testing::TempDir& dir, const std::string& bytes, const std::vector<std::string>& parts) {
   const std::string path = dir.file("bad.safetensors");
   write_bytes(path, bytes);
   try {
@@ -104,7 +82,7 @@ void expect_rejected(const TempDir& dir, const std::string& bytes, const std::ve
 CATCH_TEST_CASE("safetensors round-trips every dtype, scalars, empty and strided tensors, and metadata",
                 "[core][safetensors]") {
   torch::manual_seed(0);
-  TempDir dir;
+  dt::testing::TempDir dir;
   const auto strided = torch::randn({4, 6});
   const std::map<std::string, torch::Tensor> tensors = {
       {"f32", torch::randn({3, 4})},
@@ -154,7 +132,7 @@ CATCH_TEST_CASE("safetensors round-trips every dtype, scalars, empty and strided
 
 CATCH_TEST_CASE("safetensors reads the Python library's bytes and writes them back identically",
                 "[core][safetensors]") {
-  TempDir dir;
+  dt::testing::TempDir dir;
   const std::string golden = dir.file("golden.safetensors");
   write_bytes(golden, golden_bytes());
   const auto file = dt::read_safetensors(golden);
@@ -174,7 +152,7 @@ CATCH_TEST_CASE("safetensors reads the Python library's bytes and writes them ba
 
 CATCH_TEST_CASE("read_safetensors rejects malformed files with messages that name the file and tensor",
                 "[core][safetensors][errors]") {
-  TempDir dir;
+  dt::testing::TempDir dir;
   const std::string golden = golden_bytes();
 
   // Truncated anywhere: in the length, in the header, in the data.
@@ -229,7 +207,7 @@ CATCH_TEST_CASE("read_safetensors rejects malformed files with messages that nam
 
 CATCH_TEST_CASE("write_safetensors replaces the file atomically and leaves nothing behind on failure",
                 "[core][safetensors][errors]") {
-  TempDir dir;
+  dt::testing::TempDir dir;
   const auto tensors = golden_tensors();
 
   const std::string nowhere = (dir.path / "no_such_dir" / "w.safetensors").string();

@@ -4,8 +4,6 @@
 // optimizer, merge equals unmerged, and save -> load into a fresh model gives equal outputs.
 #include <deltatune/deltatune.hpp>
 
-#include <stdlib.h>
-
 #include "test_support.hpp"
 
 namespace dt = deltatune;
@@ -87,11 +85,6 @@ std::map<std::string, torch::Tensor> snapshot(torch::nn::Module& m) {
   return out;
 }
 
-std::string temp_dir() {
-  char pattern[] = "/tmp/deltatune-recipes-XXXXXX";
-  return ::mkdtemp(pattern);
-}
-
 }  // namespace
 
 CATCH_TEST_CASE("every method attaches at its default sites on T5 and BERT, trains alone, merges and round-trips",
@@ -136,7 +129,8 @@ CATCH_TEST_CASE("every method attaches at its default sites on T5 and BERT, trai
           CATCH_CHECK(torch::allclose(backbone.run(*module), tuned, 1e-5, 1e-5));
         }
 
-        const auto dir = temp_dir();
+        dt::testing::TempDir tmp;
+        const auto dir = tmp.path.string();
         model.save("task", dir);
         auto fresh = backbone.build();
         fresh->eval();

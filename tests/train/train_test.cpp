@@ -7,7 +7,6 @@
 #include <deltatune/train/schedule.hpp>
 #include <deltatune/train/trainer.hpp>
 
-#include <ftw.h>
 #include <stdlib.h>
 
 #include <sstream>
@@ -17,20 +16,6 @@
 namespace dt = deltatune;
 
 namespace {
-
-// A fresh folder in the temporary directory, removed file by file at the end
-// (std::filesystem::remove_all crashes in binaries linked with this torch wheel).
-struct TempDir {
-  std::string path;
-  TempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "deltatune_train_XXXXXX").string();
-    path = ::mkdtemp(pattern.data());
-  }
-  ~TempDir() {
-    ::nftw(path.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
-           FTW_DEPTH | FTW_PHYS);
-  }
-};
 
 uint32_t read_u32_be(const std::string& s, std::size_t at) {
   uint32_t v = 0;
@@ -145,8 +130,8 @@ CATCH_TEST_CASE("progress bar redraws on a terminal and writes lines otherwise",
 }
 
 CATCH_TEST_CASE("JSONL logger writes one flushed object a line", "[log]") {
-  TempDir dir;
-  const auto path = dir.path + "/log.jsonl";
+  dt::testing::TempDir dir;
+  const auto path = dir.file("log.jsonl");
   {
     dt::JsonlLogger log(path, false);
     log.log({{"step", 1}, {"loss", 0.5}});
@@ -191,9 +176,9 @@ CATCH_TEST_CASE("PNG writer: valid chunks, CRC-32, Adler-32 and the pixels drawn
   CATCH_CHECK(pixel(299, 249) == std::string("\xff\x00\x00", 3));
   CATCH_CHECK(pixel(299, 0) == std::string("\xff\xff\xff", 3));
 
-  TempDir dir;
-  dt::write_training_plot(dir.path + "/curves.png", {{1, 2, 3}, {1.0, 0.5, NAN}}, {{2}, {0.9}});
-  CATCH_CHECK(std::filesystem::file_size(dir.path + "/curves.png") > 800u * 600 * 3);
+  dt::testing::TempDir dir;
+  dt::write_training_plot(dir.file("curves.png"), {{1, 2, 3}, {1.0, 0.5, NAN}}, {{2}, {0.9}});
+  CATCH_CHECK(std::filesystem::file_size(dir.file("curves.png")) > 800u * 600 * 3);
 }
 
 CATCH_TEST_CASE("a restored training state continues bit-identically", "[checkpoint_state]") {
@@ -221,8 +206,8 @@ CATCH_TEST_CASE("a restored training state continues bit-identically", "[checkpo
     }
     return w.detach().clone();
   };
-  TempDir dir;
-  const auto path = dir.path + "/state.safetensors";
+  dt::testing::TempDir dir;
+  const auto path = dir.file("state.safetensors");
   const auto uninterrupted = run(10, "", 0);
   run(4, path, 4);  // stops after 4 steps, having saved
   torch::manual_seed(99);  // the resumed process's generator starts elsewhere
@@ -246,17 +231,17 @@ CATCH_TEST_CASE("AutocastGuard runs matmuls in bf16 on the CPU while in scope", 
 }
 
 CATCH_TEST_CASE("Trainer learns a logistic regression and writes its log and plot", "[trainer]") {
-  TempDir dir;
+  dt::testing::TempDir dir;
   Logistic problem;
   const double before = problem.accuracy();
   int saves = 0;
   dt::Trainer<Batch> trainer(dt::TrainerOptions().epochs(10).lr(0.2).warmup_ratio(0.1).accumulation_steps(3)
-                                 .output_dir(dir.path).progress(false).log_every(2),
+                                 .output_dir(dir.path.string()).progress(false).log_every(2),
                              {problem.w, problem.b}, [&](const Batch& batch) { return problem.loss(batch); },
                              logistic_source(problem.x, problem.y), [&] { return problem.accuracy(); },
                              [&](const std::string& best) {
                                ++saves;
-                               CATCH_CHECK(best == dir.path + "/best");
+                               CATCH_CHECK(best == dir.file("best"));
                              });
   const auto summary = trainer.fit();
   CATCH_CHECK(summary.steps == 30);  // 10 epochs of ceil(8 / 3) updates
@@ -266,10 +251,10 @@ CATCH_TEST_CASE("Trainer learns a logistic regression and writes its log and plo
   CATCH_CHECK(saves >= 1);
   CATCH_CHECK(summary.seconds_per_epoch.size() == 10);
   CATCH_CHECK(summary.peak_rss_bytes > 0);
-  const auto log = dt::read_jsonl(dir.path + "/log.jsonl");
+  const auto log = dt::read_jsonl(dir.file("log.jsonl"));
   CATCH_CHECK(std::count_if(log.begin(), log.end(), [](const auto& r) { return r.contains("eval"); }) == 10);
-  CATCH_CHECK(std::filesystem::exists(dir.path + "/curves.png"));
-  CATCH_CHECK(std::filesystem::exists(dir.path + "/last/train_state.safetensors"));
+  CATCH_CHECK(std::filesystem::exists(dir.file("curves.png")));
+  CATCH_CHECK(std::filesystem::exists(dir.file("last/train_state.safetensors")));
 }
 
 CATCH_TEST_CASE("Trainer stops early after `patience` evaluations without improvement", "[trainer]") {
@@ -291,7 +276,7 @@ CATCH_TEST_CASE("Trainer resumes an interrupted run to the same result", "[train
     return dt::TrainerOptions().max_steps(20).eval_every(5).lr(0.05).warmup_steps(3).accumulation_steps(2)
         .output_dir(dir).progress(false);
   };
-  TempDir whole, parts;
+  dt::testing::TempDir whole, parts;
   Logistic a;
   const auto full = a.trainer(options(whole.path)).fit();
 

@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/json_file.hpp>
 #include <deltatune/core/safetensors.hpp>
 
 namespace deltatune::backbones {
@@ -28,15 +29,7 @@ struct Checkpoint {
   std::map<std::string, torch::Tensor> tensors;
 };
 
-inline nlohmann::json read_json_file(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  detail::check<CheckpointError>(in.is_open(), "{}: cannot open the file", path.string());
-  try {
-    return nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw CheckpointError(fmt::format("{}: not valid JSON ({})", path.string(), e.what()));
-  }
-}
+using deltatune::read_json_file;
 
 }  // namespace deltatune::backbones
 
@@ -45,7 +38,7 @@ namespace deltatune::detail {
 // model.safetensors.index.json: {"weight_map": {tensor name: shard file}}; every tensor it
 // names must be in its shard.
 inline std::map<std::string, torch::Tensor> read_sharded(const std::filesystem::path& index_path) {
-  const auto index = backbones::read_json_file(index_path);
+  const auto index = read_json_file(index_path);
   detail::check<CheckpointError>(index.contains("weight_map") && index["weight_map"].is_object(),
                                             "{}: no \"weight_map\" object; is this a safetensors index?",
                                             index_path.string());

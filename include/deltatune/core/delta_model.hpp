@@ -20,6 +20,7 @@
 #include <deltatune/core/atomic_file.hpp>
 #include <deltatune/core/delta.hpp>
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/json_file.hpp>
 #include <deltatune/core/safetensors.hpp>
 #include <deltatune/core/site.hpp>
 
@@ -353,15 +354,9 @@ class DeltaModel {
   void load(const std::string& name, const std::string& dir) {
     auto& entry = at(name);
     const auto config_path = dir + "/delta_config.json";
-    std::ifstream in(config_path);
-    detail::check<CheckpointError>(in.is_open(), "{}: cannot open the delta's config (was it written by "
-                                   "DeltaModel::save?)", config_path);
-    nlohmann::json config;
-    try {
-      config = nlohmann::json::parse(in);
-    } catch (const nlohmann::json::exception& e) {
-      throw CheckpointError(fmt::format("{}: not valid JSON ({})", config_path, e.what()));
-    }
+    detail::check<CheckpointError>(std::filesystem::exists(config_path), "{}: cannot open the delta's config (was it "
+                                   "written by DeltaModel::save?)", config_path);
+    const auto config = read_json_file(config_path);
     detail::check<CheckpointError>(config.value("backbone_fingerprint", "") == fingerprint_,
                                    "{}: the delta was trained on another backbone (fingerprint {} here, {} there); "
                                    "load it onto the model it was trained with", config_path, fingerprint_,
