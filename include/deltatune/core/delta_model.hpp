@@ -1,6 +1,7 @@
 // DeltaModel: the injector. Attaches named deltas to a frozen backbone's sites by name
-// patterns, says what is trained, summarises, activates and deactivates, merges, and
-// saves and loads delta-only checkpoints. Methods reach it through a DeltaRecipe.
+// patterns, says what is trained, summarises, activates and deactivates, merges, routes
+// the rows of a mixed batch to different deltas, and saves and loads delta-only
+// checkpoints. Methods reach it through a DeltaRecipe.
 #pragma once
 
 #include <torch/torch.h>
@@ -242,6 +243,8 @@ class DeltaModel {
   // Folds a weight delta into the frozen weights: zero inference overhead.
   void merge(const std::string& name) {
     auto& entry = at(name);
+    detail::check(!routing_, "cannot merge delta '{}' while rows are routed (DeltaModel::route): it would act on every "
+                  "row; clear the routing first", name);
     for (const auto& a : entry.attachments)
       detail::check(a.delta->mergeable(), "delta '{}' ({}) acts on {} sites and cannot be merged; only weight deltas "
                     "(lora, ia3, bitfit, phm) can", name, entry.recipe->method(), to_string(a.site.kind));
@@ -259,6 +262,47 @@ class DeltaModel {
   void unmerge(const std::string& name) {
     for (auto& a : at(name).attachments) a.site.linear->unmerge(name);
   }
+
+  // The row name that runs through the bare backbone, as peft's adapter_names ("" does too).
+  static constexpr const char* base_row = "__base__";
+
+  // Ends a routing when it goes out of scope, putting back the routing it replaced.
+  class RoutingGuard {
+   public:
+    RoutingGuard(RoutingGuard&& other) noexcept
+        : model_(std::exchange(other.model_, nullptr)), previous_(std::move(other.previous_)) {}
+    RoutingGuard(const RoutingGuard&) = delete;
+    RoutingGuard& operator=(const RoutingGuard&) = delete;
+    RoutingGuard& operator=(RoutingGuard&&) = delete;
+    ~RoutingGuard() {
+      if (model_) model_->apply_routing(std::move(previous_));
+    }
+
+   private:
+    friend class DeltaModel;
+    RoutingGuard(DeltaModel* model, std::shared_ptr<const RowRouting> previous)
+        : model_(model), previous_(std::move(previous)) {}
+    DeltaModel* model_;
+    std::shared_ptr<const RowRouting> previous_;
+  };
+
+  // A mixed batch (peft's adapter_names): in the forward passes that follow, row i runs
+  // through delta per_row[i] alone, or the bare backbone where it is "" or "__base__";
+  // each delta computes on its own rows only, so gradients reach it from those rows only.
+  // Weight and activation deltas can be routed; deltas no row names act on no row. Refused
+  // while a delta is merged or a prompt or prefix is active (they would act on every row).
+  // Backbone parameters a method trains (adapters' layer norms) are the backbone's, shared
+  // by every row. Until the guard ends:
+  //   auto routing = model.route({"sst2", "__base__", "rte"});
+  [[nodiscard]] RoutingGuard route(const std::vector<std::string>& per_row) {
+    auto previous = routing_;
+    set_routing(per_row);
+    return RoutingGuard(this, std::move(previous));
+  }
+  void set_routing(const std::vector<std::string>& per_row) { apply_routing(make_routing(per_row)); }
+  void clear_routing() { apply_routing(nullptr); }
+  // The routing in force, or null when every row runs through every active delta.
+  const RowRouting* routing() const { return routing_.get(); }
 
   // What an optimizer should see: every active delta's parameters that require grad, each
   // once, plus the backbone parameters the methods train by definition.
@@ -390,6 +434,61 @@ class DeltaModel {
   const std::string& fingerprint() const { return fingerprint_; }
 
  private:
+  // Row indices per routed delta, after checking that each name is an active weight or
+  // activation delta and that no delta would act on every row regardless.
+  std::shared_ptr<const RowRouting> make_routing(const std::vector<std::string>& per_row) {
+    detail::check<OptionError>(!per_row.empty(), "DeltaModel::route needs one delta name (or \"{}\") per batch row, "
+                               "got none", base_row);
+    for (auto& [name, entry] : entries_) {
+      detail::check(!is_merged(name, entry), "delta '{}' is merged into the backbone's weights, so every row would get "
+                    "it; unmerge('{}') before routing rows", name, name);
+      detail::check(!entry.active || !acts_on_input(entry), "delta '{}' ({}) is active and changes every row's sequence "
+                    "length, so rows cannot leave it out; deactivate('{}') before routing rows", name,
+                    entry.recipe->method(), name);
+    }
+    std::map<std::string, std::vector<int64_t>> rows;
+    for (size_t i = 0; i < per_row.size(); ++i) {
+      const auto& name = per_row[i];
+      if (name.empty() || name == base_row) continue;
+      if (!rows.count(name)) check_routable(name);
+      rows[name].push_back(static_cast<int64_t>(i));
+    }
+    auto routing = std::make_shared<RowRouting>();
+    routing->batch = static_cast<int64_t>(per_row.size());
+    const auto parameters = backbone_->parameters();
+    const auto device = parameters.empty() ? torch::Device(torch::kCPU) : parameters.front().device();
+    for (const auto& [name, indices] : rows) routing->rows[name] = torch::tensor(indices, torch::kInt64).to(device);
+    return routing;
+  }
+
+  void check_routable(const std::string& name) {
+    auto& entry = at(name);
+    const bool routable = !entry.attachments.empty() && !acts_on_input(entry);
+    detail::check<OptionError>(routable, "delta '{}' ({}) cannot be routed per row: only weight and activation deltas "
+                               "(lora, ia3, bitfit, phm, adapters) can; prompt and prefix change the sequence length "
+                               "and spec tuning trains the backbone itself", name, entry.recipe->method());
+    detail::check<OptionError>(entry.active, "delta '{}' is inactive; activate('{}') before routing rows to it", name, name);
+  }
+
+  static bool acts_on_input(const Entry& entry) {
+    return std::any_of(entry.attachments.begin(), entry.attachments.end(),
+                       [](const Attachment& a) { return a.delta->family() == DeltaFamily::input; });
+  }
+  static bool is_merged(const std::string& name, const Entry& entry) {
+    return std::any_of(entry.attachments.begin(), entry.attachments.end(), [&](const Attachment& a) {
+      return a.site.kind == Site::Kind::linear && a.site.linear->deltas.at(name).merged;
+    });
+  }
+
+  // Hands the routing to every site that routes rows (weight and output sites); null ends it.
+  void apply_routing(std::shared_ptr<const RowRouting> routing) {
+    routing_ = std::move(routing);
+    for (auto& site : sites_) {
+      if (site.kind == Site::Kind::linear) site.linear->deltas.set_routing(routing_);
+      if (site.kind == Site::Kind::output) site.output->output_deltas.set_routing(routing_);
+    }
+  }
+
   Entry& at(const std::string& name) {
     auto it = entries_.find(name);
     if (it == entries_.end()) {
@@ -527,6 +626,7 @@ class DeltaModel {
   std::vector<Site> sites_;
   std::map<std::string, Entry> entries_;
   std::string fingerprint_;
+  std::shared_ptr<const RowRouting> routing_;  // see route()
 };
 
 }  // namespace deltatune

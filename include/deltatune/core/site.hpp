@@ -8,11 +8,13 @@
 // under its Hugging Face module path, so backbones know nothing of methods and methods
 // nothing of backbones. Sites hold shared references to the deltas attached to them;
 // the deltas' parameters belong to whoever attached them (DeltaModel), not to the backbone.
+// Weight and output sites also run mixed batches, each delta on its own rows (RowRouting).
 #pragma once
 
 #include <torch/torch.h>
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
@@ -22,6 +24,13 @@
 #include <deltatune/core/error.hpp>
 
 namespace deltatune {
+
+// A mixed batch (DeltaModel::route): which batch rows each delta acts on. Deltas it does
+// not name act on no row; rows no delta names run through the bare site.
+struct RowRouting {
+  int64_t batch = 0;                          // the number of rows routed
+  std::map<std::string, torch::Tensor> rows;  // delta name -> (n) int64 row indices, n > 0
+};
 
 // The deltas attached to one site, in attachment order, each with a name (the DeltaModel's
 // name for it), whether it is active, and, for weight deltas, whether it is merged.
@@ -66,8 +75,26 @@ class DeltaSlots {
     return out;
   }
 
+  // Set by DeltaModel for a mixed batch, null otherwise: sites then call routed(), not running().
+  const RowRouting* routing() const { return routing_.get(); }
+  void set_routing(std::shared_ptr<const RowRouting> routing) { routing_ = std::move(routing); }
+
+  // Under routing: each running delta that some row uses, with those rows' indices on `device`.
+  // A batch of another size than the routing's is an error: its rows would go to the wrong deltas.
+  std::vector<std::pair<Delta*, torch::Tensor>> routed(int64_t batch, const torch::Device& device) const {
+    detail::check<ShapeError>(batch == routing_->batch, "DeltaModel::route was given {} row names, but a batch of {} "
+                              "rows reached a routed site; route one name per row of the batch", routing_->batch, batch);
+    std::vector<std::pair<Delta*, torch::Tensor>> out;
+    for (const auto& slot : slots_) {
+      auto it = routing_->rows.find(slot.name);
+      if (slot.active && !slot.merged && it != routing_->rows.end()) out.emplace_back(slot.delta.get(), it->second.to(device));
+    }
+    return out;
+  }
+
  private:
   std::vector<Slot> slots_;
+  std::shared_ptr<const RowRouting> routing_;
 };
 
 // Sets requires_grad to false on every parameter: backbones are frozen when built.
@@ -117,7 +144,17 @@ class WeightSite {
 
   // y, the frozen layer's output for input x, plus every running delta's contribution.
   torch::Tensor add_deltas(const torch::Tensor& x, torch::Tensor y) {
+    if (deltas.routing()) return add_routed_deltas(x, y);
     for (auto* delta : deltas.running()) y = y + delta->delta_output(x, weight, y);
+    return y;
+  }
+
+  // A mixed batch: each delta's output on its own rows of x (B, ..., in) only, added to
+  // those rows of y0 (B, ..., out); cost in proportion to the rows, as peft's mixed batch.
+  torch::Tensor add_routed_deltas(const torch::Tensor& x, const torch::Tensor& y0) {
+    auto y = y0;
+    for (const auto& [delta, rows] : deltas.routed(x.size(0), x.device()))
+      y = y.index_add(0, rows, delta->delta_output(x.index_select(0, rows), weight, y0.index_select(0, rows)));
     return y;
   }
 
@@ -162,10 +199,21 @@ class OutputSite {
   // Deltas apply in attachment order; the last one decides how the sublayer ends (the
   // default: h + f(h), then the backbone's own residual and layer norm).
   torch::Tensor finish(torch::Tensor h, const torch::Tensor& residual, const LayerNormFn& layer_norm) {
+    if (output_deltas.routing()) return finish_routed(h, residual, layer_norm);
     const auto running = output_deltas.running();
     if (running.empty()) return ActivationDelta::end_sublayer(h, residual, layer_norm);
     for (size_t i = 0; i + 1 < running.size(); ++i) h = running[i]->forward(h);
     return running.back()->forward_sublayer(h, residual, layer_norm);
+  }
+
+  // A mixed batch: h and residual (B, T, d); every row ends as the bare sublayer, then each
+  // delta's rows are replaced by the delta's ending of those rows alone.
+  torch::Tensor finish_routed(const torch::Tensor& h, const torch::Tensor& residual, const LayerNormFn& layer_norm) {
+    auto out = ActivationDelta::end_sublayer(h, residual, layer_norm);
+    for (const auto& [delta, rows] : output_deltas.routed(h.size(0), h.device()))
+      out = out.index_copy(0, rows, delta->forward_sublayer(h.index_select(0, rows), residual.index_select(0, rows),
+                                                            layer_norm));
+    return out;
   }
 };
 

@@ -1,0 +1,234 @@
+// Tests of DeltaModel::route (core/delta_model.hpp, core/site.hpp): mixed batches on tiny
+// random T5 and BERT with two LoRA deltas, two adapters and an IA3, each row against that row
+// run alone with only its delta active; gradients in training; the errors.
+#include <deltatune/deltatune.hpp>
+
+#include "test_support.hpp"
+
+namespace dt = deltatune;
+namespace bb = deltatune::backbones;
+
+namespace {
+
+constexpr int64_t kRows = 8;
+
+// A tiny model without dropout, and its logits for the chosen rows of a fixed batch.
+struct Backbone {
+  std::string name;
+  std::shared_ptr<torch::nn::Module> module;
+  std::function<torch::Tensor(const torch::Tensor& rows)> run;
+};
+
+// (B, T) = (8, 6) token ids, odd rows padded after 4 tokens, and (8, 3) decoder ids.
+struct Batch {
+  torch::Tensor ids, mask, decoder_ids;
+};
+Batch batch() {
+  torch::manual_seed(3);
+  auto ids = torch::randint(2, 64, {kRows, 6});
+  auto mask = torch::ones_like(ids);
+  for (int64_t i = 1; i < kRows; i += 2) mask[i].slice(0, 4).zero_();
+  return {ids, mask, torch::randint(2, 64, {kRows, 3})};
+}
+
+std::vector<Backbone> backbones() {
+  torch::manual_seed(7);
+  auto t5 = bb::T5Model(bb::T5Config().vocab_size(64).d_model(16).d_kv(4).d_ff(32).num_layers(2).num_heads(4)
+                            .relative_attention_num_buckets(8).feed_forward_proj("gated-gelu")
+                            .tie_word_embeddings(false).dropout_rate(0));
+  auto bert = bb::BertForSequenceClassification(bb::BertConfig().vocab_size(64).hidden_size(16).num_hidden_layers(2)
+                                                    .num_attention_heads(4).intermediate_size(32)
+                                                    .max_position_embeddings(32).num_labels(3)
+                                                    .hidden_dropout_prob(0).attention_probs_dropout_prob(0));
+  const auto b = batch();
+  return {{"t5", t5.ptr(),
+           [t5, b](const torch::Tensor& rows) mutable {
+             return t5->forward(b.ids.index_select(0, rows), b.mask.index_select(0, rows),
+                                b.decoder_ids.index_select(0, rows), {}).logits;
+           }},
+          {"bert", bert.ptr(), [bert, b](const torch::Tensor& rows) mutable {
+             return bert->forward(b.ids.index_select(0, rows), b.mask.index_select(0, rows)).logits;
+           }}};
+}
+
+const std::vector<std::string> kDeltas = {"lora_a", "lora_b", "adapter_a", "adapter_b", "ia3"};
+
+// Every delta in kDeltas at its default sites, active, with noise added to its parameters
+// so that each changes the outputs (LoRA's B starts at zero, adapters near it, IA3 at one).
+void add_deltas(dt::DeltaModel& model) {
+  model.add("lora_a", dt::LoRAOptions().r(2).alpha(4));
+  model.add("lora_b", dt::LoRAOptions().r(4).alpha(8));
+  model.add("adapter_a", dt::houlsby_options().reduction_factor(4));
+  model.add("adapter_b", dt::pfeiffer_options().reduction_factor(4));
+  model.add("ia3", dt::IA3Options());
+  torch::manual_seed(11);
+  torch::NoGradGuard no_grad;
+  for (const auto& name : kDeltas)
+    for (auto& [key, p] : model.named_delta_parameters(name)) p.add_(torch::randn_like(p) * 0.3);
+}
+
+// Only `name` active ("" or "__base__": none).
+void activate_only(dt::DeltaModel& model, const std::string& name) {
+  for (const auto& d : kDeltas) model.set_active(d, d == name);
+}
+
+const std::vector<std::string> kRouting = {"lora_a", "adapter_b", "__base__", "lora_b",
+                                           "adapter_a", "", "lora_a", "ia3"};
+
+torch::Tensor all_rows() { return torch::arange(kRows); }
+
+// The rows `routing` sends to `name`, as an index tensor.
+torch::Tensor rows_of(const std::vector<std::string>& routing, const std::string& name) {
+  std::vector<int64_t> rows;
+  for (size_t i = 0; i < routing.size(); ++i)
+    if (routing[i] == name || (name.empty() && routing[i] == "__base__")) rows.push_back(int64_t(i));
+  return torch::tensor(rows, torch::kInt64);
+}
+
+double max_difference(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+}  // namespace
+
+CATCH_TEST_CASE("A routed batch gives each row the output of that row run alone with only its delta", "[routing]") {
+  for (auto& backbone : backbones()) {
+    CATCH_SECTION(backbone.name) {
+      dt::DeltaModel model(backbone.module);
+      add_deltas(model);
+      backbone.module->eval();
+      torch::NoGradGuard no_grad;
+      const auto unrouted = backbone.run(all_rows());
+      torch::Tensor mixed;
+      {
+        auto routing = model.route(kRouting);
+        CATCH_REQUIRE(model.routing() != nullptr);
+        mixed = backbone.run(all_rows());
+      }
+      CATCH_CHECK(model.routing() == nullptr);
+      CATCH_CHECK(torch::equal(backbone.run(all_rows()), unrouted));  // the plain path is untouched
+
+      activate_only(model, "");
+      const auto base = backbone.run(all_rows());
+      for (int64_t i = 0; i < kRows; ++i) {
+        const auto& name = kRouting[size_t(i)];
+        activate_only(model, name == "__base__" ? "" : name);
+        const auto alone = backbone.run(torch::tensor({i}));
+        CATCH_INFO(backbone.name << " row " << i << " (" << name << "): " << max_difference(mixed[i], alone[0]));
+        CATCH_CHECK(max_difference(mixed[i], alone[0]) < 1e-6);
+        if (name != "" && name != "__base__") CATCH_CHECK(max_difference(alone[0], base[i]) > 1e-3);  // the delta acts
+      }
+    }
+  }
+}
+
+CATCH_TEST_CASE("In training, a routed batch sends each delta the gradients of its own rows only", "[routing]") {
+  for (auto& backbone : backbones()) {
+    CATCH_SECTION(backbone.name) {
+      dt::DeltaModel model(backbone.module);
+      add_deltas(model);
+      model.add("unused", dt::LoRAOptions().r(2));  // active, but no row names it
+      backbone.module->train();
+      const auto parameters = model.trainable_parameters();  // the deltas' and the adapters' layer norms
+      auto clear_grads = [&] {
+        for (auto p : parameters) p.mutable_grad() = torch::Tensor();
+      };
+      auto grads = [&] {
+        std::vector<torch::Tensor> out;
+        for (const auto& p : parameters) out.push_back(p.grad().defined() ? p.grad().clone() : torch::zeros_like(p));
+        return out;
+      };
+      torch::manual_seed(5);
+      const auto weights = torch::randn_like(backbone.run(all_rows())).detach();
+
+      clear_grads();
+      {
+        auto routing = model.route(kRouting);
+        (backbone.run(all_rows()) * weights).sum().backward();
+      }
+      const auto routed = grads();
+      for (auto& [key, p] : model.named_delta_parameters("unused")) CATCH_CHECK(!p.grad().defined());
+
+      // The same loss as a sum over each delta's rows run alone with only that delta active.
+      model.deactivate("unused");
+      clear_grads();
+      auto loss = torch::zeros({});
+      for (const auto& name : {"", "lora_a", "lora_b", "adapter_a", "adapter_b", "ia3"}) {
+        activate_only(model, name);
+        const auto rows = rows_of(kRouting, name);
+        loss = loss + (backbone.run(rows) * weights.index_select(0, rows)).sum();
+      }
+      loss.backward();
+      const auto alone = grads();
+      // Relative to each gradient's size: float32 sums over different batch splits.
+      double worst = 0, smallest_delta_grad = 1e9;
+      for (size_t i = 0; i < parameters.size(); ++i)
+        worst = std::max(worst, max_difference(routed[i], alone[i]) / std::max(1.0, alone[i].abs().max().item<double>()));
+      for (const auto& name : kDeltas)
+        for (auto& [key, p] : model.named_delta_parameters(name))
+          smallest_delta_grad = std::min(smallest_delta_grad, p.grad().abs().max().item<double>());
+      CATCH_INFO(backbone.name << ": largest relative gradient difference " << worst << ", smallest delta gradient "
+                               << smallest_delta_grad);
+      CATCH_CHECK(worst < 1e-5);
+      CATCH_CHECK(smallest_delta_grad > 1e-6);  // every routed delta learns from its rows
+    }
+  }
+}
+
+CATCH_TEST_CASE("DeltaModel::route refuses unknown, inactive, merged and unroutable deltas and a wrong row count",
+                "[routing]") {
+  auto backbone = backbones().front();  // t5
+  dt::DeltaModel model(backbone.module);
+  add_deltas(model);
+  torch::NoGradGuard no_grad;
+
+  CATCH_REQUIRE_THROWS_WITH(model.set_routing({}), Catch::Contains("needs one delta name"));
+  CATCH_REQUIRE_THROWS_WITH(model.set_routing({"lora_a", "lora_c"}),
+                            Catch::Contains("no delta named 'lora_c'; this model has: adapter_a, adapter_b, ia3, lora_a, lora_b"));
+  model.deactivate("lora_b");
+  CATCH_REQUIRE_THROWS_WITH(model.set_routing({"lora_b"}), Catch::Contains("delta 'lora_b' is inactive; activate('lora_b')"));
+  model.activate("lora_b");
+
+  model.merge("lora_a");
+  CATCH_REQUIRE_THROWS_WITH(model.set_routing({"lora_b", "__base__"}),
+                            Catch::Contains("delta 'lora_a' is merged") && Catch::Contains("unmerge('lora_a')"));
+  model.unmerge("lora_a");
+
+  model.add("prefix", dt::PrefixTuningOptions(2).hidden(8));
+  CATCH_REQUIRE_THROWS_WITH(model.set_routing({"lora_a"}),
+                            Catch::Contains("delta 'prefix' (prefix_tuning) is active") &&
+                                Catch::Contains("deactivate('prefix')"));
+  model.deactivate("prefix");
+  CATCH_REQUIRE_THROWS_WITH(model.set_routing({"prefix"}), Catch::Contains("delta 'prefix' (prefix_tuning) cannot be routed"));
+  CATCH_CHECK(model.routing() == nullptr);  // a refused routing leaves none behind
+
+  {
+    auto routing = model.route({"lora_a", "__base__", "adapter_b"});
+    CATCH_REQUIRE_THROWS_WITH(backbone.run(all_rows()),
+                              Catch::Contains("DeltaModel::route was given 3 row names, but a batch of 8 rows"));
+    CATCH_REQUIRE_THROWS_WITH(model.merge("lora_a"), Catch::Contains("while rows are routed"));
+    CATCH_CHECK(backbone.run(torch::arange(3)).size(0) == 3);
+  }
+  CATCH_CHECK(model.routing() == nullptr);
+  CATCH_CHECK(backbone.run(all_rows()).size(0) == kRows);
+}
+
+CATCH_TEST_CASE("A routed batch matches peft's mixed-batch LoRA inference on a tiny T5", "[routing][golden]") {
+  const auto dir = dt::testing::golden_dir("routing");
+  if (!dir) return;
+  auto t5 = bb::load_t5((*dir / "hf").string());
+  t5->eval();
+  dt::DeltaModel model(t5);
+  const auto config = dt::read_json_file((*dir / "lora.json").string());
+  torch::NoGradGuard no_grad;
+  for (const auto& [name, options] : config.at("adapters").items()) {
+    model.add(name, dt::LoRAOptions().r(options.at("r")).alpha(options.at("lora_alpha")), "q|v");
+    auto file = dt::read_safetensors((*dir / (name + ".safetensors")).string()).tensors;
+    const auto params = model.named_delta_parameters(name);
+    CATCH_REQUIRE(params.size() == file.size());
+    for (auto& [key, p] : params) p.copy_(file.at(key));
+  }
+  const auto io = dt::read_safetensors((*dir / "io.safetensors").string()).tensors;
+  auto routing = model.route(config.at("rows").get<std::vector<std::string>>());
+  const auto logits = t5->forward(io.at("input_ids"), io.at("attention_mask"), io.at("decoder_input_ids")).logits;
+  CATCH_INFO(dt::testing::describe_difference(logits, io.at("logits")));
+  CATCH_CHECK(dt::testing::close(logits, io.at("logits"), {1e-5, 1e-5}));
+}
