@@ -66,18 +66,22 @@ def outputs(model, input_ids, attention_mask, labels):
             "logits": out.logits, "loss": out.loss.reshape(1), "generated": generated}
 
 
-def make_model(name, overrides, half, out_dir, seed):
-    torch.manual_seed(seed)
-    config = T5Config(**COMMON, **overrides)
-    model = T5ForConditionalGeneration(config).eval()
-    # Random weights far from HF's initialisation so that every path matters: layer norm
-    # weights away from 1, relative biases large enough to change the attention.
+def randomise(model):
+    """Random weights far from HF's initialisation so that every path matters: layer norm
+    weights away from 1, relative biases large enough to change the attention."""
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("layer_norm.weight"):
                 p.uniform_(0.5, 1.5)
             elif "relative_attention_bias" in pname:
                 p.normal_(0, 1.0)
+    return model
+
+
+def make_model(name, overrides, half, out_dir, seed):
+    torch.manual_seed(seed)
+    config = T5Config(**COMMON, **overrides)
+    model = randomise(T5ForConditionalGeneration(config).eval())
     d = out_dir / name
     model.save_pretrained(d / "hf", safe_serialization=True)
     if name == "v1_1":

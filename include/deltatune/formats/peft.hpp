@@ -1,0 +1,527 @@
+// Hugging Face peft adapters: a delta written in peft 0.18.1's layout, so that Python's
+// PeftModel.from_pretrained runs it with equal outputs, and a peft adapter folder read as a delta.
+//
+// A peft folder holds adapter_config.json (peft_type and the method's options, every key
+// peft 0.18.1 writes) and adapter_model.safetensors, keyed by the Hugging Face module path
+// under "base_model.model." without the adapter name:
+//   LoRA    <module>.lora_A.weight (r, in), <module>.lora_B.weight (out, r); rsLoRA by use_rslora
+//   IA3     <module>.ia3_l: (out, 1) scaling the output, (1, in) for feedforward_modules
+//   prompt  prompt_embeddings (P * num_transformer_submodules, d); T5's encoder reads rows [0, P)
+//   prefix  prompt_embeddings (P, L * 2 * token_dim): the keys and values, after the MLP
+// What is supported: LoRA and IA3 on T5 and BERT (Linear sites only, as peft); prompt and
+// prefix tuning on T5 (task SEQ_2_SEQ_LM). What peft 0.18.1 does with a T5 prefix, and so
+// what can be exchanged: it reaches only the decoder's self-attention (the cross-attention
+// cache it builds is discarded), and decoder layer i reads key/value pair 2i mod L of its
+// table, L = num_layers. A prefix here must therefore sit on exactly the decoder's
+// self-attention sites, and with an even L the layers i and i + L/2 must hold equal
+// prefixes; anything else is refused, naming the sites. Our encoder prefixes have no peft form.
+// BitFit has none either: peft 0.18.1 has no bias-only method (no "BEFT"), and its
+// bias="all" trains existing biases beside LoRA weights, while T5 has no biases at all:
+// save_peft refuses BitFit, adapters and Compacter, pointing to DeltaModel::save.
+// peft options that change outputs and have no counterpart here (DoRA, PiSSA-style inits,
+// rank_pattern, modules_to_save, bias, layers_to_transform, ...) are refused by key and value;
+// dropout is read but acts only in training. Adapter weights of any float dtype are read
+// (widened as the backbone loaders widen F16 / BF16); every other mismatch (missing or
+// unexpected key, shape, dtype) is listed in one error naming the file, and nothing is added then.
+//   deltatune::save_peft(model, "sst2", "out/sst2-peft", PeftSaveOptions().base_model_name_or_path("t5-small"));
+//   auto& entry = deltatune::load_peft(model, "hub/some-t5-lora");   // added as delta "default"
+#pragma once
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <regex>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include <deltatune/backbones/bert.hpp>
+#include <deltatune/backbones/t5.hpp>
+#include <deltatune/core/atomic_file.hpp>
+#include <deltatune/core/delta_model.hpp>
+#include <deltatune/core/error.hpp>
+#include <deltatune/core/json_file.hpp>
+#include <deltatune/core/safetensors.hpp>
+#include <deltatune/methods/recipes.hpp>
+
+namespace deltatune {
+
+struct PeftSaveOptions {
+  TORCH_ARG(std::string, base_model_name_or_path) = "";  // where a peft user finds the base model (hub id or folder)
+};
+
+namespace detail {
+
+inline const char* const kPeftConfigFile = "adapter_config.json";
+inline const char* const kPeftWeightsFile = "adapter_model.safetensors";
+inline const char* const kPeftKeyPrefix = "base_model.model.";
+inline const char* const kPeftVersion = "0.18.1";  // the layout written and read here
+// peft's T5 prefix reaches these sites only (see the file comment).
+inline const char* const kT5DecoderSelfAttention = "re:decoder\\.block\\.\\d+\\.layer\\.0\\.SelfAttention";
+
+// Decoder layer `layer` of a T5 reads pair (key block 2p, value block 2p + 1) p of peft's table:
+// peft doubles the (P, 2L, ...) blocks to 4L and hands each layer four consecutive ones.
+inline int64_t peft_prefix_pair(int64_t layer, int64_t num_layers) { return (2 * layer) % num_layers; }
+
+// peft's (P, L * 2 * inner) table -> ours (P, S * 2 * inner), S decoder layers, site i = layer i.
+inline torch::Tensor prefix_table_from_peft(const torch::Tensor& peft, int64_t num_layers, int64_t sites) {
+  const int64_t P = peft.size(0);
+  auto pairs = peft.reshape({P, num_layers, 2, -1});  // (P, L, 2, inner)
+  std::vector<int64_t> index;
+  for (int64_t i = 0; i < sites; ++i) index.push_back(peft_prefix_pair(i, num_layers));
+  return pairs.index_select(1, torch::tensor(index, torch::kLong)).reshape({P, -1});  // (P, S * 2 * inner)
+}
+
+// Ours (P, S * 2 * inner) -> peft's (P, L * 2 * inner); pairs no layer reads stay zero. Two
+// layers that peft gives one pair must hold equal prefixes.
+inline torch::Tensor prefix_table_to_peft(const torch::Tensor& ours, const std::vector<std::string>& sites,
+                                          int64_t num_layers) {
+  const int64_t P = ours.size(0), S = int64_t(sites.size());
+  auto from = ours.reshape({P, S, 2, -1});                            // (P, S, 2, inner)
+  auto out = torch::zeros({P, num_layers, 2, from.size(3)}, ours.options());  // (P, L, 2, inner)
+  std::map<int64_t, int64_t> writer;                                  // pair -> the layer that wrote it
+  for (int64_t i = 0; i < S; ++i) {
+    const auto pair = peft_prefix_pair(i, num_layers);
+    const auto [it, fresh] = writer.emplace(pair, i);
+    check<OptionError>(fresh || torch::equal(from.select(1, i), from.select(1, it->second)),
+                       "save_peft: peft 0.18.1 gives the T5 decoder layers {} and {} one prefix (key/value pair {} of "
+                       "{}), but sites {} and {} hold different ones; peft cannot express this prefix (an odd number "
+                       "of decoder layers can)", it->second, i, pair, num_layers, sites[it->second], sites[i]);
+    out.select(1, pair).copy_(from.select(1, i));
+  }
+  return out.reshape({P, -1});
+}
+
+inline bool is_linear_site(const Site& site) {
+  return site.kind == Site::Kind::linear && dynamic_cast<FrozenLinearImpl*>(site.module.get()) != nullptr;
+}
+
+inline std::string last_component(const std::string& name) { return name.substr(name.rfind('.') + 1); }
+
+// target_modules for these sites: their last name components ("q", "v") where those name
+// exactly these among the Linear sites, as peft's defaults do; otherwise the full names.
+inline std::vector<std::string> peft_target_modules(const std::vector<std::string>& chosen, const DeltaModel& model) {
+  std::set<std::string> short_names, wanted(chosen.begin(), chosen.end()), matched;
+  for (const auto& name : chosen) short_names.insert(last_component(name));
+  for (const auto& site : model.sites())
+    if (is_linear_site(site) && short_names.count(last_component(site.name))) matched.insert(site.name);
+  if (matched == wanted) return {short_names.begin(), short_names.end()};
+  return {wanted.begin(), wanted.end()};
+}
+
+// peft's target_modules (or feedforward_modules) as a site pattern: a list names modules by
+// their path or its last components (our globs without wildcards), a string is a full-match regex.
+inline std::string site_pattern_from_peft(const nlohmann::json& value, const std::string& key, const std::string& where) {
+  if (value.is_string()) {
+    const std::string text = value;
+    check<OptionError>(text != "all-linear", "{}: {} = \"all-linear\" is not supported; list the module names",
+                       where, key);
+    return "re:" + text;
+  }
+  check<OptionError>(value.is_array() && !value.empty(), "{}: {} must be a list of module names or a regex, got {}",
+                     where, key, value.dump());
+  std::vector<std::string> names;
+  for (const auto& item : value) {
+    check<OptionError>(item.is_string() && item.get<std::string>().find_first_of("*?|") == std::string::npos &&
+                           !item.get<std::string>().empty(),
+                       "{}: {} holds {}, not a module name", where, key, item.dump());
+    names.push_back(item);
+  }
+  return fmt::format("{}", fmt::join(names, "|"));
+}
+
+// peft options that leave outputs as ours compute them: anything else holding a value other
+// than its neutral one (null, false, empty) is refused, so that no adapter runs differently here.
+inline void check_peft_options(const nlohmann::json& config, const std::set<std::string>& understood,
+                               const std::string& where) {
+  static const std::set<std::string> ignored = {
+      "peft_type", "peft_version", "task_type", "base_model_name_or_path", "revision", "inference_mode",
+      "auto_mapping", "megatron_core", "qalora_group_size",  // used only with the features that need them
+      "lora_dropout", "init_ia3_weights", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+      "tokenizer_kwargs",  // initialisation and training only: the file's values replace them
+      "fan_in_fan_out"};   // peft resets it to false on torch Linear layers, which all sites here are
+  std::vector<std::string> problems;
+  for (const auto& [key, value] : config.items()) {
+    if (understood.count(key) || ignored.count(key)) continue;
+    const bool neutral = value.is_null() || value == false || (value.is_string() && (value == "" || value == "none")) ||
+                         ((value.is_object() || value.is_array()) && value.empty());
+    if (!neutral) problems.push_back(fmt::format("{} = {}", key, value.dump()));
+  }
+  const auto init = config.value("init_lora_weights", nlohmann::json(true));
+  if (!(init.is_boolean() || init == "gaussian"))  // the others change the base weights or need data
+    problems.push_back(fmt::format("init_lora_weights = {}", init.dump()));
+  check<OptionError>(problems.empty(), "{}: peft options deltatune does not support (they would change the outputs): {}",
+                     where, fmt::join(problems, ", "));
+}
+
+template <class T>
+T peft_value(const nlohmann::json& config, const std::string& key, const std::string& where) {
+  check<OptionError>(config.contains(key) && !config.at(key).is_null(), "{}: the peft config has no '{}'", where, key);
+  try {
+    return config.at(key).get<T>();
+  } catch (const nlohmann::json::exception&) {
+    throw OptionError(fmt::format("{}: '{}' = {} has the wrong type", where, key, config.at(key).dump()));
+  }
+}
+
+// What T5 prompt and prefix tuning need from the backbone.
+inline backbones::T5ModelImpl& peft_t5(DeltaModel& model, const std::string& method, const std::string& where) {
+  auto* t5 = dynamic_cast<backbones::T5ModelImpl*>(&model.backbone());
+  check<OptionError>(t5 != nullptr, "{}: {} in peft's layout is supported on T5 (T5Model) only", where, method);
+  return *t5;
+}
+
+// The keys peft 0.18.1 writes for each type, with its defaults, our values filled in by the
+// caller. T5 adapters are SEQ_2_SEQ_LM ones; a bare BertModel has no task, and peft then
+// records the class, which AutoPeftModel loads the base with.
+inline nlohmann::json peft_config_base(DeltaModel& model, const std::string& peft_type, const PeftSaveOptions& options) {
+  const bool t5 = dynamic_cast<backbones::T5ModelImpl*>(&model.backbone()) != nullptr;
+  const bool bert = dynamic_cast<backbones::BertModelImpl*>(&model.backbone()) != nullptr;
+  const auto auto_mapping = bert ? nlohmann::json{{"base_model_class", "BertModel"},
+                                                  {"parent_library", "transformers.models.bert.modeling_bert"}}
+                                 : nlohmann::json(nullptr);
+  return {{"auto_mapping", auto_mapping}, {"base_model_name_or_path", options.base_model_name_or_path()},
+          {"inference_mode", true}, {"modules_to_save", nullptr}, {"peft_type", peft_type},
+          {"peft_version", kPeftVersion}, {"revision", nullptr},
+          {"task_type", t5 ? nlohmann::json("SEQ_2_SEQ_LM") : nlohmann::json(nullptr)}};
+}
+
+inline nlohmann::json number(double x) {  // 16, not 16.0, where peft users wrote an integer
+  return x == double(int64_t(x)) ? nlohmann::json(int64_t(x)) : nlohmann::json(x);
+}
+
+// The delta's attachments as the one module type `Impl`, or an error naming the method.
+template <class Impl>
+std::vector<std::pair<std::string, Impl*>> peft_deltas(const DeltaModel::Entry& entry, const std::string& name) {
+  std::vector<std::pair<std::string, Impl*>> out;
+  for (const auto& a : entry.attachments) {
+    auto* impl = dynamic_cast<Impl*>(a.delta.get());
+    check<OptionError>(impl != nullptr, "save_peft: delta '{}' ({}) holds a {} at {}", name, entry.recipe->method(),
+                       a.delta->method(), a.site.name);
+    out.emplace_back(a.site.name, impl);
+  }
+  return out;
+}
+
+inline void check_linear_sites(const DeltaModel::Entry& entry, const std::string& method, const std::string& who) {
+  for (const auto& a : entry.attachments)
+    check<OptionError>(is_linear_site(a.site), "{}: peft's {} acts on Linear layers only, not on {} ({})", who, method,
+                       a.site.name, to_string(a.site.kind));
+}
+
+// The tensors and config of one delta in peft's layout.
+struct PeftAdapter {
+  std::map<std::string, torch::Tensor> tensors;
+  nlohmann::json config;
+};
+
+inline PeftAdapter peft_lora(DeltaModel& model, const DeltaModel::Entry& entry, const std::string& name,
+                             const PeftSaveOptions& options) {
+  check_linear_sites(entry, "LoRA", "save_peft");
+  PeftAdapter out;
+  std::vector<std::string> sites;
+  for (const auto& [site, lora] : peft_deltas<LoRAImpl>(entry, name)) {
+    out.tensors[kPeftKeyPrefix + site + ".lora_A.weight"] = lora->lora_A;
+    out.tensors[kPeftKeyPrefix + site + ".lora_B.weight"] = lora->lora_B;
+    sites.push_back(site);
+  }
+  const auto& o = peft_deltas<LoRAImpl>(entry, name).front().second->options;
+  out.config = peft_config_base(model, "LORA", options);
+  out.config.update({{"alora_invocation_tokens", nullptr}, {"alpha_pattern", nlohmann::json::object()},
+                     {"arrow_config", nullptr}, {"bias", "none"}, {"corda_config", nullptr},
+                     {"ensure_weight_tying", false}, {"eva_config", nullptr}, {"exclude_modules", nullptr},
+                     {"fan_in_fan_out", false}, {"init_lora_weights", true}, {"layer_replication", nullptr},
+                     {"layers_pattern", nullptr}, {"layers_to_transform", nullptr},
+                     {"loftq_config", nlohmann::json::object()}, {"lora_alpha", number(o.alpha())},
+                     {"lora_bias", false}, {"lora_dropout", o.dropout()}, {"megatron_config", nullptr},
+                     {"megatron_core", "megatron.core"}, {"qalora_group_size", 16}, {"r", o.r()},
+                     {"rank_pattern", nlohmann::json::object()}, {"target_modules", peft_target_modules(sites, model)},
+                     {"target_parameters", nullptr}, {"trainable_token_indices", nullptr}, {"use_dora", false},
+                     {"use_qalora", false}, {"use_rslora", o.use_rslora()}});
+  return out;
+}
+
+inline PeftAdapter peft_ia3(DeltaModel& model, const DeltaModel::Entry& entry, const std::string& name,
+                            const PeftSaveOptions& options) {
+  check_linear_sites(entry, "IA3", "save_peft");
+  PeftAdapter out;
+  std::vector<std::string> sites, feedforward;
+  for (const auto& [site, ia3] : peft_deltas<IA3Impl>(entry, name)) {
+    const bool ff = ia3->options.feedforward();
+    out.tensors[kPeftKeyPrefix + site + ".ia3_l"] = ff ? ia3->ia3_l.unsqueeze(0) : ia3->ia3_l.unsqueeze(1);
+    sites.push_back(site);
+    if (ff) feedforward.push_back(site);
+  }
+  out.config = peft_config_base(model, "IA3", options);
+  out.config.update({{"exclude_modules", nullptr}, {"fan_in_fan_out", false},
+                     {"feedforward_modules", feedforward.empty() ? std::vector<std::string>{}
+                                                                 : peft_target_modules(feedforward, model)},
+                     {"init_ia3_weights", true}, {"target_modules", peft_target_modules(sites, model)}});
+  return out;
+}
+
+inline nlohmann::json peft_prompt_learning_config(DeltaModel& model, const std::string& peft_type,
+                                                  const backbones::T5Config& c, int64_t P, int64_t token_dim,
+                                                  const PeftSaveOptions& options) {
+  auto config = peft_config_base(model, peft_type, options);
+  config.update({{"num_attention_heads", c.num_heads()}, {"num_layers", c.decoder_layers()},
+                 {"num_transformer_submodules", 2}, {"num_virtual_tokens", P}, {"token_dim", token_dim}});
+  return config;
+}
+
+inline PeftAdapter peft_prompt(DeltaModel& model, const DeltaModel::Entry& entry, const std::string& name,
+                               const PeftSaveOptions& options) {
+  auto& t5 = peft_t5(model, "prompt tuning", "save_peft");
+  const auto deltas = peft_deltas<PromptTuningImpl>(entry, name);
+  check<OptionError>(deltas.size() == 1 && deltas.front().first == "encoder",
+                     "save_peft: peft's T5 prompt tuning prepends to the encoder only; delta '{}' is at {}", name,
+                     deltas.front().first);
+  const auto& embedding = deltas.front().second->embedding;  // (P, d)
+  const int64_t P = embedding.size(0);
+  PeftAdapter out;
+  // peft sizes a SEQ_2_SEQ_LM prompt for encoder and decoder (2P rows); its prompt tuning
+  // reads only the first P, so the rest is written as zeros.
+  out.tensors["prompt_embeddings"] = torch::cat({embedding, torch::zeros_like(embedding)});  // (2P, d)
+  out.config = peft_prompt_learning_config(model, "PROMPT_TUNING", t5.config, P, embedding.size(1), options);
+  out.config.update({{"prompt_tuning_init", "RANDOM"}, {"prompt_tuning_init_text", nullptr},
+                     {"tokenizer_kwargs", nullptr}, {"tokenizer_name_or_path", nullptr}});
+  return out;
+}
+
+inline PeftAdapter peft_prefix(DeltaModel& model, const DeltaModel::Entry& entry, const std::string& name,
+                               const PeftSaveOptions& options) {
+  auto& t5 = peft_t5(model, "prefix tuning", "save_peft");
+  auto* prefix = peft_deltas<PrefixTuningImpl>(entry, name).front().second;
+  std::vector<std::string> expected;
+  const SitePattern decoder_self(kT5DecoderSelfAttention);
+  for (const auto& site : model.sites())
+    if (site.kind == Site::Kind::attention && decoder_self.matches(site.name)) expected.push_back(site.name);
+  check<OptionError>(prefix->options.sites() == expected,
+                     "save_peft: peft's T5 prefix tuning reaches exactly the decoder's self-attention ({}); delta '{}' "
+                     "is at {}; add it with the pattern \"{}\"", fmt::join(expected, ", "), name,
+                     fmt::join(prefix->options.sites(), ", "), kT5DecoderSelfAttention);
+  const int64_t L = t5.config.decoder_layers(), inner = prefix->inner();
+  torch::Tensor table;
+  {
+    torch::NoGradGuard no_grad;
+    table = prefix_table_to_peft(prefix->key_values(), expected, L);  // (P, L * 2 * inner)
+  }
+  PeftAdapter out;
+  out.tensors["prompt_embeddings"] = table;
+  out.config = peft_prompt_learning_config(model, "PREFIX_TUNING", t5.config, prefix->options.num_virtual_tokens(), inner,
+                                           options);
+  out.config.update({{"encoder_hidden_size", prefix->options.prefix_projection() ? prefix->options.hidden() : inner},
+                     {"prefix_projection", prefix->options.prefix_projection()}});
+  return out;
+}
+
+}  // namespace detail
+
+// Writes delta `name` of `model` into `dir` as peft 0.18.1 writes an adapter
+// (adapter_config.json, adapter_model.safetensors), each file atomically: Python's
+// PeftModel.from_pretrained(base_model, dir) then computes what `model` computes. LoRA, IA3
+// (T5, BERT), prompt and prefix tuning (T5); other methods, and placements peft cannot
+// express, are refused with the reason.
+inline void save_peft(DeltaModel& model, const std::string& name, const std::string& dir,
+                      const PeftSaveOptions& options = {}) {
+  const auto it = model.deltas().find(name);
+  detail::check<OptionError>(it != model.deltas().end(), "save_peft: this model has no delta named '{}'", name);
+  const auto& entry = it->second;
+  const auto method = entry.recipe->method();
+  detail::check<OptionError>(entry.backbone_parameters.empty(), "save_peft: delta '{}' ({}) trains backbone parameters "
+                             "too, which peft's layout cannot hold; use DeltaModel::save", name, method);
+  detail::PeftAdapter adapter;
+  if (method == "lora") adapter = detail::peft_lora(model, entry, name, options);
+  else if (method == "ia3") adapter = detail::peft_ia3(model, entry, name, options);
+  else if (method == "prompt_tuning") adapter = detail::peft_prompt(model, entry, name, options);
+  else if (method == "prefix_tuning") adapter = detail::peft_prefix(model, entry, name, options);
+  else
+    throw OptionError(fmt::format("save_peft: peft 0.18.1 has no layout for {} (delta '{}'): it knows LoRA, IA3, prompt "
+                                  "and prefix tuning here{}; use DeltaModel::save", method, name,
+                                  method == "bitfit" ? ", and no bias-only method (its bias=\"all\" comes with LoRA "
+                                                       "weights and T5 has no biases to train)" : ""));
+  std::filesystem::create_directories(dir);
+  std::map<std::string, torch::Tensor> tensors;
+  for (auto& [key, t] : adapter.tensors) tensors[key] = t.detach().contiguous();
+  write_safetensors((std::filesystem::path(dir) / detail::kPeftWeightsFile).string(), tensors, {{"format", "pt"}});
+  detail::write_text_atomically((std::filesystem::path(dir) / detail::kPeftConfigFile).string(),
+                                adapter.config.dump(2) + "\n", "save_peft");
+}
+
+namespace detail {
+
+// IA3 with peft's feedforward_modules deciding which sites scale their input.
+class PeftIA3Recipe : public IA3Recipe {
+ public:
+  explicit PeftIA3Recipe(std::string feedforward) : IA3Recipe(IA3Options()), feedforward_(std::move(feedforward)) {}
+  std::shared_ptr<DeltaModule> make(const Site& site) override {
+    const bool ff = feedforward_.matches(site.name);
+    auto delta = IA3(IA3Options(ff ? site.linear->in_features : site.linear->out_features).feedforward(ff));
+    if (site.linear->bias.defined()) delta->bind_base_bias(site.linear->bias);
+    return delta.ptr();
+  }
+
+ private:
+  SitePattern feedforward_;
+};
+
+// What a peft config asks for here: the recipe, and the sites its target_modules name, as
+// a site pattern.
+struct PeftPlan {
+  std::shared_ptr<DeltaRecipe> recipe;
+  std::string pattern;
+};
+
+inline PeftPlan peft_plan(DeltaModel& model, const nlohmann::json& c, const std::string& where) {
+  const auto type = peft_value<std::string>(c, "peft_type", where);
+  if (type == "LORA") {
+    check_peft_options(c, {"r", "lora_alpha", "use_rslora", "target_modules", "init_lora_weights"}, where);
+    auto options = LoRAOptions().r(peft_value<int64_t>(c, "r", where)).alpha(peft_value<double>(c, "lora_alpha", where))
+                       .use_rslora(c.value("use_rslora", false)).dropout(c.value("lora_dropout", 0.0));
+    return {make_recipe(options), site_pattern_from_peft(c.at("target_modules"), "target_modules", where)};
+  }
+  if (type == "IA3") {
+    check_peft_options(c, {"target_modules", "feedforward_modules"}, where);
+    const auto ff = c.value("feedforward_modules", nlohmann::json(nullptr));
+    const bool none = ff.is_null() || (ff.is_array() && ff.empty());
+    return {std::make_shared<PeftIA3Recipe>(none ? "re:$^" : site_pattern_from_peft(ff, "feedforward_modules", where)),
+            site_pattern_from_peft(c.at("target_modules"), "target_modules", where)};
+  }
+  const std::set<std::string> prompt_keys = {"num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                                             "num_attention_heads", "num_layers"};
+  if (type == "PROMPT_TUNING") {
+    check_peft_options(c, prompt_keys, where);
+    auto& t5 = peft_t5(model, "prompt tuning", where);
+    check<OptionError>(peft_value<int64_t>(c, "token_dim", where) == t5.config.d_model(),
+                       "{}: token_dim = {} but the T5's d_model is {}", where, c.at("token_dim").dump(), t5.config.d_model());
+    return {make_recipe(PromptTuningOptions(peft_value<int64_t>(c, "num_virtual_tokens", where))), "encoder"};
+  }
+  if (type == "PREFIX_TUNING") {
+    auto keys = prompt_keys;
+    keys.insert({"encoder_hidden_size", "prefix_projection"});  // the MLP's: the file holds its output
+    check_peft_options(c, keys, where);
+    auto& t5 = peft_t5(model, "prefix tuning", where);
+    const auto& tc = t5.config;
+    check<OptionError>(c.value("task_type", nlohmann::json(nullptr)) == "SEQ_2_SEQ_LM" &&
+                           c.value("num_transformer_submodules", 2) == 2,
+                       "{}: a T5 prefix needs task_type SEQ_2_SEQ_LM with num_transformer_submodules 2, got {} and {}",
+                       where, c.value("task_type", nlohmann::json(nullptr)).dump(),
+                       c.value("num_transformer_submodules", nlohmann::json(nullptr)).dump());
+    const auto L = peft_value<int64_t>(c, "num_layers", where), heads = peft_value<int64_t>(c, "num_attention_heads", where),
+               dim = peft_value<int64_t>(c, "token_dim", where);
+    check<OptionError>(L >= tc.decoder_layers() && heads == tc.num_heads() && dim == tc.num_heads() * tc.d_kv(),
+                       "{}: num_layers = {}, num_attention_heads = {}, token_dim = {} do not fit this T5 (at least {} "
+                       "decoder layers, {} heads, {} = heads x d_kv)", where, L, heads, dim, tc.decoder_layers(),
+                       tc.num_heads(), tc.num_heads() * tc.d_kv());
+    return {make_recipe(PrefixTuningOptions(peft_value<int64_t>(c, "num_virtual_tokens", where)).prefix_projection(false)),
+            kT5DecoderSelfAttention};
+  }
+  throw OptionError(fmt::format("{}: peft_type \"{}\" is not supported; deltatune reads LORA, IA3, PROMPT_TUNING and "
+                                "PREFIX_TUNING", where, type));
+}
+
+// Each parameter of the new delta with its file key and the file tensor's conversion.
+struct PeftTarget {
+  std::string key;
+  torch::Tensor parameter;
+  std::function<torch::Tensor(const torch::Tensor&)> convert;
+};
+
+inline std::vector<PeftTarget> peft_targets(const DeltaModel::Entry& entry, const nlohmann::json& c) {
+  std::vector<PeftTarget> out;
+  const auto same = [](const torch::Tensor& t) { return t; };
+  const auto method = entry.recipe->method();
+  for (const auto& a : entry.attachments) {
+    const auto module = kPeftKeyPrefix + a.site.name;
+    if (auto* lora = dynamic_cast<LoRAImpl*>(a.delta.get())) {
+      out.push_back({module + ".lora_A.weight", lora->lora_A, same});
+      out.push_back({module + ".lora_B.weight", lora->lora_B, same});
+    } else if (auto* ia3 = dynamic_cast<IA3Impl*>(a.delta.get())) {
+      out.push_back({module + ".ia3_l", ia3->ia3_l, [](const torch::Tensor& t) { return t.reshape(-1); }});
+    }
+  }
+  if (method == "prompt_tuning") {
+    auto* prompt = dynamic_cast<PromptTuningImpl*>(entry.attachments.front().delta.get());
+    const int64_t P = prompt->options.num_virtual_tokens();
+    out.push_back({"prompt_embeddings", prompt->embedding, [P](const torch::Tensor& t) { return t.narrow(0, 0, P); }});
+  } else if (method == "prefix_tuning") {
+    auto* prefix = dynamic_cast<PrefixTuningImpl*>(entry.attachments.front().delta.get());
+    const int64_t L = c.at("num_layers"), S = int64_t(entry.attachments.size());
+    out.push_back({"prompt_embeddings", prefix->embedding,
+                   [L, S](const torch::Tensor& t) { return prefix_table_from_peft(t, L, S); }});
+  }
+  return out;
+}
+
+// The file's tensors into the delta's parameters, or one error listing every mismatch.
+inline void copy_peft_tensors(const DeltaModel::Entry& entry, const nlohmann::json& c, const std::string& path) {
+  auto file = read_safetensors(path);
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> copies;
+  std::vector<std::string> problems;
+  for (auto& target : peft_targets(entry, c)) {
+    auto it = file.tensors.find(target.key);
+    if (it == file.tensors.end()) {
+      problems.push_back("missing " + target.key);
+      continue;
+    }
+    const auto& t = it->second;
+    torch::Tensor value;
+    if (t.is_floating_point()) {
+      try {
+        value = target.convert(t);
+      } catch (const c10::Error&) {  // a reshape or narrow the file's shape does not allow
+      }
+    }
+    if (!value.defined() || value.sizes() != target.parameter.sizes())
+      problems.push_back(fmt::format("{}: file {} {}, this model needs {} in peft's layout", target.key,
+                                     c10::toString(t.scalar_type()), t.sizes(), target.parameter.sizes()));
+    else
+      copies.emplace_back(target.parameter, value);
+    file.tensors.erase(it);
+  }
+  for (const auto& [key, t] : file.tensors) problems.push_back("unexpected " + key + " (names no site of this delta)");
+  check<CheckpointError>(problems.empty(), "{} does not fit the peft config beside it on this model:\n  {}", path,
+                         fmt::join(problems, "\n  "));
+  torch::NoGradGuard no_grad;
+  for (auto& [parameter, value] : copies) parameter.copy_(value.to(parameter.dtype()));
+}
+
+}  // namespace detail
+
+// Reads the peft adapter in `dir` (adapter_config.json, adapter_model.safetensors) and adds
+// it to `model` as delta `name` ("default", peft's name), at the sites its target_modules
+// name, with the file's values. Unsupported peft types or options, and a file that does not
+// fit, are errors naming the file and key; the model is then left as it was.
+inline DeltaModel::Entry& load_peft(DeltaModel& model, const std::string& dir, const std::string& name = "default") {
+  const auto config_path = (std::filesystem::path(dir) / detail::kPeftConfigFile).string();
+  detail::check<CheckpointError>(std::filesystem::exists(config_path), "{}: no peft adapter config there (peft's "
+                                 "save_pretrained writes {} and {})", config_path, detail::kPeftConfigFile,
+                                 detail::kPeftWeightsFile);
+  const auto config = read_json_file(config_path);
+  auto plan = detail::peft_plan(model, config, config_path);
+  DeltaModel::Entry* entry = nullptr;
+  try {
+    entry = &model.add(name, plan.recipe, plan.pattern);
+  } catch (const OptionError& e) {
+    throw OptionError(fmt::format("{}: {}", config_path, e.what()));
+  }
+  try {
+    if (plan.recipe->method() == "lora" || plan.recipe->method() == "ia3")
+      detail::check_linear_sites(*entry, plan.recipe->method(), config_path);
+    detail::copy_peft_tensors(*entry, config, (std::filesystem::path(dir) / detail::kPeftWeightsFile).string());
+  } catch (...) {
+    model.remove(name);
+    throw;
+  }
+  return *entry;
+}
+
+}  // namespace deltatune

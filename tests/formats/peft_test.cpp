@@ -1,0 +1,223 @@
+// formats/peft.hpp against Python peft: adapters peft wrote (tools/golden/peft_models.py)
+// load here with peft's outputs and gradients within 1e-5 and write back as peft wrote them;
+// adapters written here are checked by peft itself in tools/peft_roundtrip.py (ctest
+// peft_roundtrip, after the hidden case [peft_export] wrote them); errors name file and key.
+#include <deltatune/deltatune.hpp>
+
+#include "test_support.hpp"
+
+namespace dt = deltatune;
+namespace bb = deltatune::backbones;
+namespace fs = std::filesystem;
+using dt::testing::close;
+using dt::testing::describe_difference;
+
+namespace {
+
+constexpr dt::testing::Tolerance kTol{1e-5, 1e-5};
+const std::vector<std::string> kCases = {"t5_lora", "t5_rslora", "t5_ia3", "t5_prompt", "t5_prefix", "bert_lora"};
+
+bool is_t5(const std::string& c) { return c.rfind("t5_", 0) == 0; }
+
+// A backbone from the fixture folder with the peft adapter `c` loaded as delta "default".
+struct Loaded {
+  std::shared_ptr<torch::nn::Module> backbone;
+  std::unique_ptr<dt::DeltaModel> model;
+  std::map<std::string, torch::Tensor> io;
+  nlohmann::json config;
+
+  // The fixture's loss (T5: cross-entropy on labels; BERT: sum(hidden * R)) and output.
+  std::pair<torch::Tensor, torch::Tensor> run() {
+    if (auto* t5 = dynamic_cast<bb::T5ModelImpl*>(backbone.get())) {
+      auto out = t5->forward(io.at("input_ids"), io.at("attention_mask"), {}, io.at("labels"));
+      return {out.loss, out.logits};
+    }
+    auto hidden = dynamic_cast<bb::BertModelImpl&>(*backbone).forward(io.at("input_ids"), io.at("attention_mask"))
+                      .last_hidden_state;
+    return {(hidden * io.at("R")).sum(), hidden};
+  }
+  std::string output_name() const {
+    return dynamic_cast<bb::T5ModelImpl*>(backbone.get()) ? "logits" : "last_hidden_state";
+  }
+};
+
+Loaded load_case(const fs::path& dir, const std::string& c) {
+  Loaded l;
+  l.backbone = is_t5(c) ? std::static_pointer_cast<torch::nn::Module>(bb::load_t5((dir / "t5").string()).ptr())
+                        : std::static_pointer_cast<torch::nn::Module>(bb::load_bert((dir / "bert").string()).ptr());
+  l.model = std::make_unique<dt::DeltaModel>(l.backbone);
+  dt::load_peft(*l.model, (dir / c).string());
+  l.io = dt::read_safetensors((dir / (c + ".safetensors")).string()).tensors;
+  l.config = dt::read_json_file(dir / c / "adapter_config.json");
+  return l;
+}
+
+nlohmann::json sorted_lists(nlohmann::json j) {
+  for (auto& [key, value] : j.items())
+    if (value.is_array()) std::sort(value.begin(), value.end());
+  return j;
+}
+
+// A tiny random T5 for the error cases, which need no reference.
+bb::T5Model tiny_t5() {
+  torch::manual_seed(7);
+  return bb::T5Model(bb::T5Config().vocab_size(40).d_model(16).d_kv(4).d_ff(32).num_layers(2).num_heads(4)
+                         .relative_attention_num_buckets(8).relative_attention_max_distance(20));
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("peft adapters load with peft's outputs and gradients, and save as peft saved them", "[peft][golden]") {
+  auto dir = dt::testing::golden_dir("peft_models");
+  if (!dir) return;
+  for (const auto& c : kCases) {
+    CATCH_INFO("case " << c);
+    auto l = load_case(*dir, c);
+    auto [loss, output] = l.run();
+    const auto& expected = l.io.at(l.output_name());
+    CATCH_INFO(describe_difference(output, expected));
+    CATCH_CHECK(close(output, expected, kTol));
+    CATCH_CHECK(close(loss.reshape(1), l.io.at("loss"), kTol));
+    loss.backward();
+    const auto& entry = l.model->deltas().at("default");
+    const auto targets = dt::detail::peft_targets(entry, l.config);
+    size_t grads = 0;
+    for (const auto& [key, t] : l.io) grads += key.rfind("grad.", 0) == 0;
+    CATCH_CHECK(targets.size() == grads);
+    for (const auto& target : targets) {
+      CATCH_INFO("gradient of " << target.key);
+      const auto theirs = target.convert(l.io.at("grad." + target.key));
+      CATCH_INFO(describe_difference(target.parameter.grad(), theirs));
+      CATCH_CHECK(close(target.parameter.grad(), theirs, kTol));
+    }
+
+    // Written back: peft's tensor names, values and config, key for key.
+    dt::testing::TempDir out;
+    dt::save_peft(*l.model, "default", out.path.string());
+    auto ours = dt::read_safetensors(out.file("adapter_model.safetensors")).tensors;
+    auto theirs = dt::read_safetensors((*dir / c / "adapter_model.safetensors").string()).tensors;
+    CATCH_REQUIRE(ours.size() == theirs.size());
+    for (const auto& [key, t] : theirs) {
+      CATCH_INFO("tensor " << key);
+      CATCH_REQUIRE(ours.count(key));
+      // peft's SEQ_2_SEQ_LM prompt has 2P rows of which prompt tuning reads P: the rest we write as zeros.
+      const auto used = c == "t5_prompt" ? t.narrow(0, 0, t.size(0) / 2) : t;
+      CATCH_CHECK(ours.at(key).sizes() == t.sizes());
+      CATCH_CHECK(torch::equal(ours.at(key).narrow(0, 0, used.size(0)), used));
+    }
+    auto config = sorted_lists(dt::read_json_file(out.file("adapter_config.json")));
+    auto reference = sorted_lists(l.config);
+    for (auto* j : {&config, &reference}) j->erase("base_model_name_or_path");
+    CATCH_CHECK(config.dump(1) == reference.dump(1));
+  }
+}
+
+// Writes adapters trained one step here, with this model's outputs, for tools/peft_roundtrip.py
+// (ctest peft_export, then peft_roundtrip): the base model is the fixture's, named in
+// base_model_name_or_path as a peft user would find it.
+CATCH_TEST_CASE("peft adapters trained here are written for Python peft to check", "[.][peft_export]") {
+  auto dir = dt::testing::golden_dir("peft_models");
+  if (!dir) return;
+  const char* env = std::getenv("DELTATUNE_PEFT_EXPORT_DIR");
+  const fs::path out = env ? fs::path(env) : dir->parent_path().parent_path() / "peft_export";
+  fs::create_directories(out);
+  fs::remove(out / "cases.json");  // written last: its absence says the export did not finish
+  for (const auto& c : kCases) {
+    CATCH_INFO("case " << c);
+    auto l = load_case(*dir, c);
+    auto params = l.model->trainable_parameters();
+    torch::optim::SGD sgd(params, 0.5);
+    l.run().first.backward();
+    sgd.step();
+    const auto base = fs::absolute(*dir / (is_t5(c) ? "t5" : "bert")).string();
+    dt::save_peft(*l.model, "default", (out / c).string(), dt::PeftSaveOptions().base_model_name_or_path(base));
+    torch::NoGradGuard no_grad;
+    std::map<std::string, torch::Tensor> io{{"output", l.run().second}};
+    for (const auto* key : {"input_ids", "attention_mask", "labels", "R"})
+      if (l.io.count(key)) io[key] = l.io.at(key);
+    dt::write_safetensors((out / (c + ".safetensors")).string(), io);
+    CATCH_CHECK(!torch::equal(io.at("output"), l.io.at(l.output_name())));  // the step changed the delta
+  }
+  dt::detail::write_text_atomically((out / "cases.json").string(), nlohmann::json(kCases).dump() + "\n", "peft_test");
+}
+
+CATCH_TEST_CASE("peft files that do not fit are refused with the file and key named", "[peft]") {
+  auto t5 = tiny_t5();
+  dt::DeltaModel model(t5);
+  model.add("a", dt::LoRAOptions().r(2).alpha(4));
+  dt::testing::TempDir dir;
+  dt::save_peft(model, "a", dir.path.string());
+  CATCH_CHECK(dt::read_json_file(dir.file("adapter_config.json")).at("target_modules") ==
+              nlohmann::json({"q", "v"}));
+  const auto config = dt::read_json_file(dir.file("adapter_config.json"));
+  const auto weights = dt::read_safetensors(dir.file("adapter_model.safetensors")).tensors;
+  const auto config_path = dir.file("adapter_config.json"), weights_path = dir.file("adapter_model.safetensors");
+  auto fresh = [] { return dt::DeltaModel(tiny_t5()); };
+  {
+    auto m = fresh();
+    auto& entry = dt::load_peft(m, dir.path.string(), "b");
+    CATCH_CHECK(entry.attachments.size() == model.deltas().at("a").attachments.size());
+  }
+  auto expect_error = [&](const std::vector<std::string>& parts) {
+    auto m = fresh();
+    try {
+      dt::load_peft(m, dir.path.string());
+      CATCH_FAIL("load_peft accepted a file that does not fit");
+    } catch (const dt::Error& e) {
+      for (const auto& part : parts) CATCH_CHECK_THAT(e.what(), Catch::Contains(part));
+    }
+    CATCH_CHECK(m.deltas().empty());  // all or nothing
+  };
+
+  auto c = config;
+  c["peft_type"] = "LOHA";
+  dir.write("adapter_config.json", c.dump());
+  expect_error({config_path, "peft_type \"LOHA\" is not supported"});
+
+  c = config;
+  c["use_dora"] = true;
+  c["rank_pattern"] = {{"q", 4}};
+  dir.write("adapter_config.json", c.dump());
+  expect_error({config_path, "use_dora = true", "rank_pattern = {\"q\":4}"});
+
+  dir.write("adapter_config.json", config.dump());
+  auto w = weights;
+  const std::string stray = "base_model.model.encoder.block.9.layer.0.SelfAttention.q.lora_A.weight";
+  const std::string bad = "base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight";
+  w[stray] = torch::zeros({2, 16});
+  w[bad] = torch::zeros({3, 16});
+  dt::write_safetensors(weights_path, w);
+  expect_error({weights_path, "unexpected " + stray + " (names no site", bad + ": file Float [3, 16], this model needs [2, 16]"});
+
+  w = weights;
+  w.erase(bad);
+  dt::write_safetensors(weights_path, w);
+  expect_error({weights_path, "missing " + bad});
+
+  dt::write_safetensors(weights_path, weights);
+  const auto size = fs::file_size(weights_path);
+  fs::resize_file(weights_path, size - 40);
+  expect_error({weights_path, "truncated"});
+}
+
+CATCH_TEST_CASE("save_peft refuses what peft cannot express, saying why", "[peft]") {
+  auto t5 = tiny_t5();
+  dt::DeltaModel model(t5);
+  dt::testing::TempDir dir;
+  model.add("bitfit", dt::BitFitOptions());
+  CATCH_REQUIRE_THROWS_WITH(dt::save_peft(model, "bitfit", dir.path.string()),
+                            Catch::Contains("no layout for bitfit") && Catch::Contains("DeltaModel::save"));
+  model.add("everywhere", dt::PrefixTuningOptions(2));  // encoder and cross-attention too
+  CATCH_REQUIRE_THROWS_WITH(dt::save_peft(model, "everywhere", dir.path.string()),
+                            Catch::Contains("exactly the decoder's self-attention") &&
+                                Catch::Contains("encoder.block.0.layer.0.SelfAttention"));
+  // Two decoder layers: peft gives both pair 0, so only equal prefixes can be written.
+  model.add("decoder", dt::PrefixTuningOptions(2).prefix_projection(false), dt::detail::kT5DecoderSelfAttention);
+  CATCH_REQUIRE_THROWS_WITH(dt::save_peft(model, "decoder", dir.path.string()),
+                            Catch::Contains("layers 0 and 1 one prefix"));
+  CATCH_CHECK(dir.entries().empty());  // nothing written by a refused save
+  model.add("lora_norm", dt::LoRAOptions().r(2), "layer_norm");
+  CATCH_REQUIRE_THROWS_WITH(dt::save_peft(model, "lora_norm", dir.path.string()),
+                            Catch::Contains("Linear layers only") && Catch::Contains("layer_norm"));
+  CATCH_REQUIRE_THROWS_WITH(dt::save_peft(model, "nope", dir.path.string()), Catch::Contains("no delta named 'nope'"));
+}

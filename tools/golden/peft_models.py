@@ -1,0 +1,123 @@
+"""Whole-model golden fixtures for formats/peft.hpp: tiny random T5 and BERT models wrapped
+by peft itself, their adapters saved with peft's save_pretrained, and the outputs and
+delta gradients of a fixed batch.
+
+Written into out_dir:
+  t5/                  T5ForConditionalGeneration (3 + 3 layers: peft's prefix tuning pairs
+                       decoder layer i with key/value block 2i mod L, a permutation only for odd L)
+  bert/                BertModel (no task head, so peft adds no modules_to_save)
+  <case>/              peft's adapter folder: adapter_config.json, adapter_model.safetensors
+  <case>.safetensors   input_ids, attention_mask, labels (T5), R (BERT: the cotangent of
+                       last_hidden_state), the reference's logits / last_hidden_state, loss,
+                       and "grad.<key>" for every tensor of the adapter file, under its file key
+Cases: t5_lora, t5_rslora (on q, k, v, o, wi, wo, not the default q, v), t5_ia3, t5_prompt,
+t5_prefix (the table trained directly: prefix_projection false), bert_lora.
+Delta values are randomised after peft's init (LoRA's B is zero, IA3's l one at init).
+The T5 loss is the LM cross-entropy on labels; BERT's is sum(last_hidden_state * R).
+"""
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+T5 = dict(vocab_size=100, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=3, num_decoder_layers=3,
+          relative_attention_num_buckets=8, relative_attention_max_distance=20, feed_forward_proj="relu",
+          tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+BERT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64, type_vocab_size=2)
+
+
+def _base_models(out_dir):
+    from transformers import BertConfig, BertModel, T5Config, T5ForConditionalGeneration
+
+    from t5 import randomise  # tools/golden/t5.py, beside this file
+
+    torch.manual_seed(0)
+    t5 = randomise(T5ForConditionalGeneration(T5Config(**T5)).eval())
+    t5.save_pretrained(out_dir / "t5", safe_serialization=True)
+    bert = BertModel(BertConfig(**BERT)).eval()
+    bert.save_pretrained(out_dir / "bert", safe_serialization=True)
+
+
+def _batch(seed, length, t5):
+    """Two sequences, the second right-padded; T5 labels (one ignored) or BERT's cotangent R."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(2, 100, (2, length), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, length - 2:] = 0
+    input_ids[attention_mask == 0] = 0
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if t5:
+        batch["labels"] = torch.randint(2, 100, (2, 4), generator=g)
+        batch["labels"][1, 3] = -100
+    else:
+        batch["R"] = torch.randn(2, length, 32, generator=g)
+    return batch
+
+
+def _randomise(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if "ia3_l" in name else 0.0))
+
+
+def _file_grads(model):
+    """The gradient of every adapter-file tensor, under its file key (peft's names without
+    the adapter name; prompt and prefix tables under prompt_embeddings)."""
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if name.startswith("prompt_encoder."):
+            grads["prompt_embeddings"] = p.grad
+        else:
+            grads[name.replace(".default", "")] = p.grad
+    return grads
+
+
+def _case(out_dir, name, base_dir, config, batch, run, seed):
+    from peft import get_peft_model
+    from transformers import AutoModel, AutoModelForSeq2SeqLM
+
+    loader = AutoModelForSeq2SeqLM if name.startswith("t5") else AutoModel
+    model = get_peft_model(loader.from_pretrained(base_dir), config)
+    model.eval()  # no dropout; gradients still flow
+    _randomise(model, seed)
+    model.save_pretrained(out_dir / name)
+    out = run(model, batch)
+    out["loss"].backward()
+    tensors = dict(batch)
+    tensors.update({k: v.detach() for k, v in out.items()})
+    tensors["loss"] = tensors["loss"].reshape(1)
+    tensors.update({f"grad.{k}": v for k, v in _file_grads(model).items()})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / f"{name}.safetensors"))
+
+
+def _run_t5(model, b):
+    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+    return {"logits": out.logits, "loss": out.loss}
+
+
+def _run_bert(model, b):
+    hidden = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+    return {"last_hidden_state": hidden, "loss": (hidden * b["R"]).sum()}
+
+
+def make(out_dir: Path, shared_data: Path):
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+
+    _base_models(out_dir)
+    t5, bert = out_dir / "t5", out_dir / "bert"
+    tb, bb = _batch(11, 7, t5=True), _batch(12, 6, t5=False)
+    s2s = "SEQ_2_SEQ_LM"
+    _case(out_dir, "t5_lora", t5, LoraConfig(task_type=s2s, r=2, lora_alpha=6), tb, _run_t5, 1)
+    _case(out_dir, "t5_rslora", t5, LoraConfig(task_type=s2s, r=4, lora_alpha=3, use_rslora=True,
+                                               target_modules=["q", "k", "v", "o", "wi", "wo"]), tb, _run_t5, 2)
+    _case(out_dir, "t5_ia3", t5, IA3Config(task_type=s2s), tb, _run_t5, 3)
+    _case(out_dir, "t5_prompt", t5, PromptTuningConfig(task_type=s2s, num_virtual_tokens=3), tb, _run_t5, 4)
+    _case(out_dir, "t5_prefix", t5, PrefixTuningConfig(task_type=s2s, num_virtual_tokens=3, prefix_projection=False),
+          tb, _run_t5, 5)
+    _case(out_dir, "bert_lora", bert, LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]), bb,
+          _run_bert, 6)
