@@ -1,0 +1,440 @@
+// finetune_common.hpp: what examples/finetune_t5 and examples/finetune_bert share: their
+// flags, the built-in generated task, each method's published options and learning rate,
+// shuffled batches, and the run itself (train the delta, save it, reload it into a fresh
+// backbone, check the predictions, print the closing table, write results.json).
+#pragma once
+
+#include <deltatune/deltatune.hpp>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <limits>
+#include <map>
+#include <numeric>
+#include <optional>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace finetune {
+
+namespace dt = deltatune;
+
+// ---------------------------------------------------------------------------------------------
+// Flags.
+
+struct Flags {
+  std::string model, tokenizer, data, task = "sst2", method = "adapter", out;
+  double lr = 0;                 // 0: the method's published default (method_lr)
+  int64_t epochs = 0;            // 0: the program's default
+  int64_t batch_size = 32;
+  int64_t max_steps = -1;
+  int64_t seed = 42;
+  int64_t max_length = 128;      // tokens per example, special tokens included
+  int64_t max_train = 0;         // > 0: a seeded random subset of this many train examples
+  int64_t train_size = 3000;     // built-in task: generated train examples
+  int64_t dev_size = 400;        // built-in task: generated dev examples
+  int64_t pretrain_steps = -1;   // finetune_t5's built-in task only; -1: its default
+  int64_t reduction_factor = 0;  // adapters: 0 = the method's default
+  int64_t lora_r = 8;
+  int64_t virtual_tokens = 0;    // prompt / prefix: 0 = 100 / 30
+  int64_t threads = 0;           // 0: 1 on the built-in task (small matrices), else LibTorch's default
+  bool resume = false;
+  std::string command;           // the command line, for results.json
+};
+
+// The flags both programs take, for their --help after their own --model / --tokenizer lines.
+inline const char* const kCommonUsage = R"(  --data DIR           GLUE task folder with train.tsv and dev.tsv (default: a generated task)
+  --task NAME          sst2, cola, mrpc, qqp, stsb, mnli, qnli, rte (default sst2)
+  --method M[+M...]    adapter, pfeiffer, phm, compacter, compacter++, lora, bitfit, ia3,
+                       prefix, prompt, full (default adapter: Houlsby's); e.g. adapter+bitfit
+  --lr X               peak learning rate (default: the method's, printed)
+  --epochs N           passes over train (default: the program's, printed)
+  --batch-size N       (default 32)
+  --max-steps N        optimizer updates; overrides --epochs
+  --seed N             (default 42)
+  --max-length N       tokens per example (default 128); batches are padded to their longest
+  --max-train N        train on a seeded random N of the train examples (default: all)
+  --reduction-factor N adapters' d / m (default: the method's)
+  --lora-r N           LoRA rank (default 8)
+  --virtual-tokens N   prompt / prefix length (default 100 / 30)
+  --threads N          CPU threads (default 1 on the built-in task, else LibTorch's)
+  --train-size N, --dev-size N   the built-in task's size (default 3000, 400)
+  --out DIR            log.jsonl, curves.png, best/, last/, delta/, results.json
+  --resume             continue from <out>/last/
+  --help
+)";
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// `v` as a whole number (stoll) or real (stod); anything else, trailing text included, is a usage error.
+template <class T>
+T to_number(const std::string& flag, const std::string& v) {
+  try {
+    size_t used = 0;
+    const T x = std::is_integral_v<T> ? T(std::stoll(v, &used)) : T(std::stod(v, &used));
+    if (used == v.size()) return x;
+  } catch (const std::exception&) {
+  }
+  throw UsageError(fmt::format("{} expects {}, got '{}'", flag, std::is_integral_v<T> ? "an integer" : "a number", v));
+}
+
+// The flags over `defaults`; nullopt for --help.
+inline std::optional<Flags> parse_flags(int argc, char** argv, Flags f) {
+  std::map<std::string, std::string*> strings{{"--model", &f.model}, {"--tokenizer", &f.tokenizer},
+                                              {"--data", &f.data},   {"--task", &f.task},
+                                              {"--method", &f.method}, {"--out", &f.out}};
+  std::map<std::string, int64_t*> ints{{"--epochs", &f.epochs},         {"--batch-size", &f.batch_size},
+                                       {"--max-steps", &f.max_steps},   {"--seed", &f.seed},
+                                       {"--max-length", &f.max_length}, {"--max-train", &f.max_train},
+                                       {"--train-size", &f.train_size}, {"--dev-size", &f.dev_size},
+                                       {"--pretrain-steps", &f.pretrain_steps},
+                                       {"--reduction-factor", &f.reduction_factor}, {"--lora-r", &f.lora_r},
+                                       {"--virtual-tokens", &f.virtual_tokens}, {"--threads", &f.threads}};
+  for (int i = 0; i < argc; ++i) f.command += (i ? " " : "") + std::string(argv[i]);
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    if (flag == "--help" || flag == "-h") return std::nullopt;
+    if (flag == "--resume") {
+      f.resume = true;
+      continue;
+    }
+    if (i + 1 >= argc) throw UsageError(fmt::format("{} needs a value (see --help)", flag));
+    const std::string value = argv[++i];
+    if (strings.count(flag)) *strings[flag] = value;
+    else if (ints.count(flag)) *ints[flag] = to_number<int64_t>(flag, value);
+    else if (flag == "--lr") f.lr = to_number<double>(flag, value);
+    else throw UsageError(fmt::format("unknown flag '{}' (see --help)", flag));
+  }
+  if (f.batch_size < 1 || f.train_size < 1 || f.dev_size < 1 || f.max_length < 4 || f.max_train < 0)
+    throw UsageError("--batch-size, --train-size, --dev-size must be positive, --max-length at least 4, "
+                     "--max-train at least 0");
+  if (f.data.empty() != f.model.empty())
+    throw UsageError("give --model and --data together (a GLUE folder needs a pretrained model and its tokenizer), "
+                     "or neither for the built-in task");
+  return f;
+}
+
+inline std::vector<std::string> split(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::stringstream in(s);
+  for (std::string part; std::getline(in, part, sep);)
+    if (!part.empty()) out.push_back(part);
+  return out;
+}
+
+// The tokenizer file `name` beside the model: in the folder, or beside a TorchScript archive;
+// --tokenizer overrides it.
+inline std::string tokenizer_path(const Flags& flags, const std::string& name, const std::string& what) {
+  const std::filesystem::path model(flags.model);
+  const auto path = !flags.tokenizer.empty() ? flags.tokenizer
+                    : std::filesystem::is_directory(model) ? (model / name).string()
+                                                           : (model.parent_path() / name).string();
+  if (!std::filesystem::exists(path))
+    throw UsageError(fmt::format("no tokenizer at {}; pass --tokenizer FILE ({})", path, what));
+  return path;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data.
+
+// The built-in task: short movie reviews from templates, labelled by the sentiment of the two
+// opinion words they carry (both of one polarity), among neutral words that carry none.
+inline std::vector<dt::GlueExample> generate_reviews(int64_t n, uint64_t seed) {
+  static const std::vector<std::string> good{"great", "wonderful", "moving", "brilliant", "charming", "superb",
+                                             "delightful", "gripping", "clever", "beautiful", "fun", "touching"};
+  static const std::vector<std::string> bad{"awful", "boring", "dull", "terrible", "clumsy", "tedious",
+                                            "painful", "bland", "weak", "silly", "messy", "forgettable"};
+  static const std::vector<std::string> subjects{"the film", "this movie", "the plot", "the acting", "the script",
+                                                 "the ending", "the cast", "the score", "the director's work",
+                                                 "the story", "the dialogue", "the second half"};
+  static const std::vector<std::string> fillers{"honestly", "really", "quite", "at times", "overall",
+                                                "in the end", "for me", "frankly", "mostly", "somehow"};
+  static const std::vector<std::string> templates{"{s} was {a} and {b} .", "{f} , {s} is {a} , even {b} .",
+                                                  "{s} felt {a} ; {f} {b} .", "a {a} , {b} night at the cinema .",
+                                                  "{f} {s} turned out {a} and {b} .", "what a {a} and {b} picture ."};
+  std::mt19937_64 rng(seed);
+  auto pick = [&](const std::vector<std::string>& v) { return v[rng() % v.size()]; };
+  auto fill = [](std::string t, const std::string& key, const std::string& value) {
+    for (size_t at; (at = t.find(key)) != std::string::npos;) t.replace(at, key.size(), value);
+    return t;
+  };
+  std::vector<dt::GlueExample> out;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool positive = rng() % 2 == 0;
+    const auto& words = positive ? good : bad;
+    auto text = fill(fill(fill(fill(pick(templates), "{s}", pick(subjects)), "{f}", pick(fillers)), "{a}",
+                          pick(words)), "{b}", pick(words));
+    out.push_back({text, std::nullopt, positive ? 1 : 0});
+  }
+  return out;
+}
+
+// The train and dev examples: generated (sst2 only), or read from the GLUE folder; train cut
+// to a seeded random --max-train of them.
+struct Splits {
+  std::vector<dt::GlueExample> train, dev;
+  bool builtin = false;
+};
+
+inline Splits read_splits(const Flags& flags, const dt::GlueTask& task) {
+  Splits s;
+  s.builtin = flags.data.empty();
+  if (s.builtin) {
+    if (task.name != "sst2") throw UsageError("the built-in task is sentiment (sst2); give --data for --task " + task.name);
+    s.train = generate_reviews(flags.train_size, uint64_t(flags.seed));
+    s.dev = generate_reviews(flags.dev_size, uint64_t(flags.seed) + 7919);
+  } else {
+    s.train = dt::read_glue(flags.data, task.name, "train");
+    s.dev = dt::read_glue(flags.data, task.name, task.name == "mnli" ? "dev_matched" : "dev");
+  }
+  const auto full = s.train.size();
+  if (flags.max_train > 0 && size_t(flags.max_train) < full) {
+    std::shuffle(s.train.begin(), s.train.end(), std::mt19937_64(uint64_t(flags.seed) + 104729));
+    s.train.resize(size_t(flags.max_train));
+  }
+  std::cout << fmt::format("task {}: {} train{}, {} dev examples{}\n", task.name, s.train.size(),
+                           s.train.size() < full ? fmt::format(" (a seeded random subset of {})", full) : "",
+                           s.dev.size(), s.builtin ? " (generated here: movie-review sentences from templates, seeded)" : "");
+  return s;
+}
+
+// The label a metric compares: the class id, or STS-B's score.
+inline double label_of(const dt::GlueTask& task, const dt::GlueExample& e) {
+  return task.regression() ? e.score : double(e.label);
+}
+
+inline std::vector<double> labels_of(const dt::GlueTask& task, const std::vector<dt::GlueExample>& data) {
+  std::vector<double> out;
+  for (const auto& e : data) out.push_back(label_of(task, e));
+  return out;
+}
+
+// The dev metric a model that always answers the most frequent class gets.
+inline double majority_baseline(const dt::GlueTask& task, const std::vector<double>& labels) {
+  if (task.regression()) return 0.0;
+  std::map<double, int64_t> counts;
+  for (const auto l : labels) ++counts[l];
+  const auto top = std::max_element(counts.begin(), counts.end(), [](auto& a, auto& b) { return a.second < b.second; });
+  return dt::metric(task.metrics.front(), std::vector<double>(labels.size(), top->first), labels);
+}
+
+// Rows padded with `value` to the longest of the picked ones: (B, longest).
+inline torch::Tensor pad(const std::vector<std::vector<int64_t>>& rows, const std::vector<int64_t>& pick, int64_t value) {
+  size_t width = 1;
+  for (const auto i : pick) width = std::max(width, rows[size_t(i)].size());
+  auto out = torch::full({int64_t(pick.size()), int64_t(width)}, value, torch::kLong);
+  for (size_t r = 0; r < pick.size(); ++r) {
+    const auto& row = rows[size_t(pick[r])];
+    out[int64_t(r)].narrow(0, 0, int64_t(row.size())).copy_(torch::tensor(row, torch::kLong));
+  }
+  return out;
+}
+
+// Micro-batch `index` of epoch `epoch` over n examples: a permutation seeded by (seed, epoch),
+// so that a resumed run sees the batches an uninterrupted one would.
+template <class Batch>
+dt::BatchSource<Batch> shuffled_batches(int64_t n, int64_t batch_size, int64_t seed,
+                                        std::function<Batch(const std::vector<int64_t>&)> make) {
+  return {(n + batch_size - 1) / batch_size, [n, batch_size, seed, make](int64_t epoch, int64_t index) {
+            std::vector<int64_t> order(size_t(n), 0);
+            std::iota(order.begin(), order.end(), 0);
+            std::shuffle(order.begin(), order.end(), std::mt19937_64(uint64_t(seed) * 1000003u + uint64_t(epoch)));
+            const auto begin = order.begin() + index * batch_size;
+            return make(std::vector<int64_t>(begin, begin + std::min(batch_size, n - index * batch_size)));
+          }};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delta: each method's options at its published defaults, attached one after another.
+
+inline const std::vector<std::string> kMethods{"adapter", "pfeiffer", "phm", "compacter", "compacter++", "lora",
+                                               "bitfit",  "ia3",      "prefix", "prompt", "full"};
+
+// Peak learning rates as the papers tune them, per backbone family.
+//   t5: Compacter's table for adapters and Compacter, LoRA's GLUE runs, BitFit's, IA3's T-Few,
+//       the prompt/prefix papers, T5's fine-tuning 1e-4 in AdamW form (3e-4).
+//   bert: BERT's fine-tuning range top (5e-5) for full; Houlsby's and Pfeiffer's adapter grids
+//       (up to 3e-3; 1e-3 for few updates), Compacter's 3e-3 for PHM / Compacter, LoRA's
+//       RoBERTa-base GLUE 5e-4, BitFit's 1e-3, IA3's 3e-3, P-tuning v2's 1e-2 for prefixes on
+//       BERT-sized models, Lester et al.'s 0.3 for prompts.
+inline double method_lr(const std::string& method, const std::string& family) {
+  static const std::map<std::string, std::pair<double, double>> lr{  // {t5, bert}
+      {"adapter", {3e-3, 1e-3}},     {"pfeiffer", {3e-3, 1e-3}}, {"phm", {3e-3, 3e-3}},
+      {"compacter", {3e-3, 3e-3}},   {"compacter++", {3e-3, 3e-3}}, {"lora", {5e-4, 5e-4}},
+      {"bitfit", {1e-3, 1e-3}},      {"ia3", {3e-3, 3e-3}},      {"prefix", {5e-4, 1e-2}},
+      {"prompt", {3e-1, 3e-1}},      {"full", {3e-4, 5e-5}}};
+  const auto& both = lr.at(method);
+  return family == "bert" ? both.second : both.first;
+}
+
+inline void add_method(dt::DeltaModel& model, const std::string& method, const Flags& flags) {
+  auto adapter = [&](dt::AdapterOptions o) {
+    model.add(method, flags.reduction_factor > 0 ? o.reduction_factor(flags.reduction_factor) : o);
+  };
+  if (method == "adapter") adapter(dt::houlsby_options());
+  else if (method == "pfeiffer") adapter(dt::pfeiffer_options());
+  else if (method == "phm") adapter(dt::phm_adapter_options(0, 4));
+  else if (method == "compacter") adapter(dt::compacter_options());
+  else if (method == "compacter++") adapter(dt::compacter_plus_plus_options());
+  else if (method == "lora") model.add(method, dt::LoRAOptions().r(flags.lora_r).alpha(double(flags.lora_r)));
+  else if (method == "bitfit") model.add(method, dt::BitFitOptions());
+  else if (method == "ia3") model.add(method, dt::IA3Options());
+  else if (method == "prefix") model.add(method, dt::PrefixTuningOptions(flags.virtual_tokens ? flags.virtual_tokens : 30));
+  else if (method == "prompt")  // initial prompts: rows drawn from the whole vocabulary
+    model.add(method, dt::PromptTuningOptions(flags.virtual_tokens ? flags.virtual_tokens : 100)
+                          .init(dt::PromptInit::sampled_vocabulary).sample_top_k(std::numeric_limits<int64_t>::max()));
+  else if (method == "full") model.add(method, dt::SpecTuningOptions().modules({"*"}));
+}
+
+inline std::vector<std::string> parse_methods(const std::string& text) {
+  const auto methods = split(text, '+');
+  if (methods.empty()) throw UsageError(fmt::format("--method is empty; choose from {}", fmt::join(kMethods, ", ")));
+  for (const auto& m : methods)
+    if (std::find(kMethods.begin(), kMethods.end(), m) == kMethods.end())
+      throw UsageError(fmt::format("unknown method '{}'; choose from {} (combine with '+')", m, fmt::join(kMethods, ", ")));
+  return methods;
+}
+
+inline void attach(dt::DeltaModel& model, const std::vector<std::string>& methods, const Flags& flags, int64_t seed) {
+  torch::manual_seed(uint64_t(seed));  // the deltas' initial values: the same for the reload check
+  for (const auto& m : methods) add_method(model, m, flags);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run: what a program hands over once its data, backbone and deltas are ready.
+
+template <class Batch>
+struct Job {
+  const dt::GlueTask* task = nullptr;
+  std::string family;                // "t5" or "bert": the learning-rate column
+  std::vector<std::string> deltas;   // every delta to save and reload: the methods, and a head where there is one
+  dt::DeltaModel* model = nullptr;
+  std::function<torch::Tensor(const Batch&)> loss_fn;
+  dt::BatchSource<Batch> batches;
+  int64_t train_examples = 0;
+  int64_t default_epochs = 3;
+  bool builtin = false;
+  std::vector<double> dev_labels;
+  std::function<std::vector<double>()> predict;  // dev predictions of `model`
+  // Loads the deltas saved in the folder into a fresh backbone and returns its dev predictions.
+  std::function<std::vector<double>(const std::string& delta_dir)> predict_reloaded;
+  int64_t head_parameters = 0;       // of the trained count: the task head's (0 where the model has none)
+};
+
+// The closing table's one row, and results.json beside the run's other outputs.
+inline void report(const Flags& flags, const dt::GlueTask& task, dt::DeltaModel& model, const dt::TrainSummary& summary,
+                   double final_metric, double majority, int64_t head_parameters, double lr, int64_t epochs,
+                   int64_t train_examples, bool reload_ok) {
+  double epoch_seconds = 0;
+  for (const auto s : summary.seconds_per_epoch) epoch_seconds += s;
+  const double per_epoch = summary.seconds_per_epoch.empty() ? 0.0 : epoch_seconds / double(summary.seconds_per_epoch.size());
+  const auto trained = model.num_trainable_parameters(), total = model.num_backbone_parameters();
+  const double share = 100.0 * double(trained) / double(total);
+  const auto& metric_name = task.metrics.front();
+  const auto trained_text = head_parameters ? fmt::format("{} ({} head)", trained, head_parameters) : fmt::format("{}", trained);
+  std::cout << "\n"
+            << fmt::format("| {:<14} | {:>22} | {:>9} | {:>10} | {:>9} | {:>26} | {:>9} |\n", "method", "trained params",
+                           "share", "time/epoch", "peak RSS", "best dev " + metric_name, "majority")
+            << fmt::format("|{:-<16}|{:->24}|{:->11}|{:->12}|{:->11}|{:->28}|{:->11}|\n", "", "", "", "", "", "", "")
+            << fmt::format("| {:<14} | {:>22} | {:>8.3f}% | {:>10} | {:>6} MB | {:>26} | {:>9} |\n", flags.method,
+                           trained_text, share, summary.seconds_per_epoch.empty() ? "-" : fmt::format("{:.1f} s", per_epoch),
+                           summary.peak_rss_bytes / (1024 * 1024),
+                           fmt::format("{:.4f} (step {})", summary.best_metric, summary.best_step),
+                           fmt::format("{:.4f}", majority));
+  if (head_parameters)
+    std::cout << fmt::format("trained params count everything the optimizer updates, the task head included; share "
+                             "is of all {} parameters of the model, head included\n", total);
+  const nlohmann::json results = {
+      {"task", task.name}, {"method", flags.method}, {"metric", metric_name},
+      {"best_metric", summary.best_metric}, {"best_step", summary.best_step}, {"final_metric", final_metric},
+      {"majority", majority}, {"trained_params", trained}, {"head_params", head_parameters}, {"model_params", total},
+      {"share_percent", share}, {"seconds_per_epoch", per_epoch}, {"epochs_timed", summary.seconds_per_epoch.size()},
+      {"peak_rss_mb", summary.peak_rss_bytes / (1024 * 1024)}, {"train_examples", train_examples}, {"epochs", epochs},
+      {"lr", lr}, {"steps", summary.steps}, {"reload_ok", reload_ok}, {"command", flags.command}};
+  std::ofstream(flags.out + "/results.json") << results.dump(2) << "\n";
+}
+
+// Trains the job's deltas, saves them, reloads them into a fresh backbone and compares the
+// dev predictions; prints the closing table. Returns the exit status: 0, or 3 on a mismatch.
+template <class Batch>
+int tune(const Flags& flags, Job<Batch>& job) {
+  const auto& task = *job.task;
+  auto& model = *job.model;
+  const auto methods = parse_methods(flags.method);
+  const double lr = flags.lr > 0 ? flags.lr : method_lr(methods.front(), job.family);
+  const int64_t epochs = flags.epochs > 0 ? flags.epochs : job.default_epochs;
+  // Compacter's 500 warm-up updates on GLUE, 10 on the built-in task; never more than a tenth of the run.
+  const int64_t updates = flags.max_steps > 0 ? flags.max_steps
+                          : epochs * ((job.train_examples + flags.batch_size - 1) / flags.batch_size);
+  const int64_t warmup = std::min<int64_t>(job.builtin ? 10 : 500, updates / 10);
+  std::cout << model.summary();
+  std::cout << fmt::format("hyper-parameters: method {}, lr {:g} ({}), {}, batch {}, AdamW, linear decay, warm-up "
+                           "{} updates, seed {}\n", flags.method, lr, flags.lr > 0 ? "given" : "the method's default",
+                           flags.max_steps > 0 ? fmt::format("{} updates", flags.max_steps)
+                                               : fmt::format("{} epochs", epochs),
+                           flags.batch_size, warmup, flags.seed);
+
+  // Train; the last evaluation's predictions are the final model's (nothing changes after it).
+  const auto& metric_name = task.metrics.front();
+  std::vector<double> predictions;
+  auto evaluate = [&] {
+    predictions = job.predict();
+    return dt::metric(metric_name, predictions, job.dev_labels);
+  };
+  auto save_all = [&](const std::string& dir) {
+    for (const auto& d : job.deltas) model.save(d, dir + "/" + d);
+  };
+  dt::Trainer<Batch> trainer(dt::TrainerOptions().epochs(epochs).max_steps(flags.max_steps).lr(lr)
+                                 .warmup_steps(warmup).seed(uint64_t(flags.seed)).output_dir(flags.out)
+                                 .resume(flags.resume),
+                             model.trainable_parameters(), job.loss_fn, job.batches, evaluate, save_all);
+  const auto summary = trainer.fit();
+  if (predictions.empty()) predictions = job.predict();  // a resumed run that had finished already
+  const double final_metric = dt::metric(metric_name, predictions, job.dev_labels);
+
+  // Save the delta, reload it into a fresh backbone, compare.
+  const auto delta_dir = flags.out + "/delta";
+  save_all(delta_dir);
+  const auto again = job.predict_reloaded(delta_dir);
+  const auto same = int64_t(std::count_if(again.begin(), again.end(), [&, i = size_t(0)](double p) mutable {
+    return p == predictions[i++];
+  }));
+  const bool ok = same == int64_t(again.size());
+  std::cout << fmt::format("reload check: delta saved to {}/, loaded into a fresh backbone: {} of {} dev "
+                           "predictions equal ({})\n", delta_dir, same, again.size(), ok ? "OK" : "MISMATCH");
+
+  report(flags, task, model, summary, final_metric, majority_baseline(task, job.dev_labels), job.head_parameters, lr,
+         epochs, job.train_examples, ok);
+  std::cout << fmt::format("\nfinal dev {} {:.4f}; log {}/log.jsonl, curves {}/curves.png, best delta {}/best/, "
+                           "final delta {}/, results {}/results.json\n", metric_name, final_metric, flags.out, flags.out,
+                           flags.out, delta_dir, flags.out);
+  return ok ? 0 : 3;
+}
+
+// main() of both programs: parse, run, and turn errors into messages and exit codes.
+inline int run_main(int argc, char** argv, const std::string& program, const std::string& usage, const Flags& defaults,
+                    const std::function<int(const Flags&)>& run) {
+  try {
+    const auto flags = parse_flags(argc, argv, defaults);
+    if (!flags) {
+      std::cout << usage;
+      return 0;
+    }
+    return run(*flags);
+  } catch (const UsageError& e) {
+    std::cerr << program << ": " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << program << ": " << e.what() << "\n";
+    return 1;
+  }
+}
+
+}  // namespace finetune
