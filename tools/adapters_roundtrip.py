@@ -10,10 +10,9 @@ This script rebuilds each backbone from the golden fixture (tools/golden/adapter
 <golden>/<model>/hf and io.safetensors), runs adapters.init, load_adapter(dir,
 use_safetensors=True), and requires: every tensor of the file lands in the model, the model
 has no adapter tensor the file lacks, and the logits equal deltatune's within 1e-5.
-One workaround, printed where used: adapters 1.3.0 does not load a shared PHM rule into a
-model that is its own base model (T5ForConditionalGeneration; its filter wants
-".shared_parameters.<name>." and the key is "shared_parameters.<name>.phm_rule"), so the
-script copies that one tensor in itself.
+A guard, printed where used: should adapters skip a shared PHM rule of a model that is its
+own base model (T5ForConditionalGeneration; its save filter wants ".shared_parameters.<name>."
+and the key is "shared_parameters.<name>.phm_rule"), the script copies it in and says so.
 ctest runs it after that C++ test (fixture adapters_roundtrip); anyone can rerun it:
 
     python tools/adapters_roundtrip.py --saved build/adapters_roundtrip --golden build/golden/adapters_models

@@ -11,10 +11,10 @@
 // where <module> is the sublayer's Hugging Face path, which is our site name
 // ("encoder.block.0.layer.1", "bert.encoder.layer.0.attention.output"), and <base> the path
 // of the base model that holds the shared parameters ("bert." in BertForSequenceClassification,
-// "" in T5ForConditionalGeneration, which is its own base model). adapters 1.3.0 itself
-// neither saves nor loads a shared rule under a key without <base> (its filter wants
-// ".shared_parameters."): a T5 Compacter saved by adapters lacks its rule, and this loader
-// then refuses it as missing; tools/adapters_roundtrip.py sets it by hand in Python.
+// "" in T5ForConditionalGeneration, which is its own base model). adapters 1.3.0 itself does
+// not save a shared rule under a key without <base> (its filter wants ".shared_parameters."):
+// a T5 Compacter saved by adapters lacks its rule, and this loader refuses it as missing.
+// adapters loads the rule from our files (tools/adapters_roundtrip.py checks it).
 // adapters writes pickle (pytorch_adapter.bin) unless given use_safetensors=True; pickle is
 // not read or written here. adapters' format has no place for the backbone layer norms that
 // deltatune trains with an adapter (adapters freezes them): save writes them, where they
@@ -149,7 +149,9 @@ inline nlohmann::json adapters_bn_config(const AdapterOptions& o, int64_t hidden
                  {"original_ln_before", pfeiffer},
                  {"reduction_factor", detail::reduction_factor_json(o, hidden_size)},
                  {"non_linearity", o.non_linearity()},
-                 {"init_weights", "houlsby"},  // what our Linear initialisation is (N(0, 1e-2) truncated)
+                 // Our Linear init is adapters' "houlsby"; adapters 1.3.0 fails to build PHM
+                 // layers with it (it reads a .weight they lack), so those say "bert".
+                 {"init_weights", o.phm_n() > 0 ? "bert" : "houlsby"},
                  {"phm_layer", o.phm_n() > 0},
                  {"phm_dim", o.phm_n() > 0 ? o.phm_n() : 4},
                  {"factorized_phm_W", o.phm_rank() > 0},
