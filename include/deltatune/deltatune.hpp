@@ -23,6 +23,7 @@
 #include <deltatune/core/delta_model.hpp>    // DeltaModel: attach deltas by name pattern, train, merge, save and load
 #include <deltatune/methods/recipes.hpp>     // how each method attaches through DeltaModel::add; default sites
 #include <deltatune/formats/peft.hpp>        // save_peft, load_peft: adapters in Hugging Face peft's layout, both ways
+#include <deltatune/formats/adapters.hpp>    // save_adapters, load_adapters: adapters' (AdapterHub) bottleneck layout
 
 #include <deltatune/backbones/checkpoint.hpp>  // read_hf_directory, read_torchscript, load_parameters: backbone weights
 #include <deltatune/backbones/bert.hpp>        // BertModel, BertForSequenceClassification, load_bert: native BERT

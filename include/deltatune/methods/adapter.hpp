@@ -42,6 +42,7 @@ struct AdapterOptions {
   TORCH_ARG(AdapterPlacement, placement) = AdapterPlacement::houlsby;
   TORCH_ARG(int64_t, phm_n) = 0;               // > 0: both projections are PHMLinear with n terms
   TORCH_ARG(int64_t, phm_rank) = 0;            // PHM B_i full (0) or of rank r (Compacter: 1)
+  TORCH_ARG(bool, shared_phm_rule) = true;     // PHM through DeltaModel: one rule A for all layers (adapters' default)
 };
 
 // Houlsby's adapter on a sublayer of width d.
@@ -102,7 +103,8 @@ inline nlohmann::json adapter_options_json(const AdapterOptions& o) {
   return {{"d_model", o.d_model()},       {"reduction_factor", o.reduction_factor()},
           {"bottleneck", o.bottleneck()}, {"non_linearity", o.non_linearity()},
           {"init_std", o.init_std()},     {"placement", detail::to_string(o.placement())},
-          {"phm_n", o.phm_n()},           {"phm_rank", o.phm_rank()}};
+          {"phm_n", o.phm_n()},           {"phm_rank", o.phm_rank()},
+          {"shared_phm_rule", o.shared_phm_rule()}};
 }
 
 class AdapterImpl : public torch::nn::Cloneable<AdapterImpl>, public ActivationDelta {
@@ -196,7 +198,8 @@ inline AdapterOptions adapter_options_from_json(const nlohmann::json& j) {
       .init_std(j.at("init_std"))
       .placement(placement == "pfeiffer" ? AdapterPlacement::pfeiffer : AdapterPlacement::houlsby)
       .phm_n(j.at("phm_n"))
-      .phm_rank(j.at("phm_rank"));
+      .phm_rank(j.at("phm_rank"))
+      .shared_phm_rule(j.value("shared_phm_rule", j.at("phm_rank").get<int64_t>() > 0));  // files before the option: Compacter shared
 }
 
 }  // namespace deltatune

@@ -123,15 +123,15 @@ class BitFitRecipe : public detail::RecipeBase<BitFitOptions> {
 };
 
 // Bottleneck adapters on sublayer outputs: Houlsby and PHM-Adapter after attention and
-// feed-forward, Pfeiffer and Compacter++ after feed-forward only; Compacter's rule
-// matrices A_i are one set shared by all its adapters. The layer norms train with them.
+// feed-forward, Pfeiffer and Compacter++ after feed-forward only; PHM rule matrices A_i
+// are one set shared by all its adapters where the options ask (Compacter's, adapters' default). The layer norms train with them.
 class AdapterRecipe : public detail::RecipeBase<AdapterOptions> {
  public:
   explicit AdapterRecipe(AdapterOptions options)
       : RecipeBase(options, Site::Kind::output,
                    options.placement() == AdapterPlacement::pfeiffer ? detail::kFeedForwardSublayer
                                                                      : detail::kAttentionAndFeedForwardSublayers) {
-    if (options.phm_n() > 0 && options.phm_rank() > 0)
+    if (options.phm_n() > 0 && options.shared_phm_rule())
       shared_ = PHMSharedFactors(PHMSharedFactorsOptions(options.phm_n()));
   }
   std::string method() const override { return adapter_method(options); }
