@@ -14,8 +14,8 @@
 // CUDA the caching allocator's peak allocated bytes.
 #include <deltatune/deltatune.hpp>
 
-#include <algorithm>
-#include <chrono>
+#include "timing.hpp"
+
 #include <fstream>
 #include <functional>
 #include <iostream>
@@ -28,6 +28,8 @@
 #endif
 
 namespace dt = deltatune;
+using dt::bench::median;
+using dt::bench::times_ms;
 
 namespace {
 
@@ -45,38 +47,18 @@ void reset_peak_rss() { std::ofstream("/proc/self/clear_refs") << "5"; }
 
 double peak_mb(const torch::Device& device) {
 #ifdef DELTATUNE_BENCH_CUDA
+  namespace allocator = c10::cuda::CUDACachingAllocator;
   if (device.is_cuda())
-    return double(c10::cuda::CUDACachingAllocator::getDeviceStats(device.index()).allocated_bytes[0].peak) / (1 << 20);
+    return double(allocator::getDeviceStats(device.has_index() ? device.index() : 0).allocated_bytes[0].peak) / (1 << 20);
 #endif
   return proc_status_mb("VmHWM");
 }
 
 void reset_peak(const torch::Device& device) {
 #ifdef DELTATUNE_BENCH_CUDA
-  if (device.is_cuda()) return c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+  if (device.is_cuda()) return c10::cuda::CUDACachingAllocator::resetPeakStats(device.has_index() ? device.index() : 0);
 #endif
   reset_peak_rss();
-}
-
-std::vector<double> times_ms(const std::function<void()>& step, int steps, int warmup, const torch::Device& device) {
-  auto sync = [&] {
-    if (device.is_cuda()) torch::cuda::synchronize();
-  };
-  for (int i = 0; i < warmup; ++i) step();
-  sync();
-  std::vector<double> times;
-  for (int i = 0; i < steps; ++i) {
-    const auto start = std::chrono::steady_clock::now();
-    step();
-    sync();
-    times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
-  }
-  return times;
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
 }
 
 // The method as benchmarks/peft_bench.py configures the peers: LoRA r 8, alpha 16 on q, v;

@@ -11,17 +11,18 @@ Both sides load the same random T5 (written once from Python as a Hugging Face f
 with load_t5), run with the same thread count, and each row of each side runs in its own fresh
 process, so peak memories do not mix: ours a delta_bench process, the peer's a process forked
 from this driver after it imported torch, transformers, peft and adapters (once: here those
-imports take most of a minute) and before it ran any torch operation. Peak memory: the process's RSS high-water mark (VmHWM)
-after loading the model (reset then, so the checkpoint's transient copies do not count) on CPU;
-max_memory_allocated on CUDA.
+imports take most of a minute) and before it ran any torch operation. Peak memory: the process's
+RSS high-water mark (VmHWM) from after loading the model (reset then, so the checkpoint's transient
+copies do not count) on CPU; max_memory_allocated on CUDA.
 
     ~/.cache/deltatune/venv/bin/python benchmarks/peft_bench.py [--device cpu|cuda] [--full]
         [--rows REGEX] [--steps N] [--warmup N] [--threads N] [--out benchmarks/results/cpu.json]
 
-Writes the JSON (--out) and a Markdown table beside it (.md), and prints the table.
+Writes the JSON (--out) and a Markdown table beside it (.md) after every row, and prints the table.
 """
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -202,7 +203,6 @@ def in_child(function, *args):
     """function(*args) in a forked child, its stdout and stderr captured: a fresh process that
     shares this one's imports. This process runs no torch operation, so the child's OpenMP
     starts clean."""
-    import os
     import tempfile
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         pid = os.fork()
@@ -234,7 +234,7 @@ def measure(r, a, folder):
     spec = dict(flags, folder=str(folder), model=r["model"], method=r["method"], mode=r["mode"])
     peer = in_child(worker, spec)
     tokens = r["batch"] * (r["src"] + r["tgt"])
-    out = dict(r, steps=steps, peer=PEER[r["method"]], ours=ours, theirs=peer)
+    out = dict(r, steps=steps, peer=PEER[r["method"]], ours=ours, theirs=peer, load_1m=os.getloadavg()[0])
     for side, result in (("ours", ours), ("theirs", peer)):
         if "median_ms" in result:
             result["tokens_per_s"] = tokens / (result["median_ms"] / 1e3)
@@ -314,7 +314,7 @@ def main():
         a.threads = torch.get_num_threads()
     name = "full" if a.full else a.grid or ("full" if a.device == "cuda" else "cpu")
     rows = [r for r in grid(name) if re.search(a.rows, r["id"])]
-    results = []
+    results, table = [], ""
     for r in rows:
         folder = a.models / r["model"]
         if not (folder / "model.safetensors").exists():
@@ -324,14 +324,19 @@ def main():
         print(f"{r['id']}: ours {fmt(o.get('median_ms'), '.1f')} ms {fmt(o.get('peak_mb'), '.0f')} MiB, "
               f"peer {fmt(t.get('median_ms'), '.1f')} ms {fmt(t.get('peak_mb'), '.0f')} MiB "
               f"{o.get('error', '')}{t.get('error', '')}", flush=True)
+        table = write_results(results, a, name)  # after every row: a long run keeps what it measured
+    print(table)
+
+
+def write_results(results, a, name):
     add_baseline_ratios(results)
     table = markdown(results)
-    print(table)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps({"device": a.device, "grid": name, "threads": a.threads, "warmup": a.warmup,
                                      "date": time.strftime("%Y-%m-%d %H:%M %Z"), "rows": results}, indent=1) + "\n")
         a.out.with_suffix(".md").write_text(table + "\n")
+    return table
 
 
 if __name__ == "__main__":
