@@ -8,8 +8,8 @@
 //            [--ffn relu|gated-gelu] [--batch 8] [--src 128] [--tgt 8] [--reps 5] [--warmup 1]
 #include <deltatune/backbones/t5.hpp>
 
-#include <algorithm>
-#include <chrono>
+#include "timing.hpp"
+
 #include <functional>
 #include <iostream>
 #include <map>
@@ -21,15 +21,7 @@ namespace bb = deltatune::backbones;
 namespace {
 
 double median_ms(const std::function<void()>& step, int reps, int warmup) {
-  for (int i = 0; i < warmup; ++i) step();
-  std::vector<double> times;
-  for (int i = 0; i < reps; ++i) {
-    const auto start = std::chrono::steady_clock::now();
-    step();
-    times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
-  }
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
+  return deltatune::bench::median(deltatune::bench::times_ms(step, reps, warmup));
 }
 
 }  // namespace

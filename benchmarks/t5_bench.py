@@ -13,25 +13,19 @@ import argparse
 import json
 import statistics
 import subprocess
-import time
 from pathlib import Path
 
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
+
+from peft_bench import timed_ms  # beside this file
 
 SIZES = {"d-model": 768, "layers": 12, "heads": 12, "d-kv": 64, "d-ff": 3072, "vocab": 32128, "batch": 8,
          "src": 128, "tgt": 8, "reps": 5, "warmup": 1}
 
 
 def median_ms(step, reps, warmup):
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(timed_ms(step, reps, warmup))
 
 
 def transformers_times(a):

@@ -1,0 +1,153 @@
+// delta_bench: one row of benchmarks/peft_bench.py on our side, in its own process: a T5
+// loaded with load_t5 from a Hugging Face folder, one delta-tuning method attached through
+// DeltaModel, then either training steps (zero_grad, forward, backward, AdamW on the trainable
+// parameters) or inference forwards (eval, no grad), median milliseconds and peak memory.
+//
+// Prints one JSON line (prefix "JSON ").
+//   delta_bench --model DIR --method M [--mode train|infer] [--batch 8] [--src 128] [--tgt 8]
+//               [--steps 5] [--warmup 2] [--threads 0] [--device cpu|cuda]
+// Methods: full, lora, ia3, prefix, prompt, houlsby, compacter, compacter++, bitfit; for
+// --mode infer also bare (no delta) and lora-merged.
+//
+// Peak memory: on CPU the process's RSS high-water mark (VmHWM), reset after loading the
+// model so that the checkpoint's transient copy does not count (load_peak_mb reports it); on
+// CUDA the caching allocator's peak allocated bytes.
+#include <deltatune/deltatune.hpp>
+
+#include "timing.hpp"
+
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <string>
+#include <vector>
+
+#ifdef DELTATUNE_BENCH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+namespace dt = deltatune;
+using dt::bench::median;
+using dt::bench::times_ms;
+
+namespace {
+
+// "VmHWM" or "VmRSS" of this process in MiB, from /proc/self/status; -1 where unreadable.
+double proc_status_mb(const std::string& field) {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind(field + ":", 0) == 0) return std::stod(line.substr(field.size() + 1)) / 1024.0;  // kB
+  return -1;
+}
+
+// Resets VmHWM to the current RSS (Linux >= 4.0), so the next reading is the peak from now on.
+void reset_peak_rss() { std::ofstream("/proc/self/clear_refs") << "5"; }
+
+double peak_mb(const torch::Device& device) {
+#ifdef DELTATUNE_BENCH_CUDA
+  namespace allocator = c10::cuda::CUDACachingAllocator;
+  if (device.is_cuda())
+    return double(allocator::getDeviceStats(device.has_index() ? device.index() : 0).allocated_bytes[0].peak) / (1 << 20);
+#endif
+  return proc_status_mb("VmHWM");
+}
+
+void reset_peak(const torch::Device& device) {
+#ifdef DELTATUNE_BENCH_CUDA
+  if (device.is_cuda()) return c10::cuda::CUDACachingAllocator::resetPeakStats(device.has_index() ? device.index() : 0);
+#endif
+  reset_peak_rss();
+}
+
+// The method as benchmarks/peft_bench.py configures the peers: LoRA r 8, alpha 16 on q, v;
+// IA3 on k, v, wo; prefix 30 tokens through the MLP; prompt 100 tokens; the adapters'
+// paper settings (recipes' defaults); full: every backbone parameter.
+void add_method(dt::DeltaModel& model, const std::string& method) {
+  if (method == "full") model.add("full", dt::SpecTuningOptions().modules({"*"}));
+  else if (method == "lora" || method == "lora-merged") model.add("lora", dt::LoRAOptions().r(8).alpha(16));
+  else if (method == "ia3") model.add("ia3", dt::IA3Options());
+  else if (method == "prefix") model.add("prefix", dt::PrefixTuningOptions(30));
+  else if (method == "prompt") model.add("prompt", dt::PromptTuningOptions(100));
+  else if (method == "houlsby") model.add("houlsby", dt::houlsby_options());
+  else if (method == "compacter") model.add("compacter", dt::compacter_options());
+  else if (method == "compacter++") model.add("compacter", dt::compacter_plus_plus_options());
+  else if (method == "bitfit") model.add("bitfit", dt::BitFitOptions());
+  else if (method != "bare") throw dt::OptionError("delta_bench: unknown --method " + method);
+  if (method == "lora-merged") model.merge("lora");
+}
+
+// DeltaModel leaves deltas where they were made: move them with the backbone.
+void to_device(dt::DeltaModel& model, const torch::Device& device) {
+  model.backbone().to(device);
+  for (const auto& [name, entry] : model.deltas()) {
+    for (const auto& a : entry.attachments) a.delta->module().to(device);
+    for (const auto& [module_name, module] : entry.recipe->shared_modules()) module->to(device);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  std::map<std::string, std::string> flags{{"--model", ""},    {"--method", "full"}, {"--mode", "train"},
+                                           {"--batch", "8"},   {"--src", "128"},     {"--tgt", "8"},
+                                           {"--steps", "5"},   {"--warmup", "2"},    {"--threads", "0"},
+                                           {"--device", "cpu"}, {"--lr", "1e-4"}};
+  for (int i = 1; i + 1 < argc; i += 2) {
+    if (!flags.count(argv[i])) throw dt::OptionError(fmt::format("delta_bench: unknown flag {}", argv[i]));
+    flags[argv[i]] = argv[i + 1];
+  }
+  auto num = [&](const char* flag) { return std::stoll(flags[flag]); };
+  if (num("--threads") > 0) at::set_num_threads(int(num("--threads")));
+  const torch::Device device(flags["--device"]);
+  const std::string method = flags["--method"];
+  const bool train = flags["--mode"] == "train";
+
+  auto backbone = dt::backbones::load_t5(flags["--model"]);
+  dt::DeltaModel model(backbone);
+  torch::manual_seed(0);
+  add_method(model, method);
+  to_device(model, device);
+  const double load_peak = proc_status_mb("VmHWM");
+
+  const int64_t batch = num("--batch"), src = num("--src"), tgt = num("--tgt");
+  const auto vocab = backbone->config.vocab_size();
+  auto input_ids = torch::randint(2, vocab, {batch, src}, torch::kLong).to(device);
+  auto attention_mask = torch::ones_like(input_ids);
+  auto labels = torch::randint(2, vocab, {batch, tgt}, torch::kLong).to(device);
+  const auto params = model.trainable_parameters();
+  torch::optim::AdamW optimizer(params, torch::optim::AdamWOptions(std::stod(flags["--lr"])));
+
+  std::function<void()> step;
+  if (train) {
+    backbone->train();
+    step = [&] {
+      optimizer.zero_grad();
+      backbone->forward(input_ids, attention_mask, {}, labels).loss.backward();
+      optimizer.step();
+    };
+  } else {
+    backbone->eval();
+    step = [&] {
+      torch::NoGradGuard no_grad;
+      backbone->forward(input_ids, attention_mask, {}, labels);
+    };
+  }
+  reset_peak(device);
+  const auto times = times_ms(step, int(num("--steps")), int(num("--warmup")), device);
+  int64_t trainable = 0;
+  for (const auto& p : params) trainable += p.numel();
+  std::cout << "JSON "
+            << nlohmann::json{{"impl", "deltatune"},         {"method", method},
+                              {"mode", flags["--mode"]},     {"threads", at::get_num_threads()},
+                              {"times_ms", times},           {"median_ms", median(times)},
+                              {"peak_mb", peak_mb(device)},  {"load_peak_mb", load_peak},
+                              {"trainable", trainable}}
+                   .dump()
+            << "\n";
+  return 0;
+} catch (const std::exception& e) {
+  std::cerr << "delta_bench: " << e.what() << "\n";
+  return 1;
+}

@@ -1,0 +1,343 @@
+"""Delta tuning, ours against the Python peers, one run: for every row (model shape, batch, source
+/ target length, method) a training step (zero_grad, forward, backward, AdamW on the trainable
+parameters) of our C++ (the delta_bench binary) and of the peer, and inference forwards of the
+bare backbone, LoRA merged and unmerged, and Houlsby adapters.
+
+Peers: transformers full fine-tuning; transformers + peft for LoRA, IA3, prefix and prompt tuning;
+transformers + adapters for Houlsby, Compacter and Compacter++; BitFit in transformers: T5 has no
+biases, so, as our BitFit recipe does, every Linear gets a zero bias that trains, weights frozen.
+
+Both sides load the same random T5 (written once from Python as a Hugging Face folder, read in C++
+with load_t5), run with the same thread count, and each row of each side runs in its own fresh
+process, so peak memories do not mix: ours a delta_bench process, the peer's a process forked
+from this driver after it imported torch, transformers, peft and adapters (once: here those
+imports take most of a minute) and before it ran any torch operation. Peak memory: the process's
+RSS high-water mark (VmHWM) from after loading the model (reset then, so the checkpoint's transient
+copies do not count) on CPU; max_memory_allocated on CUDA.
+
+    ~/.cache/deltatune/venv/bin/python benchmarks/peft_bench.py [--device cpu|cuda] [--full]
+        [--rows REGEX] [--steps N] [--warmup N] [--threads N] [--out benchmarks/results/cpu.json]
+
+Writes the JSON (--out) and a Markdown table beside it (.md) after every row, and prints the table.
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {  # T5 v1.0 shapes, vocabulary 32128, ReLU feed-forward, tied embeddings
+    "t5-tiny": dict(d_model=128, num_layers=2, num_heads=4, d_kv=32, d_ff=256, vocab_size=1000),
+    "t5-small": dict(d_model=512, num_layers=6, num_heads=8, d_kv=64, d_ff=2048, vocab_size=32128),
+    "t5-base": dict(d_model=768, num_layers=12, num_heads=12, d_kv=64, d_ff=3072, vocab_size=32128),
+}
+METHODS = ["full", "lora", "ia3", "prefix", "prompt", "houlsby", "compacter", "compacter++", "bitfit"]
+INFER = ["bare", "lora-merged", "lora", "houlsby"]
+PEER = {"full": "transformers", "bitfit": "transformers (zero biases)", "lora": "peft", "ia3": "peft",
+        "prefix": "peft", "prompt": "peft", "houlsby": "adapters", "compacter": "adapters",
+        "compacter++": "adapters", "bare": "transformers", "lora-merged": "peft"}
+
+
+def row(model, batch, src, tgt, mode, method, steps=None):
+    return dict(model=model, batch=batch, src=src, tgt=tgt, mode=mode, method=method, steps=steps,
+                id=f"{model}/b{batch}/{src}x{tgt}/{mode}/{method}")
+
+
+def grid(name):
+    """The rows of a grid. cpu: about 15 minutes on a quiet 2-core machine; full: the issue's
+    whole grid, for a GPU; tiny: seconds, for development and the smoke test."""
+    if name == "tiny":
+        return [row("t5-tiny", 2, 16, 4, "train", m) for m in METHODS] + \
+               [row("t5-tiny", 2, 16, 4, "infer", m) for m in INFER]
+    if name == "full":
+        rows = []
+        for model in ("t5-small", "t5-base"):
+            for batch in (8, 32):
+                for src, tgt in ((128, 8), (512, 128)):
+                    rows += [row(model, batch, src, tgt, "train", m) for m in METHODS]
+                    rows += [row(model, batch, src, tgt, "infer", m) for m in INFER]
+        return rows
+    few = ["full", "lora", "compacter++", "bitfit"]
+    return ([row("t5-small", 8, 128, 8, "train", m) for m in METHODS]
+            + [row("t5-small", 8, 128, 8, "infer", m) for m in INFER]
+            + [row("t5-base", 8, 128, 8, "train", m, steps=3) for m in few]
+            + [row("t5-small", 8, 512, 128, "train", m, steps=3) for m in ("full", "lora")])
+
+
+def timed_ms(step, steps, warmup, sync=lambda: None):
+    """Milliseconds of each of `steps` calls of step() after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def write_model(name, folder):
+    """The random T5 both sides load, written once per shape."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    config = T5Config(**SHAPES[name], feed_forward_proj="relu", tie_word_embeddings=True, decoder_start_token_id=0)
+    T5ForConditionalGeneration(config).save_pretrained(folder, safe_serialization=True)
+
+
+# ---- the peer, in its own process (--worker) ----
+
+def proc_status_mb(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return -1
+
+
+def add_zero_biases(model):
+    """BitFit on a bias-free T5: every Linear gets a zero bias that trains, as our recipe."""
+    import torch
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.bias is None:
+            module.bias = torch.nn.Parameter(torch.zeros(module.out_features))
+
+
+def peer_model(folder, method):
+    """The transformers model with the peer's form of the method, and its trainable parameters."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+    model = T5ForConditionalGeneration.from_pretrained(folder)
+    model.requires_grad_(method == "full")
+    if method in ("lora", "lora-merged", "ia3", "prefix", "prompt"):
+        import peft
+        kind = peft.TaskType.SEQ_2_SEQ_LM
+        config = {"lora": lambda: peft.LoraConfig(task_type=kind, r=8, lora_alpha=16, lora_dropout=0.0,
+                                                  target_modules=["q", "v"]),
+                  "ia3": lambda: peft.IA3Config(task_type=kind),
+                  "prefix": lambda: peft.PrefixTuningConfig(task_type=kind, num_virtual_tokens=30,
+                                                            prefix_projection=True, encoder_hidden_size=512),
+                  "prompt": lambda: peft.PromptTuningConfig(task_type=kind, num_virtual_tokens=100),
+                  }[method.replace("-merged", "")]()
+        model = peft.get_peft_model(model, config)
+        if method == "lora-merged":
+            model.merge_adapter()
+    elif method in ("houlsby", "compacter", "compacter++"):
+        import adapters
+        adapters.init(model)
+        config = {"houlsby": lambda: adapters.DoubleSeqBnConfig(non_linearity="gelu"),
+                  "compacter": adapters.CompacterConfig, "compacter++": adapters.CompacterPlusPlusConfig}[method]()
+        model.add_adapter(method, config=config)
+        model.train_adapter(method)
+        for name, p in model.named_parameters():  # the layer norms train with adapters, as in ours
+            if "layer_norm" in name:
+                p.requires_grad_(True)
+    elif method == "bitfit":
+        add_zero_biases(model)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def worker(spec):
+    import torch
+    if spec["threads"] > 0:
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    torch.manual_seed(0)
+    model, params = peer_model(spec["folder"], spec["method"])
+    model.to(device)
+    load_peak = proc_status_mb("VmHWM")
+    vocab = SHAPES[spec["model"]]["vocab_size"]
+    input_ids = torch.randint(2, vocab, (spec["batch"], spec["src"]), device=device)
+    attention_mask = torch.ones_like(input_ids)
+    labels = torch.randint(2, vocab, (spec["batch"], spec["tgt"]), device=device)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def forward():
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+    def train_step():
+        optimizer.zero_grad()
+        forward().loss.backward()
+        optimizer.step()
+
+    def infer_step():
+        with torch.no_grad():
+            forward()
+
+    model.train(spec["mode"] == "train")
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+    times = timed_ms(train_step if spec["mode"] == "train" else infer_step, spec["steps"], spec["warmup"],
+                     torch.cuda.synchronize if cuda else lambda: None)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else proc_status_mb("VmHWM")
+    print("JSON " + json.dumps({"impl": "peer", "method": spec["method"], "mode": spec["mode"],
+                                "threads": torch.get_num_threads(), "times_ms": times,
+                                "median_ms": statistics.median(times), "peak_mb": peak, "load_peak_mb": load_peak,
+                                "trainable": sum(p.numel() for p in params)}))
+
+
+# ---- the driver ----
+
+def json_result(returncode, stdout, stderr):
+    lines = [line[5:] for line in stdout.splitlines() if line.startswith("JSON ")]
+    if returncode != 0 or not lines:
+        return {"error": (stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(lines[-1])
+
+
+def run_json(command):
+    run = subprocess.run(command, capture_output=True, text=True)
+    return json_result(run.returncode, run.stdout, run.stderr)
+
+
+def in_child(function, *args):
+    """function(*args) in a forked child, its stdout and stderr captured: a fresh process that
+    shares this one's imports. This process runs no torch operation, so the child's OpenMP
+    starts clean."""
+    import tempfile
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        pid = os.fork()
+        if pid == 0:
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            code = 0
+            try:
+                function(*args)
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        out.seek(0)
+        err.seek(0)
+        return json_result(os.waitstatus_to_exitcode(status), out.read(), err.read())
+
+
+def measure(r, a, folder):
+    steps = r["steps"] or a.steps
+    flags = dict(batch=r["batch"], src=r["src"], tgt=r["tgt"], steps=steps, warmup=a.warmup, threads=a.threads,
+                 device=a.device)
+    ours = run_json([str(a.bin), "--model", str(folder), "--method", r["method"], "--mode", r["mode"],
+                     *[x for k, v in flags.items() for x in (f"--{k}", str(v))]])
+    spec = dict(flags, folder=str(folder), model=r["model"], method=r["method"], mode=r["mode"])
+    peer = in_child(worker, spec)
+    tokens = r["batch"] * (r["src"] + r["tgt"])
+    out = dict(r, steps=steps, peer=PEER[r["method"]], ours=ours, theirs=peer, load_1m=os.getloadavg()[0])
+    for side, result in (("ours", ours), ("theirs", peer)):
+        if "median_ms" in result:
+            result["tokens_per_s"] = tokens / (result["median_ms"] / 1e3)
+    if "median_ms" in ours and "median_ms" in peer:
+        out["time_ratio"] = ours["median_ms"] / peer["median_ms"]  # ours / peer: below 1 is faster
+        out["speedup"] = peer["median_ms"] / ours["median_ms"]      # throughput ours / peer
+        out["memory_ratio"] = ours["peak_mb"] / peer["peak_mb"]
+    return out
+
+
+def add_baseline_ratios(results):
+    """Each method's time and memory over full fine-tuning's (training) or the bare backbone's
+    (inference) in the same implementation, shape and batch."""
+    base = {}
+    for r in results:
+        if r["method"] in ("full", "bare"):
+            base[(r["model"], r["batch"], r["src"], r["tgt"], r["mode"])] = r
+    for r in results:
+        b = base.get((r["model"], r["batch"], r["src"], r["tgt"], r["mode"]))
+        if not b:
+            continue
+        for side in ("ours", "theirs"):
+            if "median_ms" in r[side] and "median_ms" in b[side]:
+                r[side]["time_vs_base"] = r[side]["median_ms"] / b[side]["median_ms"]
+                r[side]["memory_vs_base"] = r[side]["peak_mb"] / b[side]["peak_mb"]
+
+
+def fmt(x, spec):
+    return format(x, spec) if isinstance(x, (int, float)) else "—"
+
+
+def markdown(results):
+    lines = []
+    for mode, title, base in (("train", "Training step (forward, backward, AdamW)", "full FT"),
+                              ("infer", "Inference forward (no grad)", "bare")):
+        rows = [r for r in results if r["mode"] == mode]
+        if not rows:
+            continue
+        lines += [f"### {title}", "",
+                  f"| row | peer | ours ms | peer ms | ours tok/s | peer tok/s | speedup | ours MiB | peer MiB | "
+                  f"mem ours/peer | ours time / {base} | peer time / {base} | ours mem / {base} | peer mem / {base} |",
+                  "|" + "---|" * 14]
+        for r in rows:
+            o, t = r["ours"], r["theirs"]
+            label = f"{r['model']} b{r['batch']} {r['src']}/{r['tgt']} {r['method']}"
+            if "error" in o or "error" in t:
+                label += " (error: " + (o.get("error") or t.get("error")).replace("|", "/") + ")"
+            lines.append("| " + " | ".join([
+                label, r["peer"], fmt(o.get("median_ms"), ".1f"), fmt(t.get("median_ms"), ".1f"),
+                fmt(o.get("tokens_per_s"), ".0f"), fmt(t.get("tokens_per_s"), ".0f"), fmt(r.get("speedup"), ".2f"),
+                fmt(o.get("peak_mb"), ".0f"), fmt(t.get("peak_mb"), ".0f"), fmt(r.get("memory_ratio"), ".2f"),
+                fmt(o.get("time_vs_base"), ".2f"), fmt(t.get("time_vs_base"), ".2f"),
+                fmt(o.get("memory_vs_base"), ".2f"), fmt(t.get("memory_vs_base"), ".2f")]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", metavar="JSON", help="run one peer row in this process (to profile it)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--grid", default=None, choices=["cpu", "full", "tiny"],
+                        help="rows to run (default: cpu on --device cpu, full on cuda)")
+    parser.add_argument("--full", action="store_true", help="the whole grid (--grid full)")
+    parser.add_argument("--rows", default="", help="only rows whose id (model/bB/SRCxTGT/mode/method) matches")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per row (rows of the cpu grid may set fewer)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="both sides; 0: torch's default")
+    parser.add_argument("--bin", type=Path, default=ROOT / "build/benchmarks/delta_bench")
+    parser.add_argument("--models", type=Path, default=ROOT / "build/bench_models", help="where the random T5s go")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results; the Markdown table goes beside it")
+    a = parser.parse_args()
+    if a.worker:
+        return worker(json.loads(a.worker))
+    import adapters, peft, torch, transformers  # noqa: F401, E401  once, for every forked peer
+    if a.threads == 0:
+        a.threads = torch.get_num_threads()
+    name = "full" if a.full else a.grid or ("full" if a.device == "cuda" else "cpu")
+    rows = [r for r in grid(name) if re.search(a.rows, r["id"])]
+    results, table = [], ""
+    for r in rows:
+        folder = a.models / r["model"]
+        if not (folder / "model.safetensors").exists():
+            in_child(write_model, r["model"], folder)
+        results.append(measure(r, a, folder))
+        o, t = results[-1]["ours"], results[-1]["theirs"]
+        print(f"{r['id']}: ours {fmt(o.get('median_ms'), '.1f')} ms {fmt(o.get('peak_mb'), '.0f')} MiB, "
+              f"peer {fmt(t.get('median_ms'), '.1f')} ms {fmt(t.get('peak_mb'), '.0f')} MiB "
+              f"{o.get('error', '')}{t.get('error', '')}", flush=True)
+        table = write_results(results, a, name)  # after every row: a long run keeps what it measured
+    print(table)
+
+
+def write_results(results, a, name):
+    add_baseline_ratios(results)
+    table = markdown(results)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps({"device": a.device, "grid": name, "threads": a.threads, "warmup": a.warmup,
+                                     "date": time.strftime("%Y-%m-%d %H:%M %Z"), "rows": results}, indent=1) + "\n")
+        a.out.with_suffix(".md").write_text(table + "\n")
+    return table
+
+
+if __name__ == "__main__":
+    main()
