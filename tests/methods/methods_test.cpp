@@ -336,6 +336,50 @@ CATCH_TEST_CASE("prefix tuning: keys and values per site, through the MLP, then 
   CATCH_CHECK(prefix->options_json()["prefix_projection"] == false);
 }
 
+CATCH_TEST_CASE("prefix tuning runs its MLP once per pass; new passes, steps and grad mode recompute it",
+                "[methods][prefix]") {
+  const std::vector<std::string> sites = {"encoder.block.0.layer.0.SelfAttention",
+                                          "decoder.block.0.layer.0.SelfAttention",
+                                          "decoder.block.0.layer.1.EncDecAttention"};
+  auto prefix = dt::PrefixTuning(dt::PrefixTuningOptions(3, 8, sites).inner(6).hidden(10));
+  const auto params = prefix->parameters();
+  auto grads = [&](const torch::Tensor& loss) {
+    prefix->zero_grad();
+    loss.backward();
+    std::vector<torch::Tensor> out;
+    for (const auto& p : params) out.push_back(p.grad().clone());
+    return out;
+  };
+  // Two passes in a row, each backpropagated: the gradients of the MLP's table used directly.
+  for (int pass = 0; pass < 2; ++pass) {
+    auto loss = torch::zeros({});
+    for (const auto& site : sites) {
+      auto [k, v] = prefix->prefix_key_value(site);
+      loss = loss + (k * v).sum();
+    }
+    const auto cached = grads(loss);
+    auto kv = prefix->key_values().view({3, 3, 2, 6});  // (P, L, 2, inner)
+    const auto direct = grads((kv.select(2, 0) * kv.select(2, 1)).sum());
+    for (size_t i = 0; i < params.size(); ++i) CATCH_CHECK(torch::allclose(cached[i], direct[i]));
+  }
+  // One table serves the sites of a pass.
+  const auto first = prefix->prefix_key_value(sites[0]).first, second = prefix->prefix_key_value(sites[1]).first;
+  CATCH_CHECK(first._base().is_same(second._base()));
+  // A step in place reaches the next site of the same pass.
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : prefix->parameters()) p.add_(0.5);
+  }
+  auto all = prefix->key_values().detach();
+  CATCH_CHECK(torch::equal(prefix->prefix_key_value(sites[2]).first.detach(), all.slice(1, 24, 30)));
+  // A table made without grad is not reused with grad on.
+  {
+    torch::NoGradGuard no_grad;
+    prefix->prefix_key_value(sites[0]);
+  }
+  CATCH_CHECK(prefix->prefix_key_value(sites[1]).first.requires_grad());
+}
+
 CATCH_TEST_CASE("spec-based selectors: last layers, chosen names, layer norms", "[methods][spec]") {
   const std::vector<std::string> names = {
       "shared.weight",

@@ -61,12 +61,13 @@ class LoRAImpl : public torch::nn::Cloneable<LoRAImpl>, public WeightDelta {
     return torch::mm(lora_B, lora_A) * scaling();
   }
 
-  // (..., in) -> (..., out): s B A dropout(x), never forming the (out, in) matrix.
+  // (..., in) -> (..., out): s B A dropout(x), never forming the (out, in) matrix; s scales
+  // the (..., r) product, the narrowest tensor on the path.
   torch::Tensor delta_output(const torch::Tensor& x, const torch::Tensor&, const torch::Tensor&) override {
     auto h = torch::nn::functional::dropout(x, torch::nn::functional::DropoutFuncOptions()
                                                    .p(options.dropout())
                                                    .training(is_training()));
-    return torch::matmul(torch::matmul(h, lora_A.t()), lora_B.t()) * scaling();  // (..., r) then (..., out)
+    return torch::matmul(torch::matmul(h, lora_A.t()) * scaling(), lora_B.t());  // (..., r) then (..., out)
   }
 
   void pretty_print(std::ostream& stream) const override {

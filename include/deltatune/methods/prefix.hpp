@@ -83,8 +83,8 @@ class PrefixTuningImpl : public torch::nn::Cloneable<PrefixTuningImpl>, public I
     const auto& sites = options.sites();
     const auto it = std::find(sites.begin(), sites.end(), site);
     if (it == sites.end()) return {};
-    auto kv = key_values().view({options.num_virtual_tokens(), int64_t(sites.size()), 2, inner()});  // (P, L, 2, inner)
     const int64_t i = it - sites.begin();
+    auto kv = pass_key_values(i).view({options.num_virtual_tokens(), int64_t(sites.size()), 2, inner()});  // (P, L, 2, inner)
     return {kv.select(1, i).select(1, 0), kv.select(1, i).select(1, 1)};  // (P, inner) each
   }
 
@@ -105,6 +105,29 @@ class PrefixTuningImpl : public torch::nn::Cloneable<PrefixTuningImpl>, public I
   PrefixTuningOptions options;
   torch::Tensor embedding;  // E (P, d) under the MLP, or the table (P, L * 2 * inner)
   torch::nn::Sequential transform{nullptr};
+
+ private:
+  // key_values() once per forward pass, not once per site (the MLP's output holds every
+  // site's keys and values): the sites of a pass ask in layer order, so a site at or before
+  // the last one served starts a new pass; new parameter data or versions (an optimizer step,
+  // a load, a move), a change of grad mode or an eject recompute too.
+  torch::Tensor pass_key_values(int64_t site) {
+    std::vector<std::pair<const void*, uint32_t>> state;
+    for (const auto& p : parameters()) state.emplace_back(p.data_ptr(), p._version());
+    const bool grad = torch::GradMode::is_enabled();
+    if (!table_.defined() || site <= last_site_ || state != table_state_ || grad != table_grad_) {
+      table_ = key_values();
+      table_state_ = std::move(state);
+      table_grad_ = grad;
+    }
+    last_site_ = site;
+    return table_;
+  }
+
+  torch::Tensor table_;  // this pass's key_values()
+  std::vector<std::pair<const void*, uint32_t>> table_state_;
+  bool table_grad_ = false;
+  int64_t last_site_ = -1;
 };
 TORCH_MODULE(PrefixTuning);
 
