@@ -28,6 +28,7 @@
 #include <deltatune/backbones/checkpoint.hpp>  // read_hf_directory, read_torchscript, load_parameters: backbone weights
 #include <deltatune/backbones/bert.hpp>        // BertModel, BertForSequenceClassification, load_bert: native BERT
 #include <deltatune/backbones/t5.hpp>          // T5Model, load_t5: native T5 (v1.0, v1.1 / Flan), sites under HF names
+#include <deltatune/backbones/torchscript_model.hpp>  // TorchScriptModel: deltas on any traced or scripted model
 
 #include <deltatune/text/sentencepiece_tokenizer.hpp>  // T5Tokenizer: SentencePiece with T5's conventions
 #include <deltatune/text/wordpiece_tokenizer.hpp>      // WordPieceTokenizer: BERT's normaliser and WordPiece

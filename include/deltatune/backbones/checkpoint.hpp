@@ -63,6 +63,15 @@ inline std::map<std::string, torch::Tensor> read_sharded(const std::filesystem::
   return tensors;
 }
 
+// A TorchScript archive on the CPU, with the extra files asked for; CheckpointError where it cannot be loaded.
+inline torch::jit::Module load_script_archive(const std::string& path, torch::jit::ExtraFilesMap& extra_files) {
+  try {
+    return torch::jit::load(path, torch::kCPU, extra_files);
+  } catch (const c10::Error& e) {
+    throw CheckpointError(fmt::format("{}: not a loadable TorchScript archive ({})", path, e.what_without_backtrace()));
+  }
+}
+
 }  // namespace deltatune::detail
 
 namespace deltatune::backbones {
@@ -90,12 +99,7 @@ inline Checkpoint read_hf_directory(const std::string& dir) {
 // parameters and buffers by name. A config.json saved as an extra file (_extra_files) is read too.
 inline Checkpoint read_torchscript(const std::string& path) {
   torch::jit::ExtraFilesMap extra{{"config.json", ""}};
-  torch::jit::Module archive;
-  try {
-    archive = torch::jit::load(path, torch::kCPU, extra);
-  } catch (const c10::Error& e) {
-    throw CheckpointError(fmt::format("{}: not a loadable TorchScript archive ({})", path, e.what_without_backtrace()));
-  }
+  auto archive = detail::load_script_archive(path, extra);
   Checkpoint out{path, nlohmann::json::object(), {}};
   if (!extra["config.json"].empty()) {
     try {
