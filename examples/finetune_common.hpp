@@ -293,13 +293,28 @@ inline void add_method(dt::DeltaModel& model, const std::string& method, const F
   else if (method == "full") model.add(method, dt::SpecTuningOptions().modules({"*"}));
 }
 
+// "--method adapter+bitfit" -> {adapter, bitfit}. Each step takes the longest method name that
+// ends at a '+' or at the end, so that the pluses of "compacter++" stay in its name.
 inline std::vector<std::string> parse_methods(const std::string& text) {
-  const auto methods = split(text, '+');
-  if (methods.empty()) throw UsageError(fmt::format("--method is empty; choose from {}", fmt::join(kMethods, ", ")));
-  for (const auto& m : methods)
-    if (std::find(kMethods.begin(), kMethods.end(), m) == kMethods.end())
-      throw UsageError(fmt::format("unknown method '{}'; choose from {} (combine with '+')", m, fmt::join(kMethods, ", ")));
-  return methods;
+  if (text.empty()) throw UsageError(fmt::format("--method is empty; choose from {}", fmt::join(kMethods, ", ")));
+  std::vector<std::string> methods;
+  for (size_t at = 0;;) {
+    std::string name;
+    for (const auto& m : kMethods) {
+      const size_t end = at + m.size();
+      if (m.size() > name.size() && text.compare(at, m.size(), m) == 0 && (end == text.size() || text[end] == '+'))
+        name = m;
+    }
+    if (name.empty()) {
+      const auto next = text.find('+', at);
+      throw UsageError(fmt::format("unknown method '{}'; choose from {} (combine with '+')",
+                                   text.substr(at, next == std::string::npos ? next : next - at), fmt::join(kMethods, ", ")));
+    }
+    methods.push_back(name);
+    at += name.size();
+    if (at == text.size()) return methods;
+    ++at;  // the '+' between two methods
+  }
 }
 
 inline void attach(dt::DeltaModel& model, const std::vector<std::string>& methods, const Flags& flags, int64_t seed) {
