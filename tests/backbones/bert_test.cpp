@@ -139,7 +139,7 @@ CATCH_TEST_CASE("a bare BertModel checkpoint gets a fresh, trainable classifier"
     CATCH_CHECK(p.value().requires_grad() == (p.key().rfind("classifier.", 0) == 0));
   // A head checkpoint of another size is an error, not a silent re-initialisation.
   CATCH_REQUIRE_THROWS_WITH(bb::load_bert_classifier((*dir / "cls").string(), 2),
-                            Contains("wrong shape (2): classifier.weight") && Contains("classifier.bias"));
+                            Contains("mismatched (2): classifier.weight") && Contains("classifier.bias"));
 }
 
 CATCH_TEST_CASE("LayerNorm parameters named gamma and beta, as in older checkpoints, load", "[bert][golden]") {

@@ -106,7 +106,7 @@ CATCH_TEST_CASE("missing, unexpected and mis-shaped tensors are listed in one er
   CATCH_REQUIRE_THROWS_WITH(bb::load_parameters(*tiny, checkpoint),
                             Contains(dir.path.string()) && Contains("missing (1): proj.bias") &&
                                 Contains("unexpected (1): extra.weight") &&
-                                Contains("wrong shape (1): proj.weight (checkpoint [3, 2], model [2, 3])"));
+                                Contains("mismatched (1): proj.weight (file Float [3, 2], model Float [2, 3])"));
   CATCH_CHECK(torch::equal(tiny->norm->weight, before));  // nothing copied when anything is wrong
 }
 

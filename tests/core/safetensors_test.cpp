@@ -1,5 +1,7 @@
-// Tests of core/safetensors.hpp: round trips, bytes identical to Python's, malformed files rejected, atomic writes.
+// Tests of core/safetensors.hpp: round trips, bytes identical to Python's, malformed files rejected, atomic writes;
+// and of core/tensor_match.hpp, which every loader fills models through.
 #include <deltatune/core/safetensors.hpp>
+#include <deltatune/core/tensor_match.hpp>
 
 #include <unistd.h>
 
@@ -234,4 +236,45 @@ CATCH_TEST_CASE("write_safetensors replaces the file atomically and leaves nothi
                           Contains(complex) && Contains("tensor 'z'"));
   CATCH_CHECK_FALSE(fs::exists(complex));
   CATCH_CHECK(dir.entries().size() == 2);  // w.safetensors and taken
+}
+
+CATCH_TEST_CASE("TensorMatch fills a model from a file all or nothing and names every problem", "[safetensors]") {
+  const auto a = torch::zeros({2, 3}), b = torch::zeros({4}), c = torch::full({2}, 7.0), d = torch::zeros({3});
+  const std::map<std::string, torch::Tensor> file{
+      {"model.a", torch::arange(6, torch::kHalf).reshape({2, 3})},  // under a prefixed name, F16: widened
+      {"b.flat", torch::ones({2, 2})},                              // converted to b's shape
+      {"d", torch::ones({5})},                                      // the wrong shape
+      {"extra", torch::ones({1})},
+      {"ignored.bias", torch::ones({1})}};
+  auto flatten = [](const torch::Tensor& t) { return t.reshape(-1); };
+  std::vector<dt::detail::TensorSlot> slots{{"a", {"a", "model.a"}, a},
+                                    {"b", {"b.flat"}, b, flatten},
+                                    {"c", {"c"}, c, {}, /*optional=*/true},
+                                    {"d", {"d"}, d}};
+  auto ignore = [](const std::string& key) { return key.rfind("ignored.", 0) == 0; };
+
+  const dt::detail::TensorMatch bad(slots, file, ignore);
+  CATCH_CHECK_FALSE(bad.fits());
+  CATCH_CHECK(bad.problems() == "\n  unexpected (1): extra\n  mismatched (1): d (file Float [5], model Float [3])");
+  CATCH_CHECK_THROWS_AS(bad.copy(), dt::Error);
+  CATCH_CHECK(torch::equal(a, torch::zeros({2, 3})));  // nothing copied
+
+  slots.pop_back();
+  slots.push_back({"e", {"e"}, torch::zeros({1})});
+  const dt::detail::TensorMatch missing(slots, file, [](const std::string& key) { return key != "model.a"; });
+  CATCH_CHECK(missing.problems() == "\n  missing (1): e");
+
+  slots.pop_back();
+  const dt::detail::TensorMatch good(slots, file, [&](const std::string& key) { return ignore(key) || key == "extra" || key == "d"; });
+  CATCH_REQUIRE(good.fits());
+  good.copy();
+  CATCH_CHECK(torch::equal(a, torch::arange(6, torch::kFloat).reshape({2, 3})));
+  CATCH_CHECK(torch::equal(b, torch::ones({4})));
+  CATCH_CHECK(torch::equal(c, torch::full({2}, 7.0)));  // optional and absent: kept
+
+  // A conversion the file's shape does not allow is a mismatch, not a crash.
+  const dt::detail::TensorMatch unreshapeable({{"b", {"d"}, b, [](const torch::Tensor& t) { return t.reshape({2, 2}); }}},
+                                      {{"d", torch::ones({5})}});
+  CATCH_CHECK(unreshapeable.problems() == "\n  mismatched (1): b (file Float [5], model Float [4])");
+  CATCH_CHECK(dt::detail::list_names({"a", "b", "c"}, 2) == "a, b and 1 more");
 }

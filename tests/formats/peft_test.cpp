@@ -80,15 +80,15 @@ CATCH_TEST_CASE("peft adapters load with peft's outputs and gradients, and save 
     CATCH_CHECK(close(loss.reshape(1), l.io.at("loss"), kTol));
     loss.backward();
     const auto& entry = l.model->deltas().at("default");
-    const auto targets = dt::detail::peft_targets(entry, l.config);
+    const auto targets = dt::detail::peft_slots(entry, l.config);
     size_t grads = 0;
     for (const auto& [key, t] : l.io) grads += key.rfind("grad.", 0) == 0;
     CATCH_CHECK(targets.size() == grads);
     for (const auto& target : targets) {
-      CATCH_INFO("gradient of " << target.key);
-      const auto theirs = target.convert(l.io.at("grad." + target.key));
-      CATCH_INFO(describe_difference(target.parameter.grad(), theirs));
-      CATCH_CHECK(close(target.parameter.grad(), theirs, kTol));
+      CATCH_INFO("gradient of " << target.name);
+      const auto theirs = target.convert(l.io.at("grad." + target.name));
+      CATCH_INFO(describe_difference(target.target.grad(), theirs));
+      CATCH_CHECK(close(target.target.grad(), theirs, kTol));
     }
 
     // Written back: peft's tensor names, values and config, key for key.
@@ -187,12 +187,12 @@ CATCH_TEST_CASE("peft files that do not fit are refused with the file and key na
   w[stray] = torch::zeros({2, 16});
   w[bad] = torch::zeros({3, 16});
   dt::write_safetensors(weights_path, w);
-  expect_error({weights_path, "unexpected " + stray + " (names no site", bad + ": file Float [3, 16], this model needs [2, 16]"});
+  expect_error({weights_path, "unexpected (1): " + stray, "mismatched (1): " + bad + " (file Float [3, 16], model Float [2, 16])"});
 
   w = weights;
   w.erase(bad);
   dt::write_safetensors(weights_path, w);
-  expect_error({weights_path, "missing " + bad});
+  expect_error({weights_path, "missing (1): " + bad});
 
   dt::write_safetensors(weights_path, weights);
   const auto size = fs::file_size(weights_path);

@@ -10,7 +10,6 @@
 #include <fstream>
 #include <map>
 #include <regex>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -19,6 +18,7 @@
 #include <deltatune/core/error.hpp>
 #include <deltatune/core/json_file.hpp>
 #include <deltatune/core/safetensors.hpp>
+#include <deltatune/core/tensor_match.hpp>
 
 namespace deltatune::backbones {
 
@@ -180,14 +180,6 @@ inline bool matches_any(const std::string& name, const std::vector<std::string>&
   return false;
 }
 
-// "a, b, c" with at most `limit` names, then "and N more".
-inline std::string list_names(const std::vector<std::string>& names, size_t limit = 12) {
-  std::vector<std::string> shown(names.begin(), names.begin() + std::min(limit, names.size()));
-  auto text = fmt::format("{}", fmt::join(shown, ", "));
-  if (names.size() > limit) text += fmt::format(" and {} more", names.size() - limit);
-  return text;
-}
-
 }  // namespace deltatune::detail
 
 namespace deltatune::backbones {
@@ -196,7 +188,9 @@ namespace deltatune::backbones {
 // to the module's dtype. Missing, unexpected and mis-shaped tensors are gathered and
 // reported in one CheckpointError; nothing is copied unless all is well.
 inline void load_parameters(torch::nn::Module& module, const Checkpoint& checkpoint, const LoadOptions& options = {}) {
-  auto find = [&](const std::string& name) -> const torch::Tensor* {
+  // The checkpoint names a module tensor may have: its own, less a module prefix, an alias,
+  // each of those with a checkpoint prefix.
+  auto keys = [&](const std::string& name) {
     std::vector<std::string> candidates{name};
     for (const auto& prefix : options.module_prefixes())
       if (name.rfind(prefix, 0) == 0) candidates.push_back(name.substr(prefix.size()));
@@ -205,44 +199,21 @@ inline void load_parameters(torch::nn::Module& module, const Checkpoint& checkpo
     for (const auto& candidate : std::vector<std::string>(candidates)) {
       for (const auto& prefix : options.prefixes()) candidates.push_back(prefix + candidate);
     }
-    for (const auto& c : candidates)
-      if (auto it = checkpoint.tensors.find(c); it != checkpoint.tensors.end()) return &it->second;
-    return nullptr;
+    return candidates;
   };
-  std::vector<std::pair<torch::Tensor, const torch::Tensor*>> copies;
-  std::vector<std::string> missing, misshaped;
-  std::set<const torch::Tensor*> used;
-  auto visit = [&](const std::string& name, const torch::Tensor& target) {
-    const auto* source = find(name);
-    if (source == nullptr) {
-      if (!detail::matches_any(name, options.allow_missing())) missing.push_back(name);
-      return;
-    }
-    used.insert(source);
-    if (source->sizes() != target.sizes()) {
-      misshaped.push_back(fmt::format("{} (checkpoint {}, model {})", name, source->sizes(), target.sizes()));
-      return;
-    }
-    copies.emplace_back(target, source);
+  std::vector<detail::TensorSlot> slots;
+  auto add = [&](const std::string& name, const torch::Tensor& target) {
+    slots.push_back({name, keys(name), target, {}, detail::matches_any(name, options.allow_missing())});
   };
-  for (const auto& p : module.named_parameters(/*recurse=*/true)) visit(p.key(), p.value());
-  for (const auto& b : module.named_buffers(/*recurse=*/true)) visit(b.key(), b.value());
-  std::vector<std::string> unexpected;
-  for (const auto& [name, tensor] : checkpoint.tensors)
-    if (!used.count(&tensor) && !detail::matches_any(name, options.ignore_unexpected())) unexpected.push_back(name);
-
-  std::string problems;
-  if (!missing.empty()) problems += fmt::format("\n  missing ({}): {}", missing.size(), detail::list_names(missing));
-  if (!unexpected.empty())
-    problems += fmt::format("\n  unexpected ({}): {}", unexpected.size(), detail::list_names(unexpected));
-  if (!misshaped.empty())
-    problems += fmt::format("\n  wrong shape ({}): {}", misshaped.size(), detail::list_names(misshaped));
-  detail::check<CheckpointError>(problems.empty(),
+  for (const auto& p : module.named_parameters(/*recurse=*/true)) add(p.key(), p.value());
+  for (const auto& b : module.named_buffers(/*recurse=*/true)) add(b.key(), b.value());
+  const detail::TensorMatch match(slots, checkpoint.tensors,
+                          [&](const std::string& name) { return detail::matches_any(name, options.ignore_unexpected()); });
+  detail::check<CheckpointError>(match.fits(),
                                  "{}: the checkpoint does not fit the model built from its config:{}\n"
                                  "Is it the architecture and size the config says?",
-                                 checkpoint.source, problems);
-  torch::NoGradGuard no_grad;
-  for (auto& [target, source] : copies) target.copy_(*source);  // shares the module's storage
+                                 checkpoint.source, match.problems());
+  match.copy();  // into the module's own storage
 }
 
 }  // namespace deltatune::backbones

@@ -24,6 +24,7 @@
 #include <deltatune/core/json_file.hpp>
 #include <deltatune/core/safetensors.hpp>
 #include <deltatune/core/site.hpp>
+#include <deltatune/core/tensor_match.hpp>
 
 namespace deltatune {
 
@@ -408,25 +409,19 @@ class DeltaModel {
     detail::check<CheckpointError>(config.value("method", "") == entry.recipe->method(),
                                    "{}: the delta is a {}, but '{}' here is a {}", config_path,
                                    config.value("method", "?"), name, entry.recipe->method());
-    auto file = read_safetensors(dir + "/delta.safetensors");
-    std::vector<std::pair<torch::Tensor, torch::Tensor>> copies;
-    std::vector<std::string> problems;
-    auto expect = [&](const std::string& key, const torch::Tensor& target) {
-      auto it = file.tensors.find(key);
-      if (it == file.tensors.end()) return problems.push_back("missing " + key);
-      if (it->second.sizes() != target.sizes() || it->second.scalar_type() != target.scalar_type())
-        return problems.push_back(fmt::format("{}: file {} {}, model {} {}", key, c10::toString(it->second.scalar_type()),
-                                              it->second.sizes(), c10::toString(target.scalar_type()), target.sizes()));
-      copies.emplace_back(target, it->second);
-      file.tensors.erase(it);
+    // Same names, shapes and dtypes as save() wrote, so that a delta cannot change precision unnoticed.
+    auto slot = [](const std::string& key, const torch::Tensor& target) {
+      return detail::TensorSlot{key, {key}, target, [dtype = target.scalar_type()](const torch::Tensor& t) {
+                          return t.scalar_type() == dtype ? t : torch::Tensor();
+                        }};
     };
-    for (auto& [key, p] : named_delta_parameters(name)) expect(key, p);
-    for (const auto& key : entry.backbone_parameters) expect("backbone." + key, backbone_parameter(key));
-    for (const auto& [key, t] : file.tensors) problems.push_back("unexpected " + key);
-    detail::check<CheckpointError>(problems.empty(), "{}/delta.safetensors does not fit delta '{}':\n  {}", dir, name,
-                                   fmt::join(problems, "\n  "));
-    torch::NoGradGuard no_grad;
-    for (auto& [target, source] : copies) target.copy_(source);
+    std::vector<detail::TensorSlot> slots;
+    for (auto& [key, p] : named_delta_parameters(name)) slots.push_back(slot(key, p));
+    for (const auto& key : entry.backbone_parameters) slots.push_back(slot("backbone." + key, backbone_parameter(key)));
+    const auto path = dir + "/delta.safetensors";
+    const detail::TensorMatch match(slots, read_safetensors(path).tensors);
+    detail::check<CheckpointError>(match.fits(), "{} does not fit delta '{}':{}", path, name, match.problems());
+    match.copy();
   }
 
   // The backbone's parameter names, shapes, dtypes and first values, hashed when the

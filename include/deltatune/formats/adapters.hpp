@@ -46,6 +46,7 @@
 #include <deltatune/core/error.hpp>
 #include <deltatune/core/json_file.hpp>
 #include <deltatune/core/safetensors.hpp>
+#include <deltatune/core/tensor_match.hpp>
 #include <deltatune/methods/adapter.hpp>
 #include <deltatune/methods/recipes.hpp>
 
@@ -260,28 +261,6 @@ inline void save_adapters(DeltaModel& model, const std::string& name, const std:
 
 namespace detail {
 
-// Checks every tensor `expected` names against `file` (present, same shape) and lists
-// what is missing, misshapen or left over; returns the copies to make.
-inline std::vector<std::pair<torch::Tensor, torch::Tensor>> match_tensors(
-    const std::map<std::string, torch::Tensor>& expected, std::map<std::string, torch::Tensor> file,
-    std::vector<std::string>& problems) {
-  std::vector<std::pair<torch::Tensor, torch::Tensor>> copies;
-  for (const auto& [key, target] : expected) {
-    auto it = file.find(key);
-    if (it == file.end()) {
-      problems.push_back(fmt::format("missing tensor {} {}", key, target.sizes()));
-      continue;
-    }
-    if (it->second.sizes() != target.sizes())
-      problems.push_back(fmt::format("tensor {}: file {}, model {}", key, it->second.sizes(), target.sizes()));
-    else
-      copies.emplace_back(target, it->second);
-    file.erase(it);
-  }
-  for (const auto& [key, t] : file) problems.push_back("unexpected tensor " + key);
-  return copies;
-}
-
 inline std::map<std::string, torch::Tensor> backbone_targets(DeltaModel& model, const DeltaModel::Entry& entry) {
   std::map<std::string, torch::Tensor> out;
   const auto params = model.backbone().named_parameters();
@@ -317,23 +296,23 @@ inline const DeltaModel::Entry& load_adapters(DeltaModel& model, const std::stri
   const auto backbone = has_backbone ? read_safetensors(backbone_path).tensors : std::map<std::string, torch::Tensor>{};
 
   const auto& entry = model.add(name, options);
-  std::vector<std::string> problems;
+  std::string problems;
   for (const auto& a : entry.attachments)
     if (a.site.output->output_features != hidden)
-      problems.push_back(fmt::format("site {} is {} wide, the config's hidden_size is {}", a.site.name,
-                                     a.site.output->output_features, hidden));
-  auto copies = detail::match_tensors(adapters_state_dict(model, name), tensors, problems);
-  if (has_backbone) {
-    auto more = detail::match_tensors(detail::backbone_targets(model, entry), backbone, problems);
-    copies.insert(copies.end(), more.begin(), more.end());
-  }
+      problems += fmt::format("\n  site {} is {} wide, the config's hidden_size is {}", a.site.name,
+                              a.site.output->output_features, hidden);
+  const detail::TensorMatch weights(detail::slots_named_as_in_file(adapters_state_dict(model, name)), tensors);
+  const detail::TensorMatch trained_backbone(detail::slots_named_as_in_file(has_backbone ? detail::backbone_targets(model, entry)
+                                                                         : std::map<std::string, torch::Tensor>{}),
+                                     backbone);
+  if (!weights.fits()) problems += fmt::format("\n  in {}:{}", kAdaptersWeightsFile, weights.problems());
+  if (!trained_backbone.fits()) problems += fmt::format("\n  in {}:{}", kAdaptersBackboneFile, trained_backbone.problems());
   if (!problems.empty()) {
     model.remove(name);
-    throw CheckpointError(fmt::format("{} does not fit the model's {} adapter:\n  {}", dir, adapter_method(options),
-                                      fmt::join(problems, "\n  ")));
+    throw CheckpointError(fmt::format("{} does not fit the model's {} adapter:{}", dir, adapter_method(options), problems));
   }
-  torch::NoGradGuard no_grad;
-  for (auto& [target, source] : copies) target.copy_(source);
+  weights.copy();
+  trained_backbone.copy();
   return entry;
 }
 

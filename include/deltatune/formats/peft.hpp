@@ -50,6 +50,7 @@
 #include <deltatune/core/error.hpp>
 #include <deltatune/core/json_file.hpp>
 #include <deltatune/core/safetensors.hpp>
+#include <deltatune/core/tensor_match.hpp>
 #include <deltatune/methods/recipes.hpp>
 
 namespace deltatune {
@@ -428,70 +429,45 @@ inline PeftPlan peft_plan(DeltaModel& model, const nlohmann::json& c, const std:
                                 "PREFIX_TUNING", where, type));
 }
 
-// Each parameter of the new delta with its file key and the file tensor's conversion.
-struct PeftTarget {
-  std::string key;
-  torch::Tensor parameter;
-  std::function<torch::Tensor(const torch::Tensor&)> convert;
-};
-
-inline std::vector<PeftTarget> peft_targets(const DeltaModel::Entry& entry, const nlohmann::json& c) {
-  std::vector<PeftTarget> out;
+// Each parameter of the new delta with its file key and the file tensor's conversion from
+// peft's layout; a tensor that is not floating point fits none.
+inline std::vector<TensorSlot> peft_slots(const DeltaModel::Entry& entry, const nlohmann::json& c) {
+  std::vector<TensorSlot> out;
+  using Convert = std::function<torch::Tensor(const torch::Tensor&)>;
+  auto add = [&](const std::string& key, const torch::Tensor& parameter, const Convert& convert) {
+    out.push_back({key, {key}, parameter, [convert](const torch::Tensor& t) {
+                     return t.is_floating_point() ? convert(t) : torch::Tensor();
+                   }});
+  };
   const auto same = [](const torch::Tensor& t) { return t; };
   const auto method = entry.recipe->method();
   for (const auto& a : entry.attachments) {
     const auto module = kPeftKeyPrefix + a.site.name;
     if (auto* lora = dynamic_cast<LoRAImpl*>(a.delta.get())) {
-      out.push_back({module + ".lora_A.weight", lora->lora_A, same});
-      out.push_back({module + ".lora_B.weight", lora->lora_B, same});
+      add(module + ".lora_A.weight", lora->lora_A, same);
+      add(module + ".lora_B.weight", lora->lora_B, same);
     } else if (auto* ia3 = dynamic_cast<IA3Impl*>(a.delta.get())) {
-      out.push_back({module + ".ia3_l", ia3->ia3_l, [](const torch::Tensor& t) { return t.reshape(-1); }});
+      add(module + ".ia3_l", ia3->ia3_l, [](const torch::Tensor& t) { return t.reshape(-1); });
     }
   }
   if (method == "prompt_tuning") {
     auto* prompt = dynamic_cast<PromptTuningImpl*>(entry.attachments.front().delta.get());
     const int64_t P = prompt->options.num_virtual_tokens();
-    out.push_back({"prompt_embeddings", prompt->embedding, [P](const torch::Tensor& t) { return t.narrow(0, 0, P); }});
+    add("prompt_embeddings", prompt->embedding, [P](const torch::Tensor& t) { return t.narrow(0, 0, P); });
   } else if (method == "prefix_tuning") {
     auto* prefix = dynamic_cast<PrefixTuningImpl*>(entry.attachments.front().delta.get());
     const int64_t L = c.at("num_layers"), S = int64_t(entry.attachments.size());
-    out.push_back({"prompt_embeddings", prefix->embedding,
-                   [L, S](const torch::Tensor& t) { return prefix_table_from_peft(t, L, S); }});
+    add("prompt_embeddings", prefix->embedding, [L, S](const torch::Tensor& t) { return prefix_table_from_peft(t, L, S); });
   }
   return out;
 }
 
 // The file's tensors into the delta's parameters, or one error listing every mismatch.
 inline void copy_peft_tensors(const DeltaModel::Entry& entry, const nlohmann::json& c, const std::string& path) {
-  auto file = read_safetensors(path);
-  std::vector<std::pair<torch::Tensor, torch::Tensor>> copies;
-  std::vector<std::string> problems;
-  for (auto& target : peft_targets(entry, c)) {
-    auto it = file.tensors.find(target.key);
-    if (it == file.tensors.end()) {
-      problems.push_back("missing " + target.key);
-      continue;
-    }
-    const auto& t = it->second;
-    torch::Tensor value;
-    if (t.is_floating_point()) {
-      try {
-        value = target.convert(t);
-      } catch (const c10::Error&) {  // a reshape or narrow the file's shape does not allow
-      }
-    }
-    if (!value.defined() || value.sizes() != target.parameter.sizes())
-      problems.push_back(fmt::format("{}: file {} {}, this model needs {} in peft's layout", target.key,
-                                     c10::toString(t.scalar_type()), t.sizes(), target.parameter.sizes()));
-    else
-      copies.emplace_back(target.parameter, value);
-    file.tensors.erase(it);
-  }
-  for (const auto& [key, t] : file.tensors) problems.push_back("unexpected " + key + " (names no site of this delta)");
-  check<CheckpointError>(problems.empty(), "{} does not fit the peft config beside it on this model:\n  {}", path,
-                         fmt::join(problems, "\n  "));
-  torch::NoGradGuard no_grad;
-  for (auto& [parameter, value] : copies) parameter.copy_(value.to(parameter.dtype()));
+  const TensorMatch match(peft_slots(entry, c), read_safetensors(path).tensors);
+  check<CheckpointError>(match.fits(), "{} does not fit the peft config beside it on this model (shapes as peft "
+                         "stores them; an unexpected tensor names no site of this delta):{}", path, match.problems());
+  match.copy();
 }
 
 }  // namespace detail
