@@ -100,21 +100,35 @@ struct TempDir {
   }
 };
 
+// Where the golden fixtures are: DELTATUNE_GOLDEN_DIR, else build/golden as compiled in.
+inline std::filesystem::path golden_root() {
+  const char* root = std::getenv("DELTATUNE_GOLDEN_DIR");
+  return root != nullptr ? root : DELTATUNE_TEST_GOLDEN_DIR;
+}
+
+// Where a case writes files that a Python check run by ctest after it reads (peft_export,
+// adapters_roundtrip): the folder in environment variable `env`, else build/<name>, beside
+// the golden fixtures. An environment variable, not a compile definition, so that ccache
+// shares the test objects between build folders.
+inline std::filesystem::path python_check_dir(const char* env, const std::string& name) {
+  const char* dir = std::getenv(env);
+  return dir != nullptr ? std::filesystem::path(dir) : golden_root().parent_path() / name;
+}
+
 // The folder tools/golden/<name>.py wrote its fixtures to (ctest runs it first), or
 // nullopt after a warning that makes ctest report the case as skipped: the folder is
 // unknown (the test runner was started outside ctest) or the references are not installed.
 inline std::optional<std::filesystem::path> golden_dir(const std::string& name) {
-  const char* root = std::getenv("DELTATUNE_GOLDEN_DIR");
-  if (root == nullptr) root = DELTATUNE_TEST_GOLDEN_DIR;
-  const std::filesystem::path dir = std::filesystem::path(root) / name;
-  if (std::filesystem::exists(std::filesystem::path(root) / "UNAVAILABLE")) {
-    std::ifstream why(std::filesystem::path(root) / "UNAVAILABLE");
+  const auto root = golden_root();
+  const std::filesystem::path dir = root / name;
+  if (std::filesystem::exists(root / "UNAVAILABLE")) {
+    std::ifstream why(root / "UNAVAILABLE");
     std::string reason((std::istreambuf_iterator<char>(why)), std::istreambuf_iterator<char>());
     CATCH_WARN("golden tests skipped: " << reason);
     return std::nullopt;
   }
   if (!std::filesystem::exists(dir / "STAMP")) {
-    CATCH_FAIL("golden fixture '" << name << "' is missing from " << root
+    CATCH_FAIL("golden fixture '" << name << "' is missing from " << root.string()
                                   << ": tools/golden/make_fixtures.py should have written it");
   }
   return dir;

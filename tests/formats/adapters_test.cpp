@@ -44,13 +44,6 @@ void check_close(const torch::Tensor& actual, const torch::Tensor& expected, con
   CATCH_CHECK(dt::testing::close(actual, expected, {kTol, kTol}));
 }
 
-// Where ctest's adapters_roundtrip_python reads our saves: DELTATUNE_ADAPTERS_ROUNDTRIP_DIR,
-// else build/adapters_roundtrip beside build/golden (as peft_test.cpp's export folder).
-fs::path roundtrip_dir(const fs::path& golden) {
-  const char* env = std::getenv("DELTATUNE_ADAPTERS_ROUNDTRIP_DIR");
-  return env ? fs::path(env) : golden.parent_path().parent_path() / "adapters_roundtrip";
-}
-
 // Copies a fixture's adapter folder to `to`, file by file.
 void copy_folder(const fs::path& from, const fs::path& to) {
   fs::create_directories(to);
@@ -89,7 +82,8 @@ CATCH_TEST_CASE("adapters' whole-model adapters load and match its logits and gr
         torch::NoGradGuard no_grad;
         for (auto& [key, p] : state) p.add_(torch::randn_like(p), 0.1);
       }
-      const auto out = roundtrip_dir(*root) / model_name / c;
+      const auto out = dt::testing::python_check_dir("DELTATUNE_ADAPTERS_ROUNDTRIP_DIR", "adapters_roundtrip") /
+                       model_name / c;
       dt::save_adapters(model, c, out.string());
       torch::NoGradGuard no_grad;
       const auto ours = backbone.logits();

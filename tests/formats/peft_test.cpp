@@ -118,8 +118,7 @@ CATCH_TEST_CASE("peft adapters load with peft's outputs and gradients, and save 
 CATCH_TEST_CASE("peft adapters trained here are written for Python peft to check", "[.][peft_export]") {
   auto dir = dt::testing::golden_dir("peft_models");
   if (!dir) return;
-  const char* env = std::getenv("DELTATUNE_PEFT_EXPORT_DIR");
-  const fs::path out = env ? fs::path(env) : dir->parent_path().parent_path() / "peft_export";
+  const auto out = dt::testing::python_check_dir("DELTATUNE_PEFT_EXPORT_DIR", "peft_export");
   fs::create_directories(out);
   fs::remove(out / "cases.json");  // written last: its absence says the export did not finish
   for (const auto& c : kCases) {
