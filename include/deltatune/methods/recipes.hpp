@@ -110,7 +110,7 @@ class IA3Recipe : public detail::RecipeBase<IA3Options> {
 // to the frozen one where it has), and the backbone's LayerNorm biases where they exist.
 class BitFitRecipe : public detail::RecipeBase<BitFitOptions> {
  public:
-  explicit BitFitRecipe(BitFitOptions options = {})
+  explicit BitFitRecipe(BitFitOptions options = BitFitOptions())
       : RecipeBase(std::move(options), Site::Kind::linear, detail::kEveryLinear) {}
   std::string method() const override { return "bitfit"; }
   nlohmann::json options_json() const override { return nlohmann::json::object(); }
