@@ -5,15 +5,19 @@
 //
 // Prints one JSON line (prefix "JSON ").
 //   delta_bench --model DIR --method M [--mode train|infer] [--batch 8] [--src 128] [--tgt 8]
-//               [--steps 5] [--warmup 2] [--threads 0] [--device cpu|cuda]
+//               [--steps 5] [--warmup 2] [--threads 0] [--device cpu|cuda] [--profile 0|1]
 // Methods: full, lora, ia3, prefix, prompt, houlsby, compacter, compacter++, bitfit; for
 // --mode infer also bare (no delta) and lora-merged.
 //
 // Peak memory: on CPU the process's RSS high-water mark (VmHWM), reset after loading the
 // model so that the checkpoint's transient copy does not count (load_peak_mb reports it); on
 // CUDA the caching allocator's peak allocated bytes.
+//
+// --profile 1: after the timed steps, as many again under an operator profile (op_profile.hpp),
+// printed per step with those steps' median time as a second line (prefix "OPS ").
 #include <deltatune/deltatune.hpp>
 
+#include "op_profile.hpp"
 #include "timing.hpp"
 
 #include <fstream>
@@ -93,7 +97,7 @@ int main(int argc, char** argv) try {
   std::map<std::string, std::string> flags{{"--model", ""},    {"--method", "full"}, {"--mode", "train"},
                                            {"--batch", "8"},   {"--src", "128"},     {"--tgt", "8"},
                                            {"--steps", "5"},   {"--warmup", "2"},    {"--threads", "0"},
-                                           {"--device", "cpu"}, {"--lr", "1e-4"}};
+                                           {"--device", "cpu"}, {"--lr", "1e-4"}, {"--profile", "0"}};
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!flags.count(argv[i])) throw dt::OptionError(fmt::format("delta_bench: unknown flag {}", argv[i]));
     flags[argv[i]] = argv[i + 1];
@@ -146,6 +150,12 @@ int main(int argc, char** argv) try {
                               {"trainable", trainable}}
                    .dump()
             << "\n";
+  if (num("--profile") != 0) {
+    const deltatune::bench::OperatorProfile profile;
+    const auto profiled = times_ms(step, int(num("--steps")), 0, device);
+    std::cout << "OPS " << nlohmann::json{{"step_ms", median(profiled)}, {"ops", profile.per_step(int(num("--steps")))}}.dump()
+              << "\n";
+  }
   return 0;
 } catch (const std::exception& e) {
   std::cerr << "delta_bench: " << e.what() << "\n";

@@ -17,8 +17,12 @@ copies do not count) on CPU; max_memory_allocated on CUDA.
 
     ~/.cache/deltatune/venv/bin/python benchmarks/peft_bench.py [--device cpu|cuda] [--full]
         [--rows REGEX] [--steps N] [--warmup N] [--threads N] [--out benchmarks/results/cpu.json]
+        [--profile N]
 
 Writes the JSON (--out) and a Markdown table beside it (.md) after every row, and prints the table.
+With --profile N, both sides also run their steps again under an operator profile (ours:
+benchmarks/op_profile.hpp, the peer: torch.profiler; both built on RecordFunction, so the names
+match) and each row prints the N operators whose self time per step differs most.
 """
 import argparse
 import json
@@ -179,10 +183,25 @@ def worker(spec):
     times = timed_ms(train_step if spec["mode"] == "train" else infer_step, spec["steps"], spec["warmup"],
                      torch.cuda.synchronize if cuda else lambda: None)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else proc_status_mb("VmHWM")
+    step = train_step if spec["mode"] == "train" else infer_step
+    ops = operator_profile(step, spec["steps"]) if spec.get("profile") else None
     print("JSON " + json.dumps({"impl": "peer", "method": spec["method"], "mode": spec["mode"],
                                 "threads": torch.get_num_threads(), "times_ms": times,
                                 "median_ms": statistics.median(times), "peak_mb": peak, "load_peak_mb": load_peak,
                                 "trainable": sum(p.numel() for p in params)}))
+    if ops is not None:
+        print("OPS " + json.dumps(ops))
+
+
+def operator_profile(step, steps):
+    """Calls and self milliseconds per step of each operator over `steps` more steps, and
+    those steps' median time."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        times = timed_ms(step, steps, 0, lambda: None)
+    return {"step_ms": statistics.median(times),
+            "ops": {e.key: {"calls": e.count / steps, "self_ms": e.self_cpu_time_total / 1e3 / steps}
+                    for e in prof.key_averages()}}
 
 
 # ---- the driver ----
@@ -191,7 +210,31 @@ def json_result(returncode, stdout, stderr):
     lines = [line[5:] for line in stdout.splitlines() if line.startswith("JSON ")]
     if returncode != 0 or not lines:
         return {"error": (stderr.strip().splitlines() or ["no output"])[-1][:300]}
-    return json.loads(lines[-1])
+    result = json.loads(lines[-1])
+    ops = [line[4:] for line in stdout.splitlines() if line.startswith("OPS ")]
+    if ops:
+        result["ops"] = json.loads(ops[-1])
+    return result
+
+
+def profile_table(ours, theirs, top):
+    """The `top` operators whose self time per step differs most between the two profiles,
+    then all operators' time and the rest of the step (outside any operator: the optimizer's
+    and autograd's bookkeeping, the interpreter, freeing memory)."""
+    o_ops, t_ops = ours["ops"], theirs["ops"]
+    names = sorted(set(o_ops) | set(t_ops), key=lambda n: -abs(o_ops.get(n, {}).get("self_ms", 0)
+                                                               - t_ops.get(n, {}).get("self_ms", 0)))
+    zero = {"calls": 0, "self_ms": 0}
+    lines = ["| operator | ours calls/step | peer calls/step | ours self ms/step | peer self ms/step |",
+             "|---|---|---|---|---|"]
+    for n in names[:top]:
+        o, t = o_ops.get(n, zero), t_ops.get(n, zero)
+        lines.append(f"| {n} | {o['calls']:.0f} | {t['calls']:.0f} | {o['self_ms']:.1f} | {t['self_ms']:.1f} |")
+    total = [sum(p[n]["self_ms"] for n in p) for p in (o_ops, t_ops)]
+    lines.append(f"| (all operators) | | | {total[0]:.1f} | {total[1]:.1f} |")
+    lines.append(f"| (outside operators) | | | {ours['step_ms'] - total[0]:.1f} | {theirs['step_ms'] - total[1]:.1f} |")
+    lines.append(f"| (profiled step) | | | {ours['step_ms']:.1f} | {theirs['step_ms']:.1f} |")
+    return "\n".join(lines)
 
 
 def run_json(command):
@@ -228,12 +271,14 @@ def in_child(function, *args):
 def measure(r, a, folder):
     steps = r["steps"] or a.steps
     flags = dict(batch=r["batch"], src=r["src"], tgt=r["tgt"], steps=steps, warmup=a.warmup, threads=a.threads,
-                 device=a.device)
+                 device=a.device, profile=int(a.profile > 0))
     ours = run_json([str(a.bin), "--model", str(folder), "--method", r["method"], "--mode", r["mode"],
                      *[x for k, v in flags.items() for x in (f"--{k}", str(v))]])
     spec = dict(flags, folder=str(folder), model=r["model"], method=r["method"], mode=r["mode"])
     peer = in_child(worker, spec)
     tokens = r["batch"] * (r["src"] + r["tgt"])
+    if "ops" in ours and "ops" in peer:
+        print(profile_table(ours.pop("ops"), peer.pop("ops"), a.profile), flush=True)
     out = dict(r, steps=steps, peer=PEER[r["method"]], ours=ours, theirs=peer, load_1m=os.getloadavg()[0])
     for side, result in (("ours", ours), ("theirs", peer)):
         if "median_ms" in result:
@@ -305,6 +350,8 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="both sides; 0: torch's default")
     parser.add_argument("--bin", type=Path, default=ROOT / "build/benchmarks/delta_bench")
     parser.add_argument("--models", type=Path, default=ROOT / "build/bench_models", help="where the random T5s go")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile both sides' operators too and print the N that differ most per row")
     parser.add_argument("--out", type=Path, default=None, help="JSON results; the Markdown table goes beside it")
     a = parser.parse_args()
     if a.worker:
