@@ -6,12 +6,17 @@
 // Prints one JSON line (prefix "JSON ").
 //   delta_bench --model DIR --method M [--mode train|infer] [--batch 8] [--src 128] [--tgt 8]
 //               [--steps 5] [--warmup 2] [--threads 0] [--device cpu|cuda] [--profile 0|1]
+//               [--interleave N]
 // Methods: full, lora, ia3, prefix, prompt, houlsby, compacter, compacter++, bitfit; for
 // --mode infer also bare (no delta) and lora-merged.
 //
 // Peak memory: on CPU the process's RSS high-water mark (VmHWM), reset after loading the
 // model so that the checkpoint's transient copy does not count (load_peak_mb reports it); on
 // CUDA the caching allocator's peak allocated bytes.
+//
+// --interleave N (inference, a method): after the timed steps, N forwards of the model with the
+// method alternate with N of a second, bare copy of the backbone, and the median of the N
+// paired ratios is reported (interleaved_ratio): both see the same machine, however it drifts.
 //
 // --profile 1: after the timed steps, as many again under an operator profile (op_profile.hpp),
 // printed per step with those steps' median time as a second line (prefix "OPS ").
@@ -91,13 +96,28 @@ void to_device(dt::DeltaModel& model, const torch::Device& device) {
   }
 }
 
+// n forwards of `step` alternating with n of `bare_step`: their medians and the median of the
+// n ratios step / bare_step, each pair timed back to back.
+nlohmann::json interleaved(const std::function<void()>& step, const std::function<void()>& bare_step, int n,
+                           const torch::Device& device) {
+  std::vector<double> with, without, ratios;
+  for (int i = 0; i < n; ++i) {
+    with.push_back(times_ms(step, 1, 0, device)[0]);
+    without.push_back(times_ms(bare_step, 1, 0, device)[0]);
+    ratios.push_back(with.back() / without.back());
+  }
+  return {{"interleaved_ms", median(with)}, {"interleaved_bare_ms", median(without)},
+          {"interleaved_ratio", median(ratios)}};
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
   std::map<std::string, std::string> flags{{"--model", ""},    {"--method", "full"}, {"--mode", "train"},
                                            {"--batch", "8"},   {"--src", "128"},     {"--tgt", "8"},
                                            {"--steps", "5"},   {"--warmup", "2"},    {"--threads", "0"},
-                                           {"--device", "cpu"}, {"--lr", "1e-4"}, {"--profile", "0"}};
+                                           {"--device", "cpu"}, {"--lr", "1e-4"}, {"--profile", "0"},
+                                           {"--interleave", "0"}};
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!flags.count(argv[i])) throw dt::OptionError(fmt::format("delta_bench: unknown flag {}", argv[i]));
     flags[argv[i]] = argv[i + 1];
@@ -142,14 +162,22 @@ int main(int argc, char** argv) try {
   const auto times = times_ms(step, int(num("--steps")), int(num("--warmup")), device);
   int64_t trainable = 0;
   for (const auto& p : params) trainable += p.numel();
-  std::cout << "JSON "
-            << nlohmann::json{{"impl", "deltatune"},         {"method", method},
-                              {"mode", flags["--mode"]},     {"threads", at::get_num_threads()},
-                              {"times_ms", times},           {"median_ms", median(times)},
-                              {"peak_mb", peak_mb(device)},  {"load_peak_mb", load_peak},
-                              {"trainable", trainable}}
-                   .dump()
-            << "\n";
+  nlohmann::json result{{"impl", "deltatune"},         {"method", method},
+                        {"mode", flags["--mode"]},     {"threads", at::get_num_threads()},
+                        {"times_ms", times},           {"median_ms", median(times)},
+                        {"peak_mb", peak_mb(device)},  {"load_peak_mb", load_peak},
+                        {"trainable", trainable}};
+  if (!train && method != "bare" && num("--interleave") > 0) {
+    auto bare = dt::backbones::load_t5(flags["--model"]);
+    bare->to(device);
+    bare->eval();
+    const auto bare_step = [&] {
+      torch::NoGradGuard no_grad;
+      bare->forward(input_ids, attention_mask, {}, labels);
+    };
+    result.update(interleaved(step, bare_step, int(num("--interleave")), device));
+  }
+  std::cout << "JSON " << result.dump() << "\n";
   if (num("--profile") != 0) {
     const deltatune::bench::OperatorProfile profile;
     const auto profiled = times_ms(step, int(num("--steps")), 0, device);

@@ -17,12 +17,15 @@ copies do not count) on CPU; max_memory_allocated on CUDA.
 
     ~/.cache/deltatune/venv/bin/python benchmarks/peft_bench.py [--device cpu|cuda] [--full]
         [--rows REGEX] [--steps N] [--warmup N] [--threads N] [--out benchmarks/results/cpu.json]
-        [--profile N]
+        [--profile N] [--interleave N]
 
 Writes the JSON (--out) and a Markdown table beside it (.md) after every row, and prints the table.
 With --profile N, both sides also run their steps again under an operator profile (ours:
 benchmarks/op_profile.hpp, the peer: torch.profiler; both built on RecordFunction, so the names
 match) and each row prints the N operators whose self time per step differs most.
+With --interleave N, an inference row of a method also runs N forwards alternating with N of a
+bare copy of the backbone in the same process, and its time / bare figure becomes the median of
+those N paired ratios: both forwards of a pair see the same machine, however it drifts.
 """
 import argparse
 import json
@@ -185,12 +188,32 @@ def worker(spec):
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else proc_status_mb("VmHWM")
     step = train_step if spec["mode"] == "train" else infer_step
     ops = operator_profile(step, spec["steps"]) if spec.get("profile") else None
-    print("JSON " + json.dumps({"impl": "peer", "method": spec["method"], "mode": spec["mode"],
-                                "threads": torch.get_num_threads(), "times_ms": times,
-                                "median_ms": statistics.median(times), "peak_mb": peak, "load_peak_mb": load_peak,
-                                "trainable": sum(p.numel() for p in params)}))
+    result = {"impl": "peer", "method": spec["method"], "mode": spec["mode"], "threads": torch.get_num_threads(),
+              "times_ms": times, "median_ms": statistics.median(times), "peak_mb": peak, "load_peak_mb": load_peak,
+              "trainable": sum(p.numel() for p in params)}
+    if spec["mode"] == "infer" and spec["method"] != "bare" and spec.get("interleave", 0) > 0:
+        bare, _ = peer_model(spec["folder"], "bare")
+        bare.to(device).eval()
+
+        def bare_step():
+            with torch.no_grad():
+                bare(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+        sync = torch.cuda.synchronize if cuda else lambda: None
+        result.update(interleaved(infer_step, bare_step, spec["interleave"], sync))
+    print("JSON " + json.dumps(result))
     if ops is not None:
         print("OPS " + json.dumps(ops))
+
+
+def interleaved(step, bare_step, n, sync):
+    """n calls of step() alternating with n of bare_step(): their medians and the median of the
+    n ratios step / bare_step, each pair timed back to back."""
+    with_, without = [], []
+    for _ in range(n):
+        with_ += timed_ms(step, 1, 0, sync)
+        without += timed_ms(bare_step, 1, 0, sync)
+    return {"interleaved_ms": statistics.median(with_), "interleaved_bare_ms": statistics.median(without),
+            "interleaved_ratio": statistics.median(w / b for w, b in zip(with_, without))}
 
 
 def operator_profile(step, steps):
@@ -271,7 +294,7 @@ def in_child(function, *args):
 def measure(r, a, folder):
     steps = r["steps"] or a.steps
     flags = dict(batch=r["batch"], src=r["src"], tgt=r["tgt"], steps=steps, warmup=a.warmup, threads=a.threads,
-                 device=a.device, profile=int(a.profile > 0))
+                 device=a.device, profile=int(a.profile > 0), interleave=a.interleave)
     ours = run_json([str(a.bin), "--model", str(folder), "--method", r["method"], "--mode", r["mode"],
                      *[x for k, v in flags.items() for x in (f"--{k}", str(v))]])
     spec = dict(flags, folder=str(folder), model=r["model"], method=r["method"], mode=r["mode"])
@@ -305,6 +328,8 @@ def add_baseline_ratios(results):
             if "median_ms" in r[side] and "median_ms" in b[side]:
                 r[side]["time_vs_base"] = r[side]["median_ms"] / b[side]["median_ms"]
                 r[side]["memory_vs_base"] = r[side]["peak_mb"] / b[side]["peak_mb"]
+            if "interleaved_ratio" in r[side]:  # measured beside the bare model: the better figure
+                r[side]["time_vs_base"] = r[side]["interleaved_ratio"]
 
 
 def fmt(x, spec):
@@ -352,6 +377,9 @@ def main():
     parser.add_argument("--models", type=Path, default=ROOT / "build/bench_models", help="where the random T5s go")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile both sides' operators too and print the N that differ most per row")
+    parser.add_argument("--interleave", type=int, default=0, metavar="N",
+                        help="inference rows: also N forwards alternating with a bare copy of the backbone in the "
+                             "same process; the time / bare columns then give the median of those paired ratios")
     parser.add_argument("--out", type=Path, default=None, help="JSON results; the Markdown table goes beside it")
     a = parser.parse_args()
     if a.worker:
