@@ -183,10 +183,10 @@ def worker(spec):
         torch.cuda.reset_peak_memory_stats(device)
     else:
         Path("/proc/self/clear_refs").write_text("5")
-    times = timed_ms(train_step if spec["mode"] == "train" else infer_step, spec["steps"], spec["warmup"],
-                     torch.cuda.synchronize if cuda else lambda: None)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else proc_status_mb("VmHWM")
     step = train_step if spec["mode"] == "train" else infer_step
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    times = timed_ms(step, spec["steps"], spec["warmup"], sync)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else proc_status_mb("VmHWM")
     ops = operator_profile(step, spec["steps"]) if spec.get("profile") else None
     result = {"impl": "peer", "method": spec["method"], "mode": spec["mode"], "threads": torch.get_num_threads(),
               "times_ms": times, "median_ms": statistics.median(times), "peak_mb": peak, "load_peak_mb": load_peak,
@@ -198,7 +198,6 @@ def worker(spec):
         def bare_step():
             with torch.no_grad():
                 bare(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
-        sync = torch.cuda.synchronize if cuda else lambda: None
         result.update(interleaved(infer_step, bare_step, spec["interleave"], sync))
     print("JSON " + json.dumps(result))
     if ops is not None:
