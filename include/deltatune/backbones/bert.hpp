@@ -19,6 +19,7 @@
 #include <vector>
 
 #include <deltatune/backbones/checkpoint.hpp>
+#include <deltatune/backbones/dropout.hpp>
 #include <deltatune/core/error.hpp>
 #include <deltatune/core/site.hpp>
 
@@ -131,7 +132,7 @@ class BertEmbeddingsImpl : public torch::nn::Module, public PromptSite {
     token_type_embeddings =
         register_module("token_type_embeddings", torch::nn::Embedding(c.type_vocab_size(), c.hidden_size()));
     layer_norm = register_module("LayerNorm", detail::bert_layer_norm(c));
-    dropout = register_module("dropout", torch::nn::Dropout(c.hidden_dropout_prob()));
+    dropout = register_module("dropout", Dropout(c.hidden_dropout_prob()));
     embedding_table = word_embeddings->weight;  // prompt tuning starts from its rows
   }
 
@@ -154,11 +155,11 @@ class BertEmbeddingsImpl : public torch::nn::Module, public PromptSite {
   int64_t max_positions;
   torch::nn::Embedding word_embeddings{nullptr}, position_embeddings{nullptr}, token_type_embeddings{nullptr};
   torch::nn::LayerNorm layer_norm{nullptr};
-  torch::nn::Dropout dropout{nullptr};
+  Dropout dropout{nullptr};
 };
 TORCH_MODULE(BertEmbeddings);
 
-// Multi-head self-attention through fused scaled-dot-product attention. Prefix deltas
+// Multi-head self-attention through detail::attention (torch's fused kernels). Prefix deltas
 // prepend their keys and values after the projections; prefix positions are never masked.
 class BertSelfAttentionImpl : public torch::nn::Module, public AttentionSite {
  public:
@@ -185,8 +186,8 @@ class BertSelfAttentionImpl : public torch::nn::Module, public AttentionSite {
     };
     std::optional<torch::Tensor> attn_mask;
     if (attend.defined()) attn_mask = attend.view({batch, 1, 1, attend.size(1)});  // keys only
-    auto context = torch::scaled_dot_product_attention(split(query(hidden)), split(k), split(v), attn_mask,
-                                                       is_training() ? dropout_p : 0.0);  // (B, H, T, d / H)
+    auto context = detail::attention(split(query(hidden)), split(k), split(v), attn_mask, dropout_p,
+                                     is_training());  // (B, H, T, d / H)
     return context.transpose(1, 2).reshape({batch, length, d});
   }
 
@@ -205,7 +206,7 @@ class BertSublayerOutputImpl : public torch::nn::Module, public OutputSite {
     dense = register_module("dense", FrozenLinear(in_features, c.hidden_size(), true));
     output_features = c.hidden_size();  // what an adapter is sized by
     layer_norm = register_module("LayerNorm", detail::bert_layer_norm(c));
-    dropout = register_module("dropout", torch::nn::Dropout(c.hidden_dropout_prob()));
+    dropout = register_module("dropout", Dropout(c.hidden_dropout_prob()));
   }
 
   // hidden (B, T, in), input_tensor (B, T, d) the sublayer's input -> (B, T, d).
@@ -215,7 +216,7 @@ class BertSublayerOutputImpl : public torch::nn::Module, public OutputSite {
 
   FrozenLinear dense{nullptr};
   torch::nn::LayerNorm layer_norm{nullptr};
-  torch::nn::Dropout dropout{nullptr};
+  Dropout dropout{nullptr};
 };
 TORCH_MODULE(BertSublayerOutput);
 
@@ -380,7 +381,7 @@ class BertForSequenceClassificationImpl : public torch::nn::Module {
  public:
   explicit BertForSequenceClassificationImpl(BertConfig config) : config(std::move(config)) {
     bert = register_module("bert", BertModel(this->config));
-    dropout = register_module("dropout", torch::nn::Dropout(this->config.classifier_dropout().value_or(
+    dropout = register_module("dropout", Dropout(this->config.classifier_dropout().value_or(
                                              this->config.hidden_dropout_prob())));
     classifier = register_module("classifier", FrozenLinear(this->config.hidden_size(), this->config.num_labels(), true));
     reset_classifier();
@@ -406,7 +407,7 @@ class BertForSequenceClassificationImpl : public torch::nn::Module {
 
   BertConfig config;
   BertModel bert{nullptr};
-  torch::nn::Dropout dropout{nullptr};
+  Dropout dropout{nullptr};
   FrozenLinear classifier{nullptr};
 };
 TORCH_MODULE(BertForSequenceClassification);

@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include <deltatune/backbones/checkpoint.hpp>
+#include <deltatune/backbones/dropout.hpp>
 #include <deltatune/core/error.hpp>
 #include <deltatune/core/site.hpp>
 
@@ -350,8 +351,7 @@ class T5AttentionImpl : public torch::nn::Module, public AttentionSite {
       if (cache != nullptr) *cache = kv;
     }
     auto bias = mask.get(kv.prefix, query.size(2), kv.key.size(2), query.options());
-    auto out = torch::scaled_dot_product_attention(query, kv.key, kv.value, bias, is_training() ? dropout_rate : 0.0,
-                                                   /*is_causal=*/false, /*scale=*/1.0);  // (B, H, Tq, d_kv)
+    auto out = detail::attention(query, kv.key, kv.value, bias, dropout_rate, is_training(), /*scale=*/1.0);
     return o(out.transpose(1, 2).reshape({x.size(0), x.size(1), num_heads * d_kv}));
   }
 
@@ -410,20 +410,27 @@ class T5DenseImpl : public torch::nn::Module {
       wi = register_module("wi", FrozenLinear(c.d_model(), c.d_ff(), false));
     }
     wo = register_module("wo", FrozenLinear(c.d_ff(), c.d_model(), false));
-    dropout = register_module("dropout", torch::nn::Dropout(c.dropout_rate()));
+    dropout = register_module("dropout", Dropout(c.dropout_rate()));
   }
 
   // (B, T, d) -> (B, T, d_ff) -> (B, T, d)
   torch::Tensor forward(const torch::Tensor& x) {
-    auto h = gated ? detail::activate(activation, wi_0(x)) * wi_1(x) : detail::activate(activation, wi(x));
     // transformers keeps wo in float32 when the rest is half precision; follow its dtype.
-    return wo(dropout(h).to(wo->weight.scalar_type()));
+    return wo(hidden(x).to(wo->weight.scalar_type()));
   }
 
   bool gated;
   detail::T5Activation activation;
   FrozenLinear wi{nullptr}, wi_0{nullptr}, wi_1{nullptr}, wo{nullptr};
-  torch::nn::Dropout dropout{nullptr};
+  Dropout dropout{nullptr};
+
+ private:
+  // dropout(act(wi x)) or dropout(act(wi_0 x) * wi_1 x); ReLU and dropout in one step, keeping one mask.
+  torch::Tensor hidden(const torch::Tensor& x) {
+    if (gated) return dropout(detail::activate(activation, wi_0(x)) * wi_1(x));
+    if (activation == detail::T5Activation::relu) return detail::relu_dropout(wi(x), dropout->p, is_training());
+    return dropout(detail::activate(activation, wi(x)));
+  }
 };
 TORCH_MODULE(T5Dense);
 
@@ -432,13 +439,13 @@ TORCH_MODULE(T5Dense);
 class T5SublayerImpl : public torch::nn::Module, public OutputSite {
  public:
   T5LayerNorm layer_norm{nullptr};
-  torch::nn::Dropout dropout{nullptr};
+  Dropout dropout{nullptr};
 
  protected:
   // After the body's registration, as transformers orders them.
   void register_norm_and_dropout(const T5Config& c) {
     layer_norm = register_module("layer_norm", T5LayerNorm(c.d_model(), c.layer_norm_epsilon()));
-    dropout = register_module("dropout", torch::nn::Dropout(c.dropout_rate()));
+    dropout = register_module("dropout", Dropout(c.dropout_rate()));
     output_features = c.d_model();  // what an adapter is sized by
   }
   torch::Tensor finish_sublayer(const torch::Tensor& body_output, const torch::Tensor& residual) {
@@ -532,13 +539,13 @@ class T5StackImpl : public torch::nn::Module {
       block->push_back(blocks.back());
     }
     final_layer_norm = register_module("final_layer_norm", T5LayerNorm(c.d_model(), c.layer_norm_epsilon()));
-    dropout = register_module("dropout", torch::nn::Dropout(c.dropout_rate()));
+    dropout = register_module("dropout", Dropout(c.dropout_rate()));
   }
 
   torch::nn::ModuleList block{nullptr};
   std::vector<T5Block> blocks;
   T5LayerNorm final_layer_norm{nullptr};
-  torch::nn::Dropout dropout{nullptr};
+  Dropout dropout{nullptr};
 
  protected:
   // Block 0's relative position bias, which every block of the stack uses.

@@ -1,0 +1,97 @@
+// Tests of backbones/dropout.hpp: each one-byte-mask operation against the same operations
+// composed from torch's with autograd, drawing the same random mask (same seed, same draw).
+#include <deltatune/backbones/dropout.hpp>
+
+#include "test_support.hpp"
+
+namespace dt = deltatune;
+using dt::testing::close;
+using dt::testing::describe_difference;
+
+namespace {
+
+constexpr double kDropout = 0.3;
+
+torch::Tensor leaf(std::vector<int64_t> shape) { return torch::randn(shape, torch::kDouble).requires_grad_(true); }
+
+// Gradients of sum(out * R) for a fixed random R.
+std::vector<torch::Tensor> grads_of(const torch::Tensor& out, const std::vector<torch::Tensor>& inputs) {
+  torch::manual_seed(99);
+  return torch::autograd::grad({(out * torch::randn_like(out)).sum()}, inputs);
+}
+
+void check_same(const torch::Tensor& ours, const torch::Tensor& reference, const std::vector<torch::Tensor>& inputs) {
+  CATCH_CHECK(close(ours, reference, {1e-12, 1e-12}));
+  const auto ours_grads = grads_of(ours, inputs), reference_grads = grads_of(reference, inputs);
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    CATCH_INFO("input " << i << ": " << describe_difference(ours_grads[i], reference_grads[i]));
+    CATCH_CHECK(close(ours_grads[i], reference_grads[i], {1e-12, 1e-12}));
+  }
+}
+
+// torch's math for attention with dropout, the probabilities dropped by native_dropout.
+torch::Tensor reference_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                  const torch::Tensor& scores_mask, double scale) {
+  auto scores = (q * scale).matmul(k.transpose(-2, -1));
+  scores = scores_mask.scalar_type() == torch::kBool
+               ? scores.masked_fill(scores_mask.logical_not(), -std::numeric_limits<double>::infinity())
+               : scores + scores_mask;
+  return std::get<0>(at::native_dropout(at::_safe_softmax(scores, -1), kDropout, true)).matmul(v);
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("dropout keeps torch's distribution and is the identity when not training", "[dropout]") {
+  auto x = leaf({64, 32});
+  CATCH_CHECK(dt::detail::dropout(x, kDropout, /*training=*/false).is_same(x));
+  CATCH_CHECK(dt::detail::dropout(x, 0.0, /*training=*/true).is_same(x));
+  torch::manual_seed(5);
+  const auto ours = dt::detail::dropout(x, kDropout, true);
+  torch::manual_seed(5);
+  check_same(ours, std::get<0>(at::native_dropout(x, kDropout, true)), {x});
+  // Every element is dropped or scaled by 1 / (1 - p).
+  const auto kept = ours != 0;
+  CATCH_CHECK(close(ours.masked_select(kept), x.masked_select(kept) / (1 - kDropout), {1e-12, 1e-12}));
+  CATCH_CHECK(std::abs(kept.to(torch::kDouble).mean().item<double>() - (1 - kDropout)) < 0.05);
+}
+
+CATCH_TEST_CASE("relu_dropout is dropout(relu(h)) with torch's gradient", "[dropout]") {
+  auto h = leaf({4, 8, 16});
+  CATCH_CHECK(torch::equal(dt::detail::relu_dropout(h, kDropout, /*training=*/false), torch::relu(h)));
+  torch::manual_seed(7);
+  const auto ours = dt::detail::relu_dropout(h, kDropout, true);
+  torch::manual_seed(7);
+  check_same(ours, std::get<0>(at::native_dropout(torch::relu(h), kDropout, true)), {h});
+}
+
+CATCH_TEST_CASE("attention with dropout in training matches torch's math, additive mask included", "[dropout]") {
+  auto q = leaf({2, 3, 5, 4}), k = leaf({2, 3, 6, 4}), v = leaf({2, 3, 6, 4});
+  auto bias = leaf({1, 3, 5, 6});  // T5's position bias is trained in full fine-tuning
+  torch::manual_seed(11);
+  const auto ours = dt::detail::attention(q, k, v, bias, kDropout, /*training=*/true, /*scale=*/1.0);
+  torch::manual_seed(11);
+  check_same(ours, reference_attention(q, k, v, bias, 1.0), {q, k, v, bias});
+}
+
+CATCH_TEST_CASE("attention with a bool mask scales by 1/sqrt(d) and leaves a fully masked row zero", "[dropout]") {
+  auto q = leaf({2, 2, 3, 4}), k = leaf({2, 2, 5, 4}), v = leaf({2, 2, 5, 4});
+  auto attend = torch::ones({2, 1, 1, 5}, torch::kBool);
+  attend.index_put_({1, 0, 0, torch::indexing::Slice(3)}, false);
+  torch::manual_seed(13);
+  const auto ours = dt::detail::attention(q, k, v, attend, kDropout, /*training=*/true);
+  torch::manual_seed(13);
+  check_same(ours, reference_attention(q, k, v, attend, 0.5), {q, k, v});
+
+  attend.index_put_({0}, false);
+  const auto masked = dt::detail::attention(q, k, v, attend, kDropout, true);
+  CATCH_CHECK(torch::equal(masked[0], torch::zeros_like(masked[0])));
+  CATCH_CHECK(torch::isfinite(masked).all().item<bool>());
+}
+
+CATCH_TEST_CASE("attention outside CPU training is torch's fused kernel", "[dropout]") {
+  auto q = leaf({1, 2, 3, 4}), k = leaf({1, 2, 3, 4}), v = leaf({1, 2, 3, 4});
+  const auto bias = torch::randn({1, 2, 3, 3}, torch::kDouble);
+  const auto expected = torch::scaled_dot_product_attention(q, k, v, bias, 0.0, false, 1.0);
+  CATCH_CHECK(torch::equal(dt::detail::attention(q, k, v, bias, kDropout, /*training=*/false, 1.0), expected));
+  CATCH_CHECK(torch::equal(dt::detail::attention(q, k, v, bias, 0.0, /*training=*/true, 1.0), expected));
+}
