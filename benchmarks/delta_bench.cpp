@@ -22,6 +22,7 @@
 // printed per step with those steps' median time as a second line (prefix "OPS ").
 #include <deltatune/deltatune.hpp>
 
+#include "memory_profile.hpp"
 #include "op_profile.hpp"
 #include "timing.hpp"
 
@@ -110,6 +111,27 @@ nlohmann::json interleaved(const std::function<void()>& step, const std::functio
           {"interleaved_ratio", median(ratios)}};
 }
 
+// The CPU figure beside the RSS, as the peer's: the tensors at rest (weights, buffers, deltas,
+// optimizer state) plus the most that one more step allocates above them.
+nlohmann::json allocated_mb(const std::function<void()>& step, const std::vector<torch::Tensor>& at_rest) {
+  const double rest = double(deltatune::bench::storage_bytes(at_rest)) / (1 << 20);
+  const deltatune::bench::AllocationPeak peak;
+  step();
+  return {{"rest_mb", rest}, {"alloc_mb", rest + double(peak.peak_bytes()) / (1 << 20)}};
+}
+
+std::vector<torch::Tensor> at_rest(const dt::backbones::T5Model& backbone, const std::vector<torch::Tensor>& params,
+                                   const torch::optim::AdamW& optimizer) {
+  auto tensors = backbone->parameters();
+  for (const auto& b : backbone->buffers()) tensors.push_back(b);
+  tensors.insert(tensors.end(), params.begin(), params.end());
+  for (const auto& entry : optimizer.state()) {
+    const auto& state = static_cast<const torch::optim::AdamWParamState&>(*entry.second);
+    tensors.insert(tensors.end(), {state.exp_avg(), state.exp_avg_sq(), state.max_exp_avg_sq()});
+  }
+  return tensors;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -176,6 +198,12 @@ int main(int argc, char** argv) try {
       bare->forward(input_ids, attention_mask, {}, labels);
     };
     result.update(interleaved(step, bare_step, int(num("--interleave")), device));
+  }
+  if (device.is_cuda()) {
+    result["alloc_mb"] = result["peak_mb"];  // max_memory_allocated already
+  } else {
+    optimizer.zero_grad();  // gradients are not at rest: the step makes them
+    result.update(allocated_mb(step, at_rest(backbone, params, optimizer)));
   }
   std::cout << "JSON " << result.dump() << "\n";
   if (num("--profile") != 0) {

@@ -11,9 +11,14 @@ Both sides load the same random T5 (written once from Python as a Hugging Face f
 with load_t5), run with the same thread count, and each row of each side runs in its own fresh
 process, so peak memories do not mix: ours a delta_bench process, the peer's a process forked
 from this driver after it imported torch, transformers, peft and adapters (once: here those
-imports take most of a minute) and before it ran any torch operation. Peak memory: the process's
-RSS high-water mark (VmHWM) from after loading the model (reset then, so the checkpoint's transient
-copies do not count) on CPU; max_memory_allocated on CUDA.
+imports take most of a minute) and before it ran any torch operation. Peak memory, on CUDA:
+max_memory_allocated. On CPU two figures: the process's RSS high-water mark (VmHWM) from after
+loading the model (reset then, so the checkpoint's transient copies do not count), which also
+holds the runtime and the heap the allocator keeps; and peak tensor memory allocated, CUDA's
+figure on the CPU: the tensors at rest (weights, buffers, optimizer state, each storage once)
+plus the most that one more step, after the timed ones, allocates above them, from the reports
+torch's CPU allocator makes to a memory profiler (ours benchmarks/memory_profile.hpp, the peer
+torch.profiler's profile_memory).
 
     ~/.cache/deltatune/venv/bin/python benchmarks/peft_bench.py [--device cpu|cuda] [--full]
         [--rows REGEX] [--steps N] [--warmup N] [--threads N] [--out benchmarks/results/cpu.json]
@@ -199,6 +204,12 @@ def worker(spec):
             with torch.no_grad():
                 bare(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
         result.update(interleaved(infer_step, bare_step, spec["interleave"], sync))
+    if cuda:
+        result["alloc_mb"] = peak  # max_memory_allocated already
+    else:
+        if optimizer:
+            optimizer.zero_grad()  # gradients are not at rest: the step makes them
+        result.update(allocated_mb(step, model, optimizer))
     print("JSON " + json.dumps(result))
     if ops is not None:
         print("OPS " + json.dumps(ops))
@@ -213,6 +224,27 @@ def interleaved(step, bare_step, n, sync):
         without += timed_ms(bare_step, 1, 0, sync)
     return {"interleaved_ms": statistics.median(with_), "interleaved_bare_ms": statistics.median(without),
             "interleaved_ratio": statistics.median(w / b for w, b in zip(with_, without))}
+
+
+def allocated_mb(step, model, optimizer):
+    """The CPU figure beside the RSS, as ours (benchmarks/memory_profile.hpp): the tensors at rest
+    (weights, buffers, optimizer state, each storage once) plus the most that one more step
+    allocates above them, from the allocator's reports that torch.profiler records."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    at_rest = [*model.parameters(), *model.buffers()]
+    if optimizer:
+        at_rest += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    rest = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in at_rest}.values())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return {"rest_mb": rest / 2**20, "alloc_mb": (rest + peak) / 2**20}
 
 
 def operator_profile(step, steps):
@@ -309,6 +341,8 @@ def measure(r, a, folder):
         out["time_ratio"] = ours["median_ms"] / peer["median_ms"]  # ours / peer: below 1 is faster
         out["speedup"] = peer["median_ms"] / ours["median_ms"]      # throughput ours / peer
         out["memory_ratio"] = ours["peak_mb"] / peer["peak_mb"]
+    if "alloc_mb" in ours and "alloc_mb" in peer:
+        out["alloc_ratio"] = ours["alloc_mb"] / peer["alloc_mb"]
     return out
 
 
@@ -327,6 +361,8 @@ def add_baseline_ratios(results):
             if "median_ms" in r[side] and "median_ms" in b[side]:
                 r[side]["time_vs_base"] = r[side]["median_ms"] / b[side]["median_ms"]
                 r[side]["memory_vs_base"] = r[side]["peak_mb"] / b[side]["peak_mb"]
+            if "alloc_mb" in r[side] and "alloc_mb" in b[side]:
+                r[side]["alloc_vs_base"] = r[side]["alloc_mb"] / b[side]["alloc_mb"]
             if "interleaved_ratio" in r[side]:  # measured beside the bare model: the better figure
                 r[side]["time_vs_base"] = r[side]["interleaved_ratio"]
 
@@ -336,29 +372,44 @@ def fmt(x, spec):
 
 
 def markdown(results):
+    """Per mode a time table and a memory table (peak RSS and peak tensor memory allocated)."""
     lines = []
     for mode, title, base in (("train", "Training step (forward, backward, AdamW)", "full FT"),
                               ("infer", "Inference forward (no grad)", "bare")):
         rows = [r for r in results if r["mode"] == mode]
         if not rows:
             continue
-        lines += [f"### {title}", "",
-                  f"| row | peer | ours ms | peer ms | ours tok/s | peer tok/s | speedup | ours MiB | peer MiB | "
-                  f"mem ours/peer | ours time / {base} | peer time / {base} | ours mem / {base} | peer mem / {base} |",
-                  "|" + "---|" * 14]
+        lines += [f"### {title}: time", "",
+                  f"| row | peer | ours ms | peer ms | ours tok/s | peer tok/s | speedup | ours / {base} | "
+                  f"peer / {base} |", "|" + "---|" * 9]
         for r in rows:
             o, t = r["ours"], r["theirs"]
-            label = f"{r['model']} b{r['batch']} {r['src']}/{r['tgt']} {r['method']}"
-            if "error" in o or "error" in t:
-                label += " (error: " + (o.get("error") or t.get("error")).replace("|", "/") + ")"
             lines.append("| " + " | ".join([
-                label, r["peer"], fmt(o.get("median_ms"), ".1f"), fmt(t.get("median_ms"), ".1f"),
+                row_label(r), r["peer"], fmt(o.get("median_ms"), ".1f"), fmt(t.get("median_ms"), ".1f"),
                 fmt(o.get("tokens_per_s"), ".0f"), fmt(t.get("tokens_per_s"), ".0f"), fmt(r.get("speedup"), ".2f"),
-                fmt(o.get("peak_mb"), ".0f"), fmt(t.get("peak_mb"), ".0f"), fmt(r.get("memory_ratio"), ".2f"),
-                fmt(o.get("time_vs_base"), ".2f"), fmt(t.get("time_vs_base"), ".2f"),
-                fmt(o.get("memory_vs_base"), ".2f"), fmt(t.get("memory_vs_base"), ".2f")]) + " |")
+                fmt(o.get("time_vs_base"), ".2f"), fmt(t.get("time_vs_base"), ".2f")]) + " |")
+        lines += ["", f"### {title}: peak memory (MiB)", "",
+                  f"| row | ours RSS | peer RSS | ours / peer | ours alloc | peer alloc | ours / peer | "
+                  f"ours RSS / {base} | peer RSS / {base} | ours alloc / {base} | peer alloc / {base} |",
+                  "|" + "---|" * 11]
+        for r in rows:
+            o, t = r["ours"], r["theirs"]
+            lines.append("| " + " | ".join([
+                row_label(r), fmt(o.get("peak_mb"), ".0f"), fmt(t.get("peak_mb"), ".0f"),
+                fmt(r.get("memory_ratio"), ".2f"), fmt(o.get("alloc_mb"), ".0f"), fmt(t.get("alloc_mb"), ".0f"),
+                fmt(r.get("alloc_ratio"), ".2f"), fmt(o.get("memory_vs_base"), ".2f"),
+                fmt(t.get("memory_vs_base"), ".2f"), fmt(o.get("alloc_vs_base"), ".2f"),
+                fmt(t.get("alloc_vs_base"), ".2f")]) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def row_label(r):
+    label = f"{r['model']} b{r['batch']} {r['src']}/{r['tgt']} {r['method']}"
+    o, t = r["ours"], r["theirs"]
+    if "error" in o or "error" in t:
+        label += " (error: " + (o.get("error") or t.get("error")).replace("|", "/") + ")"
+    return label
 
 
 def main():
@@ -395,8 +446,9 @@ def main():
             in_child(write_model, r["model"], folder)
         results.append(measure(r, a, folder))
         o, t = results[-1]["ours"], results[-1]["theirs"]
-        print(f"{r['id']}: ours {fmt(o.get('median_ms'), '.1f')} ms {fmt(o.get('peak_mb'), '.0f')} MiB, "
-              f"peer {fmt(t.get('median_ms'), '.1f')} ms {fmt(t.get('peak_mb'), '.0f')} MiB "
+        print(f"{r['id']}: ours {fmt(o.get('median_ms'), '.1f')} ms {fmt(o.get('peak_mb'), '.0f')} MiB RSS "
+              f"{fmt(o.get('alloc_mb'), '.0f')} MiB alloc, peer {fmt(t.get('median_ms'), '.1f')} ms "
+              f"{fmt(t.get('peak_mb'), '.0f')} MiB RSS {fmt(t.get('alloc_mb'), '.0f')} MiB alloc "
               f"{o.get('error', '')}{t.get('error', '')}", flush=True)
         table = write_results(results, a, name)  # after every row: a long run keeps what it measured
     print(table)
