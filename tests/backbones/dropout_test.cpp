@@ -97,3 +97,18 @@ CATCH_TEST_CASE("attention outside CPU training is torch's fused kernel", "[drop
   CATCH_CHECK(torch::equal(dt::detail::attention(q, k, v, bias, kDropout, /*training=*/false, 1.0), expected));
   CATCH_CHECK(torch::equal(dt::detail::attention(q, k, v, bias, 0.0, /*training=*/true, 1.0), expected));
 }
+
+CATCH_TEST_CASE("set_lean_dropout(false) runs torch's dropout and attention", "[dropout]") {
+  auto x = leaf({4, 8}), q = leaf({1, 2, 3, 4}), k = leaf({1, 2, 3, 4}), v = leaf({1, 2, 3, 4});
+  dt::backbones::set_lean_dropout(false);
+  torch::manual_seed(17);
+  const auto ours = dt::detail::relu_dropout(x, kDropout, true);
+  const auto attended = dt::detail::attention(q, k, v, std::nullopt, kDropout, true);
+  torch::manual_seed(17);
+  const auto expected = torch::dropout(torch::relu(x), kDropout, true);
+  const auto expected_attended = torch::scaled_dot_product_attention(q, k, v, std::nullopt, kDropout);
+  dt::backbones::set_lean_dropout(true);
+  CATCH_CHECK(torch::equal(ours, expected));
+  CATCH_CHECK(torch::equal(attended, expected_attended));
+  CATCH_CHECK(dt::backbones::lean_dropout());
+}
