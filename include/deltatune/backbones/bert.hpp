@@ -159,8 +159,9 @@ class BertEmbeddingsImpl : public torch::nn::Module, public PromptSite {
 };
 TORCH_MODULE(BertEmbeddings);
 
-// Multi-head self-attention through detail::attention (torch's fused kernels). Prefix deltas
-// prepend their keys and values after the projections; prefix positions are never masked.
+// Multi-head self-attention through detail::attention (torch's kernels, or the one-byte-mask
+// math in CPU training). Prefix deltas prepend their keys and values after the projections;
+// prefix positions are never masked.
 class BertSelfAttentionImpl : public torch::nn::Module, public AttentionSite {
  public:
   explicit BertSelfAttentionImpl(const BertConfig& c)
