@@ -7,7 +7,9 @@
 #include <ftw.h>
 #include <stdlib.h>
 
+#include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -45,6 +47,38 @@ inline std::string describe_difference(const torch::Tensor& actual, const torch:
   if (actual.sizes() != expected.sizes()) return "shapes differ";
   return "max |difference| = " +
          std::to_string((actual.to(torch::kFloat64) - expected.to(torch::kFloat64)).abs().max().item<double>());
+}
+
+// The golden tolerance model. A float32 result is compared with its reference relative to
+// the reference's scale: max |actual - expected| / max |expected|. Summation order changes
+// with the host's vector units and thread count, so an element-wise bound fails on small
+// entries while the same check on the scale holds at any OMP_NUM_THREADS; a real defect
+// (a wrong scale, a missing bias) shows as 1e-3 or more. Exact maths is checked in float64,
+// both sides computed in float64, at kFloat64Relative.
+inline constexpr double kFloat32Relative = 1e-4;
+inline constexpr double kFloat64Relative = 1e-10;
+
+// max |actual - expected| / max |expected| (the plain max |difference| where expected is all
+// zeros); infinity where the shapes differ or either side holds NaN.
+inline double relative_difference(const torch::Tensor& actual, const torch::Tensor& expected) {
+  if (actual.sizes() != expected.sizes()) return std::numeric_limits<double>::infinity();
+  if (actual.numel() == 0) return 0;
+  const auto a = actual.detach().to(torch::kCPU, torch::kFloat64), e = expected.detach().to(torch::kCPU, torch::kFloat64);
+  const double difference = (a - e).abs().max().item<double>(), scale = e.abs().max().item<double>();
+  if (std::isnan(difference)) return std::numeric_limits<double>::infinity();
+  return scale > 0 ? difference / scale : difference;
+}
+
+// Checks `actual` against a reference computed by transformers, peft or adapters: relative
+// to the reference's scale, at the tolerance of the dtype both sides computed in.
+inline void check_matches(const torch::Tensor& actual, const torch::Tensor& expected, const std::string& what) {
+  const double tol = expected.scalar_type() == torch::kFloat64 && actual.scalar_type() == torch::kFloat64
+                         ? kFloat64Relative
+                         : kFloat32Relative;
+  const double relative = relative_difference(actual, expected);
+  CATCH_INFO(what << ": shapes " << actual.sizes() << " / " << expected.sizes() << ", max |difference| / max |reference| = "
+                  << relative << " (tolerance " << tol << ")");
+  CATCH_CHECK(relative <= tol);
 }
 
 // Compares the analytic gradient of sum(f(inputs) * R), for a fixed random R, with
