@@ -16,8 +16,6 @@
 
 namespace dt = deltatune;
 namespace bb = deltatune::backbones;
-using dt::testing::close;
-using dt::testing::describe_difference;
 
 namespace {
 
@@ -118,8 +116,7 @@ void same_random_deltas(dt::DeltaModel& native, dt::DeltaModel& traced, const Fi
 }
 
 void check_close(const std::string& what, const torch::Tensor& actual, const torch::Tensor& expected) {
-  CATCH_INFO(what << ": " << describe_difference(actual, expected));
-  CATCH_CHECK(close(actual, expected, dt::testing::tolerance_for(torch::kFloat32)));
+  dt::testing::check_matches(actual, expected, what);
 }
 
 // With deltas, each side sums in another order (x (W0 + dW)^T against x W0^T + x dW^T):
@@ -148,7 +145,8 @@ Pair attach(const Fixture& f, const Method& method) {
 }
 
 torch::Tensor named_parameter(torch::nn::Module& module, const std::string& name) {
-  auto* p = module.named_parameters().find(name);
+  const auto parameters = module.named_parameters();  // find() points into this dict
+  const auto* p = parameters.find(name);
   CATCH_INFO("parameter " << name);
   CATCH_REQUIRE(p != nullptr);
   return *p;
@@ -219,7 +217,7 @@ CATCH_TEST_CASE("Deltas on TorchScriptModel give the native outputs and gradient
   }
 }
 
-CATCH_TEST_CASE("Training a delta on TorchScriptModel leaves the archive's weights frozen; merging keeps the outputs",
+CATCH_TEST_CASE("Training a delta on TorchScriptModel leaves the archive's weights frozen, merging keeps the outputs",
                 "[torchscript][golden]") {
   for (auto& f : fixtures()) {
     for (const auto& method : {methods()[0], methods()[1], methods()[2]}) {  // LoRA, IA3, BitFit (biases added on T5)
@@ -271,7 +269,7 @@ CATCH_TEST_CASE("TorchScriptModel refuses patterns that match none of its sites,
   }
 }
 
-CATCH_TEST_CASE("deltatune::deltatune links SentencePiece before LibTorch; the other order is refused by name",
+CATCH_TEST_CASE("deltatune::deltatune links SentencePiece before LibTorch, the other order is refused by name",
                 "[torchscript]") {
   // This binary links SentencePiece (the T5 tokenizer's tests use it) through deltatune's target.
   CATCH_REQUIRE(dt::detail::library_loaded("libsentencepiece.so.0"));

@@ -536,7 +536,9 @@ class DeltaModel {
   }
 
   torch::Tensor backbone_parameter(const std::string& key) const {
-    auto* p = backbone_->named_parameters().find(key);
+    // named_parameters() returns a dict by value: find() points into it, so it must outlive the lookup.
+    const auto parameters = backbone_->named_parameters();
+    const auto* p = parameters.find(key);
     detail::check(p != nullptr, "the backbone has no parameter '{}'", key);
     return *p;
   }
