@@ -9,6 +9,7 @@
 
 #include <stdlib.h>
 
+#include <optional>
 #include <sstream>
 
 #include "test_support.hpp"
@@ -216,8 +217,53 @@ CATCH_TEST_CASE("a restored training state continues bit-identically", "[checkpo
 
   auto other = torch::zeros({4}, torch::requires_grad());
   torch::optim::AdamW optimizer({other});
-  CATCH_REQUIRE_THROWS_WITH(dt::load_train_state(path, {other}, optimizer), Catch::Contains("param.0 has shape"));
+  CATCH_REQUIRE_THROWS_WITH(dt::load_train_state(path, {other}, optimizer),
+                            Catch::Contains("param.0 is Float [3], the parameter Float [4]"));
   CATCH_REQUIRE_THROWS_AS(dt::load_train_state(path, {other, other}, optimizer), dt::CheckpointError);
+}
+
+CATCH_TEST_CASE("a damaged training state is refused by tensor name, before anything is restored",
+                "[checkpoint_state]") {
+  dt::testing::TempDir dir;
+  auto a = torch::ones({3}, torch::requires_grad()), b = torch::ones({2, 2}, torch::requires_grad());
+  torch::optim::AdamW optimizer({a, b});
+  (a.sum() + b.sum()).backward();
+  optimizer.step();
+  const auto path = dir.file("state.safetensors");
+  dt::save_train_state(path, {a, b}, optimizer, {{"step", 1}});
+  const auto saved = dt::read_safetensors(path);
+  // The same file with one change: a tensor dropped or replaced, or metadata dropped.
+  const auto forged = [&](const std::string& tensor, std::optional<torch::Tensor> replacement,
+                          const std::string& dropped_metadata = "") {
+    auto tensors = saved.tensors;
+    auto metadata = saved.metadata;
+    if (replacement) tensors[tensor] = *replacement; else tensors.erase(tensor);
+    metadata.erase(dropped_metadata);
+    const auto forged_path = dir.file("forged.safetensors");
+    dt::write_safetensors(forged_path, tensors, metadata);
+    return forged_path;
+  };
+  auto fresh_a = torch::zeros({3}, torch::requires_grad()), fresh_b = torch::zeros({2, 2}, torch::requires_grad());
+  torch::optim::AdamW fresh({fresh_a, fresh_b});
+  const auto refuses = [&](const std::string& forged_path, const std::string& message) {
+    CATCH_INFO(message);
+    CATCH_REQUIRE_THROWS_AS(dt::load_train_state(forged_path, {fresh_a, fresh_b}, fresh), dt::CheckpointError);
+    CATCH_REQUIRE_THROWS_WITH(dt::load_train_state(forged_path, {fresh_a, fresh_b}, fresh),
+                              Catch::Contains(forged_path) && Catch::Contains(message));
+    CATCH_CHECK(torch::equal(fresh_a, torch::zeros({3})));  // nothing restored
+    CATCH_CHECK(fresh.state().empty());
+  };
+  // Each of these crashed (a null dereference) or threw a foreign exception before (issue 15).
+  refuses(forged("param.0", std::nullopt), "no tensor 'param.0'");
+  refuses(forged("param.1.exp_avg", std::nullopt), "no tensor 'param.1.exp_avg'");
+  refuses(forged("param.1.exp_avg_sq", torch::zeros({4})), "param.1.exp_avg_sq is Float [4], the parameter Float [2, 2]");
+  refuses(forged("param.0", torch::zeros({3}, torch::kInt64)), "param.0 is Long [3], the parameter Float [3]");
+  refuses(forged("param.0.step", torch::zeros({2}, torch::kInt64)), "param.0.step must be one non-negative int64");
+  refuses(forged("rng.cpu", torch::zeros({5}, torch::kUInt8)), "rng.cpu is Byte [5]");
+  refuses(forged("param.0", saved.tensors.at("param.0"), "deltatune.adamw_groups"),
+          "no deltatune.adamw_groups metadata");
+  CATCH_CHECK_NOTHROW(dt::load_train_state(path, {fresh_a, fresh_b}, fresh));
+  CATCH_CHECK(torch::equal(fresh_a, a));
 }
 
 CATCH_TEST_CASE("AutocastGuard runs matmuls in bf16 on the CPU while in scope", "[trainer]") {

@@ -5,7 +5,9 @@
 #pragma once
 
 #include <map>
+#include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/Context.h>
@@ -63,54 +65,127 @@ inline void save_train_state(const std::string& path, const std::vector<torch::T
                     {{"deltatune.train_state", state.dump()}, {"deltatune.adamw_groups", groups.dump()}});
 }
 
+namespace detail {
+
+// A training state as read from its file, every tensor and metadata field checked before
+// anything is restored: a damaged or forged file is refused whole, naming the tensor.
+class SavedTrainState {
+ public:
+  // AdamW's options of one param group, as saved.
+  struct Group {
+    double lr, beta1, beta2, eps, weight_decay;
+    bool amsgrad;
+  };
+
+  SavedTrainState(std::string path, const std::vector<torch::Tensor>& params, std::size_t num_groups)
+      : path_(std::move(path)), file_(read_safetensors(path_)), state_(metadata_json("deltatune.train_state")) {
+    read_groups(num_groups);
+    check<CheckpointError>(!find(fmt::format("param.{}", params.size())),
+                           "{}: the saved state holds more than {} parameters; resume with the same trainable "
+                           "parameters, in the same order", path_, params.size());
+    for (std::size_t i = 0; i < params.size(); ++i) check_parameter(i, params[i]);
+    for (const auto& [name, generator] : default_generators())
+      if (find(name)) like(name, generator.get_state());
+  }
+
+  // A tensor the file must hold, with the parameter's shape and dtype.
+  const torch::Tensor& like(const std::string& name, const torch::Tensor& param) const {
+    const auto* t = find(name);
+    check<CheckpointError>(t != nullptr, "{}: the training state has no tensor '{}'; the file is damaged or was "
+                           "written for other parameters: resume from another checkpoint or start afresh", path_, name);
+    check<CheckpointError>(t->sizes() == param.sizes() && t->scalar_type() == param.scalar_type(),
+                           "{}: {} is {} {}, the parameter {} {}", path_, name, c10::toString(t->scalar_type()),
+                           t->sizes(), c10::toString(param.scalar_type()), param.sizes());
+    return *t;
+  }
+  const torch::Tensor* find(const std::string& name) const {
+    const auto found = file_.tensors.find(name);
+    return found == file_.tensors.end() ? nullptr : &found->second;
+  }
+  // AdamW's step count for parameter i, or -1 where it was never stepped.
+  int64_t step(std::size_t i) const {
+    const auto* t = find(fmt::format("param.{}.step", i));
+    return t == nullptr ? -1 : t->item<int64_t>();
+  }
+  const nlohmann::json& state() const { return state_; }
+  const std::vector<Group>& groups() const { return groups_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  void check_parameter(std::size_t i, const torch::Tensor& param) const {
+    const auto p = fmt::format("param.{}", i);
+    like(p, param);
+    const auto* step = find(p + ".step");
+    if (step == nullptr) return;
+    check<CheckpointError>(step->numel() == 1 && step->scalar_type() == torch::kInt64 && step->item<int64_t>() >= 0,
+                           "{}: {}.step must be one non-negative int64 (AdamW's step count)", path_, p);
+    like(p + ".exp_avg", param);
+    like(p + ".exp_avg_sq", param);
+    if (find(p + ".max_exp_avg_sq")) like(p + ".max_exp_avg_sq", param);
+  }
+  void read_groups(std::size_t num_groups) {
+    const auto groups = metadata_json("deltatune.adamw_groups");
+    check<CheckpointError>(groups.is_array() && groups.size() == num_groups, "{}: the saved state has {} optimizer "
+                           "param groups, the optimizer {}", path_, groups.is_array() ? groups.size() : 0, num_groups);
+    try {
+      for (const auto& j : groups)
+        groups_.push_back({j.at("lr").get<double>(), j.at("beta1").get<double>(), j.at("beta2").get<double>(),
+                           j.at("eps").get<double>(), j.at("weight_decay").get<double>(), j.at("amsgrad").get<bool>()});
+    } catch (const nlohmann::json::exception& e) {
+      throw CheckpointError(fmt::format("{}: metadata deltatune.adamw_groups: {}", path_, e.what()));
+    }
+  }
+  nlohmann::json metadata_json(const std::string& key) const {
+    const auto found = file_.metadata.find(key);
+    check<CheckpointError>(found != file_.metadata.end(), "{}: not a training state (no {} metadata)", path_, key);
+    try {
+      return nlohmann::json::parse(found->second);
+    } catch (const nlohmann::json::exception& e) {
+      throw CheckpointError(fmt::format("{}: metadata {} is not valid JSON: {}", path_, key, e.what()));
+    }
+  }
+
+  std::string path_;
+  SafetensorsFile file_;
+  nlohmann::json state_;
+  std::vector<Group> groups_;
+};
+
+}  // namespace detail
+
 // Restores what save_train_state wrote into `params` (copied in place, on their devices),
 // `optimizer` and the random generators, and returns the saved `state`. The params must match
-// the saved ones in number and shapes; CheckpointError says which does not.
+// the saved ones in number, shapes and dtypes; CheckpointError names the file and the tensor
+// that does not, or that is missing, before anything is changed.
 inline nlohmann::json load_train_state(const std::string& path, const std::vector<torch::Tensor>& params,
                                        torch::optim::AdamW& optimizer) {
-  auto file = read_safetensors(path);
-  const auto tensor = [&](const std::string& name) -> torch::Tensor* {
-    const auto found = file.tensors.find(name);
-    return found == file.tensors.end() ? nullptr : &found->second;
-  };
-  detail::check<CheckpointError>(file.metadata.count("deltatune.train_state") == 1,
-                                 "{}: not a training state (no deltatune.train_state metadata)", path);
-  detail::check<CheckpointError>(tensor(fmt::format("param.{}", params.size())) == nullptr &&
-                                     (params.empty() || tensor(fmt::format("param.{}", params.size() - 1))),
-                                 "{}: the saved state does not hold exactly {} parameters; resume with the same "
-                                 "trainable parameters, in the same order", path, params.size());
+  const detail::SavedTrainState saved(path, params, optimizer.param_groups().size());
   torch::NoGradGuard no_grad;
   for (std::size_t i = 0; i < params.size(); ++i) {
     const std::string p = fmt::format("param.{}", i);
-    const auto& saved = *tensor(p);
-    detail::check<CheckpointError>(saved.sizes() == params[i].sizes(), "{}: {} has shape {}, the parameter {}",
-                                   path, p, saved.sizes(), params[i].sizes());
-    params[i].copy_(saved);
+    params[i].copy_(saved.like(p, params[i]));
     auto* impl = params[i].unsafeGetTensorImpl();
-    if (tensor(p + ".step") == nullptr) {
+    if (saved.step(i) < 0) {
       optimizer.state().erase(impl);
       continue;
     }
     auto s = std::make_unique<torch::optim::AdamWParamState>();
     const auto device = params[i].device();
-    s->step(tensor(p + ".step")->item<int64_t>());
-    s->exp_avg(tensor(p + ".exp_avg")->to(device));
-    s->exp_avg_sq(tensor(p + ".exp_avg_sq")->to(device));
-    if (auto* m = tensor(p + ".max_exp_avg_sq")) s->max_exp_avg_sq(m->to(device));
+    s->step(saved.step(i));
+    s->exp_avg(saved.like(p + ".exp_avg", params[i]).to(device));
+    s->exp_avg_sq(saved.like(p + ".exp_avg_sq", params[i]).to(device));
+    if (saved.find(p + ".max_exp_avg_sq")) s->max_exp_avg_sq(saved.like(p + ".max_exp_avg_sq", params[i]).to(device));
     optimizer.state()[impl] = std::move(s);
   }
-  const auto groups = nlohmann::json::parse(file.metadata.at("deltatune.adamw_groups"));
-  detail::check<CheckpointError>(groups.size() == optimizer.param_groups().size(),
-                                 "{}: {} optimizer param groups saved, the optimizer has {}", path, groups.size(),
-                                 optimizer.param_groups().size());
-  for (std::size_t g = 0; g < groups.size(); ++g) {
-    auto& o = detail::adamw_options(optimizer.param_groups()[g]);
-    o.lr(groups[g].at("lr")).eps(groups[g].at("eps")).weight_decay(groups[g].at("weight_decay"));
-    o.betas({groups[g].at("beta1"), groups[g].at("beta2")}).amsgrad(groups[g].at("amsgrad"));
+  for (std::size_t g = 0; g < saved.groups().size(); ++g) {
+    const auto& saved_group = saved.groups()[g];
+    detail::adamw_options(optimizer.param_groups()[g])
+        .lr(saved_group.lr).betas({saved_group.beta1, saved_group.beta2}).eps(saved_group.eps)
+        .weight_decay(saved_group.weight_decay).amsgrad(saved_group.amsgrad);
   }
   for (auto& [name, generator] : detail::default_generators())
-    if (auto* saved = tensor(name)) generator.set_state(*saved);
-  return nlohmann::json::parse(file.metadata.at("deltatune.train_state"));
+    if (const auto* state = saved.find(name)) generator.set_state(*state);
+  return saved.state();
 }
 
 }  // namespace deltatune
