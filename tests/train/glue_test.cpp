@@ -75,6 +75,13 @@ CATCH_TEST_CASE("GLUE readers name the file, line and fix in their errors", "[gl
                                 Catch::Contains("the labels are 0, 1"));
   TempTsv header("header.tsv", "text\tlabel\ngood\t1\n");
   CATCH_REQUIRE_THROWS_WITH(dt::read_glue_tsv(sst2, header.path), Catch::Contains("has no column 'sentence'"));
+  // Only a header: the examples took .front() of the empty list and crashed (issue 15).
+  TempTsv empty("empty.tsv", "sentence\tlabel\n");
+  CATCH_REQUIRE_THROWS_WITH(dt::read_glue_tsv(sst2, empty.path),
+                            Catch::Contains(empty.path + ": holds no examples (only its header line)"));
+  TempTsv blank("blank.tsv", "");
+  CATCH_REQUIRE_THROWS_WITH(dt::read_glue_tsv(dt::glue_task("cola"), blank.path),
+                            Catch::Contains(blank.path + ": holds no examples"));
   CATCH_REQUIRE_THROWS_WITH(dt::glue_task("wnli"), Catch::Contains("unknown GLUE task 'wnli'"));
   CATCH_REQUIRE_THROWS_AS(dt::glue_task("wnli"), dt::OptionError);
 }

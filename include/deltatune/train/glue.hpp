@@ -118,7 +118,7 @@ inline void parse_glue_label(const GlueTask& task, const std::string& value, Glu
 
 // Reads one GLUE TSV file of `task`. A file without the label column (a test split) gives
 // unlabelled examples. Throws Error naming the file and line: missing file, missing column,
-// a line with the wrong number of fields, an unknown label.
+// a line with the wrong number of fields, an unknown label, a file with no examples.
 //   auto dev = deltatune::read_glue_tsv(deltatune::glue_task("rte"), "glue/RTE/dev.tsv");
 inline std::vector<GlueExample> read_glue_tsv(const GlueTask& task, const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -153,12 +153,15 @@ inline std::vector<GlueExample> read_glue_tsv(const GlueTask& task, const std::s
     if (label >= 0) detail::parse_glue_label(task, fields[label], example, where);
     examples.push_back(std::move(example));
   };
-  if (!header) add(line);
+  if (!header && !line.empty()) add(line);
   while (std::getline(in, line)) {
     ++number;
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (!line.empty()) add(line);
   }
+  // A split without examples would leave training and metrics with nothing to work on.
+  detail::check(!examples.empty(), "{}: holds no examples{}; is the file complete?", path,
+                header ? " (only its header line)" : "");
   return examples;
 }
 
