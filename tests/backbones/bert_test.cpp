@@ -11,8 +11,6 @@
 namespace dt = deltatune;
 namespace bb = deltatune::backbones;
 namespace fs = std::filesystem;
-using dt::testing::close;
-using dt::testing::describe_difference;
 using Catch::Matchers::Contains;
 
 namespace {
@@ -21,11 +19,8 @@ using Tensors = std::map<std::string, torch::Tensor>;
 
 Tensors read(const fs::path& file) { return dt::read_safetensors(file.string()).tensors; }
 
-const dt::testing::Tolerance kFloat32 = dt::testing::tolerance_for(torch::kFloat32);
-
 void check_close(const torch::Tensor& actual, const torch::Tensor& expected, const std::string& what) {
-  CATCH_INFO(what << ": " << describe_difference(actual, expected));
-  CATCH_CHECK(close(actual, expected, kFloat32));
+  dt::testing::check_matches(actual, expected, what);
 }
 
 // The golden inputs through `model` (labels of the kind `labels` names), compared with transformers'.
@@ -209,7 +204,7 @@ CATCH_TEST_CASE("a BERT config lacking a key or holding a bad value names config
   CATCH_REQUIRE_THROWS_AS(bb::BertModel(bb::BertConfig().hidden_size(10).num_attention_heads(3)), dt::OptionError);
 }
 
-CATCH_TEST_CASE("BERT is frozen when built; dropout runs in train mode only", "[bert]") {
+CATCH_TEST_CASE("BERT is frozen when built, dropout runs in train mode only", "[bert]") {
   torch::manual_seed(0);
   const auto config = bb::BertConfig().vocab_size(50).hidden_size(16).num_hidden_layers(2).num_attention_heads(2)
                           .intermediate_size(32).max_position_embeddings(16);

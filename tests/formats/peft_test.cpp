@@ -1,5 +1,5 @@
 // formats/peft.hpp against Python peft: adapters peft wrote (tools/golden/peft_models.py)
-// load here with peft's outputs and gradients within 1e-5 and write back as peft wrote them;
+// load here with peft's outputs and gradients (float32 and float64) and write back as peft wrote them;
 // adapters written here are checked by peft itself in tools/peft_roundtrip.py (ctest
 // peft_roundtrip, after the hidden case [peft_export] wrote them); errors name file and key.
 #include <deltatune/deltatune.hpp>
@@ -9,15 +9,17 @@
 namespace dt = deltatune;
 namespace bb = deltatune::backbones;
 namespace fs = std::filesystem;
-using dt::testing::close;
-using dt::testing::describe_difference;
+using dt::testing::check_matches;
 
 namespace {
 
-constexpr dt::testing::Tolerance kTol{1e-5, 1e-5};
 const std::vector<std::string> kCases = {"t5_lora", "t5_rslora", "t5_ia3", "t5_prompt", "t5_prefix", "bert_lora"};
 
 bool is_t5(const std::string& c) { return c.rfind("t5_", 0) == 0; }
+// The fixture's backbone folder for case `c`: t5_gated_* on t5_gated/, t5_* on t5/, bert_* on bert/.
+std::string base_of(const std::string& c) {
+  return c.rfind("t5_gated_", 0) == 0 ? "t5_gated" : is_t5(c) ? "t5" : "bert";
+}
 
 // A backbone from the fixture folder with the peft adapter `c` loaded as delta "default".
 struct Loaded {
@@ -43,13 +45,29 @@ struct Loaded {
 
 Loaded load_case(const fs::path& dir, const std::string& c) {
   Loaded l;
-  l.backbone = is_t5(c) ? std::static_pointer_cast<torch::nn::Module>(bb::load_t5((dir / "t5").string()).ptr())
-                        : std::static_pointer_cast<torch::nn::Module>(bb::load_bert((dir / "bert").string()).ptr());
+  const auto base = (dir / base_of(c)).string();
+  l.backbone = is_t5(c) ? std::static_pointer_cast<torch::nn::Module>(bb::load_t5(base).ptr())
+                        : std::static_pointer_cast<torch::nn::Module>(bb::load_bert(base).ptr());
   l.model = std::make_unique<dt::DeltaModel>(l.backbone);
   dt::load_peft(*l.model, (dir / c).string());
   l.io = dt::read_safetensors((dir / (c + ".safetensors")).string()).tensors;
   l.config = dt::read_json_file(dir / c / "adapter_config.json");
   return l;
+}
+
+// The case's output, loss and the gradient of every adapter-file tensor against the
+// reference's, in the dtype the fixture was computed in (float64: at 1e-10).
+void check_outputs_and_gradients(Loaded& l) {
+  auto [loss, output] = l.run();
+  check_matches(output, l.io.at(l.output_name()), l.output_name());
+  check_matches(loss.reshape(1), l.io.at("loss"), "loss");
+  loss.backward();
+  const auto targets = dt::detail::peft_slots(l.model->deltas().at("default"), l.config);
+  size_t grads = 0;
+  for (const auto& [key, t] : l.io) grads += key.rfind("grad.", 0) == 0;
+  CATCH_CHECK(targets.size() == grads);
+  for (const auto& target : targets)
+    check_matches(target.target.grad(), target.convert(l.io.at("grad." + target.name)), "gradient of " + target.name);
 }
 
 nlohmann::json sorted_lists(nlohmann::json j) {
@@ -73,23 +91,7 @@ CATCH_TEST_CASE("peft adapters load with peft's outputs and gradients, and save 
   for (const auto& c : kCases) {
     CATCH_INFO("case " << c);
     auto l = load_case(*dir, c);
-    auto [loss, output] = l.run();
-    const auto& expected = l.io.at(l.output_name());
-    CATCH_INFO(describe_difference(output, expected));
-    CATCH_CHECK(close(output, expected, kTol));
-    CATCH_CHECK(close(loss.reshape(1), l.io.at("loss"), kTol));
-    loss.backward();
-    const auto& entry = l.model->deltas().at("default");
-    const auto targets = dt::detail::peft_slots(entry, l.config);
-    size_t grads = 0;
-    for (const auto& [key, t] : l.io) grads += key.rfind("grad.", 0) == 0;
-    CATCH_CHECK(targets.size() == grads);
-    for (const auto& target : targets) {
-      CATCH_INFO("gradient of " << target.name);
-      const auto theirs = target.convert(l.io.at("grad." + target.name));
-      CATCH_INFO(describe_difference(target.target.grad(), theirs));
-      CATCH_CHECK(close(target.target.grad(), theirs, kTol));
-    }
+    check_outputs_and_gradients(l);
 
     // Written back: peft's tensor names, values and config, key for key.
     dt::testing::TempDir out;
@@ -112,6 +114,22 @@ CATCH_TEST_CASE("peft adapters load with peft's outputs and gradients, and save 
   }
 }
 
+// Exact maths: the backbone and its peft adapter in float64 against transformers + peft in
+// float64 without their float32 islands (tools/golden/float64.py), at 1e-10 relative to the
+// reference's scale. Where float32 can only bound rounding, this shows the maths is the same.
+CATCH_TEST_CASE("peft adapters in float64 match transformers + peft in float64", "[peft][golden][float64]") {
+  auto dir = dt::testing::golden_dir("float64");
+  if (!dir) return;
+  for (const std::string c : {"t5_lora", "t5_ia3", "t5_prompt", "t5_prefix", "t5_gated_lora", "bert_lora", "bert_ia3"}) {
+    CATCH_INFO("case " << c);
+    auto l = load_case(*dir, c);
+    l.backbone->to(torch::kFloat64);
+    for (auto& [key, p] : l.model->named_delta_parameters("default")) p.set_data(p.data().to(torch::kFloat64));
+    CATCH_REQUIRE(l.io.at(l.output_name()).scalar_type() == torch::kFloat64);
+    check_outputs_and_gradients(l);
+  }
+}
+
 // Writes adapters trained one step here, with this model's outputs, for tools/peft_roundtrip.py
 // (ctest peft_export, then peft_roundtrip): the base model is the fixture's, named in
 // base_model_name_or_path as a peft user would find it.
@@ -128,7 +146,7 @@ CATCH_TEST_CASE("peft adapters trained here are written for Python peft to check
     torch::optim::SGD sgd(params, 0.5);
     l.run().first.backward();
     sgd.step();
-    const auto base = fs::absolute(*dir / (is_t5(c) ? "t5" : "bert")).string();
+    const auto base = fs::absolute(*dir / base_of(c)).string();
     dt::save_peft(*l.model, "default", (out / c).string(), dt::PeftSaveOptions().base_model_name_or_path(base));
     torch::NoGradGuard no_grad;
     std::map<std::string, torch::Tensor> io{{"output", l.run().second}};
