@@ -74,7 +74,7 @@ CATCH_TEST_CASE("DeltaModel attaches by glob, suffix and regex, and names the cl
   CATCH_CHECK(model.deltas().size() == 3);
 }
 
-CATCH_TEST_CASE("DeltaModel trains only the delta and what its method trains; merge, deactivate, save and load",
+CATCH_TEST_CASE("DeltaModel trains only the delta and what its method trains, merge, deactivate, save and load",
                 "[core][delta_model]") {
   torch::manual_seed(1);
   ToyBackbone backbone;

@@ -104,7 +104,7 @@ CATCH_TEST_CASE("FrozenLinear is frozen, sums its deltas and merges them exactly
   CATCH_REQUIRE_THROWS_WITH(linear->deltas.at("third"), Catch::Contains("no delta named 'third'"));
 }
 
-CATCH_TEST_CASE("find_sites names every site by module path; output, prefix and prompt sites call their deltas",
+CATCH_TEST_CASE("find_sites names every site by module path, output, prefix and prompt sites call their deltas",
                 "[core][site]") {
   ToyEncoder encoder;
   const auto sites = dt::find_sites(*encoder);

@@ -336,7 +336,7 @@ CATCH_TEST_CASE("prefix tuning: keys and values per site, through the MLP, then 
   CATCH_CHECK(prefix->options_json()["prefix_projection"] == false);
 }
 
-CATCH_TEST_CASE("prefix tuning runs its MLP once per pass; new passes, steps and grad mode recompute it",
+CATCH_TEST_CASE("prefix tuning runs its MLP once per pass, new passes, steps and grad mode recompute it",
                 "[methods][prefix]") {
   const std::vector<std::string> sites = {"encoder.block.0.layer.0.SelfAttention",
                                           "decoder.block.0.layer.0.SelfAttention",
