@@ -169,8 +169,8 @@ int run(const Flags& flags) {
                              "no pretrained model is used, so expect far less than a real BERT gets\n",
                              tok.vocab_size(), bert->config.hidden_size(), bert->config.num_hidden_layers());
   else
-    std::cout << fmt::format("backbone: {} (pretrained, frozen), a new {}-output head on the pooled [CLS]\n", flags.model,
-                             task.num_labels());
+    std::cout << fmt::format("backbone: {} (pretrained, {}), a new {}-output head on the pooled [CLS]\n", flags.model,
+                             finetune::backbone_role(methods), task.num_labels());
 
   dt::DeltaModel model(bert);
   attach_all(model, methods, flags, flags.seed);

@@ -52,7 +52,7 @@ inline const char* const kCommonUsage = R"(  --data DIR           GLUE task fold
   --task NAME          sst2, cola, mrpc, qqp, stsb, mnli, qnli, rte (default sst2)
   --method M[+M...]    adapter, pfeiffer, phm, compacter, compacter++, lora, bitfit, ia3,
                        prefix, prompt, full (default adapter: Houlsby's); e.g. adapter+bitfit
-  --lr X               peak learning rate (default: the method's, printed)
+  --lr X               peak learning rate (default: the method's, listed below)
   --epochs N           passes over train (default: the program's, printed)
   --batch-size N       (default 32)
   --max-steps N        optimizer updates; overrides --epochs
@@ -264,14 +264,25 @@ inline const std::vector<std::string> kMethods{"adapter", "pfeiffer", "phm", "co
 //       (up to 3e-3; 1e-3 for few updates), Compacter's 3e-3 for PHM / Compacter, LoRA's
 //       RoBERTa-base GLUE 5e-4, BitFit's 1e-3, IA3's 3e-3, P-tuning v2's 1e-2 for prefixes on
 //       BERT-sized models, Lester et al.'s 0.3 for prompts.
-inline double method_lr(const std::string& method, const std::string& family) {
-  static const std::map<std::string, std::pair<double, double>> lr{  // {t5, bert}
+inline const std::map<std::string, std::pair<double, double>>& method_lrs() {  // {t5, bert}
+  static const std::map<std::string, std::pair<double, double>> lr{
       {"adapter", {3e-3, 1e-3}},     {"pfeiffer", {3e-3, 1e-3}}, {"phm", {3e-3, 3e-3}},
       {"compacter", {3e-3, 3e-3}},   {"compacter++", {3e-3, 3e-3}}, {"lora", {5e-4, 5e-4}},
       {"bitfit", {1e-3, 1e-3}},      {"ia3", {3e-3, 3e-3}},      {"prefix", {5e-4, 1e-2}},
       {"prompt", {3e-1, 3e-1}},      {"full", {3e-4, 5e-5}}};
-  const auto& both = lr.at(method);
+  return lr;
+}
+inline double method_lr(const std::string& method, const std::string& family) {
+  const auto& both = method_lrs().at(method);
   return family == "bert" ? both.second : both.first;
+}
+
+// The end of --help: every method's default learning rate on each backbone family.
+inline std::string method_lr_usage() {
+  std::string out = "\nDefault peak learning rates (--lr overrides them; the first method of a combination decides):\n";
+  for (const auto& method : kMethods)
+    out += fmt::format("  {:<12} T5 {:g}, BERT {:g}\n", method, method_lr(method, "t5"), method_lr(method, "bert"));
+  return out;
 }
 
 inline void add_method(dt::DeltaModel& model, const std::string& method, const Flags& flags) {
@@ -291,6 +302,12 @@ inline void add_method(dt::DeltaModel& model, const std::string& method, const F
     model.add(method, dt::PromptTuningOptions(flags.virtual_tokens ? flags.virtual_tokens : 100)
                           .init(dt::PromptInit::sampled_vocabulary).sample_top_k(std::numeric_limits<int64_t>::max()));
   else if (method == "full") model.add(method, dt::SpecTuningOptions().modules({"*"}));
+}
+
+// What the run does to the pretrained backbone, for the line that names it.
+inline std::string backbone_role(const std::vector<std::string>& methods) {
+  return std::find(methods.begin(), methods.end(), "full") != methods.end() ? "every weight trained (--method full)"
+                                                                            : "frozen";
 }
 
 // "--method adapter+bitfit" -> {adapter, bitfit}. Each step takes the longest method name that
@@ -439,7 +456,7 @@ inline int run_main(int argc, char** argv, const std::string& program, const std
   try {
     const auto flags = parse_flags(argc, argv, defaults);
     if (!flags) {
-      std::cout << usage;
+      std::cout << usage << method_lr_usage();
       return 0;
     }
     return run(*flags);

@@ -244,7 +244,7 @@ int run(const Flags& flags) {
   bb::T5Model t5{nullptr};
   if (!builtin) {
     t5 = bb::load_t5(flags.model);
-    std::cout << fmt::format("backbone: {} (pretrained, frozen)\n", flags.model);
+    std::cout << fmt::format("backbone: {} (pretrained, {})\n", flags.model, finetune::backbone_role(methods));
   } else if (flags.resume && std::filesystem::exists(backbone_path)) {
     t5 = load_backbone(backbone_path, tok->vocab_size());
     std::cout << fmt::format("backbone: the small T5 pretrained earlier, from {}\n", backbone_path);
