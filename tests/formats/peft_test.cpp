@@ -1,5 +1,5 @@
 // formats/peft.hpp against Python peft: adapters peft wrote (tools/golden/peft_models.py)
-// load here with peft's outputs and gradients within 1e-5 and write back as peft wrote them;
+// load here with peft's outputs (check_matches) and gradients within 1e-5 and write back as peft wrote them;
 // adapters written here are checked by peft itself in tools/peft_roundtrip.py (ctest
 // peft_roundtrip, after the hidden case [peft_export] wrote them); errors name file and key.
 #include <deltatune/deltatune.hpp>
