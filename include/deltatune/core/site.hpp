@@ -133,7 +133,8 @@ class WeightSite {
 
   // Restores the weight and bias as they were before the first merge and folds the deltas
   // still merged back in, in merge order: subtracting dW would round otherwise than adding
-  // it did (and IA3 would divide), so cycles of merge and unmerge would drift.
+  // it did (and IA3 would divide), so cycles of merge and unmerge would drift. A change made
+  // to the weight while merged (a layer norm an adapter trains) is undone with the merge.
   void unmerge(const std::string& name) {
     auto& slot = deltas.at(name);
     detail::check(slot.merged, "delta '{}' is not merged into this layer", name);
