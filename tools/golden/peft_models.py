@@ -5,13 +5,16 @@ delta gradients of a fixed batch.
 Written into out_dir:
   t5/                  T5ForConditionalGeneration (3 + 3 layers: peft's prefix tuning pairs
                        decoder layer i with key/value block 2i mod L, a permutation only for odd L)
+  t5_3_2/              the same with 3 encoder and 2 decoder layers: peft's num_layers L is the
+                       encoder's 3, so decoder layers 0 and 1 read pairs 0 and 2, and pair 1 none
   bert/                BertModel (no task head, so peft adds no modules_to_save)
   <case>/              peft's adapter folder: adapter_config.json, adapter_model.safetensors
   <case>.safetensors   input_ids, attention_mask, labels (T5), R (BERT: the cotangent of
                        last_hidden_state), the reference's logits / last_hidden_state, loss,
                        and "grad.<key>" for every tensor of the adapter file, under its file key
 Cases: t5_lora, t5_rslora (on q, k, v, o, wi, wo, not the default q, v), t5_ia3, t5_prompt,
-t5_prefix (the table trained directly: prefix_projection false), bert_lora.
+t5_prefix (the table trained directly: prefix_projection false), t5_prefix_3_2 (on t5_3_2),
+bert_lora.
 Delta values are randomised after peft's init (LoRA's B is zero, IA3's l one at init).
 The T5 loss is the LM cross-entropy on labels; BERT's is sum(last_hidden_state * R).
 """
@@ -37,6 +40,8 @@ def _base_models(out_dir):
     t5.save_pretrained(out_dir / "t5", safe_serialization=True)
     bert = BertModel(BertConfig(**BERT)).eval()
     bert.save_pretrained(out_dir / "bert", safe_serialization=True)
+    t5_3_2 = randomise(T5ForConditionalGeneration(T5Config(**dict(T5, num_decoder_layers=2))).eval())
+    t5_3_2.save_pretrained(out_dir / "t5_3_2", safe_serialization=True)
 
 
 def _batch(seed, length, t5):
@@ -119,5 +124,7 @@ def make(out_dir: Path, shared_data: Path):
     _case(out_dir, "t5_prompt", t5, PromptTuningConfig(task_type=s2s, num_virtual_tokens=3), tb, _run_t5, 4)
     _case(out_dir, "t5_prefix", t5, PrefixTuningConfig(task_type=s2s, num_virtual_tokens=3, prefix_projection=False),
           tb, _run_t5, 5)
+    _case(out_dir, "t5_prefix_3_2", out_dir / "t5_3_2",
+          PrefixTuningConfig(task_type=s2s, num_virtual_tokens=3, prefix_projection=False), tb, _run_t5, 7)
     _case(out_dir, "bert_lora", bert, LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]), bb,
           _run_bert, 6)

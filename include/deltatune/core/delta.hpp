@@ -58,15 +58,10 @@ class WeightDelta : public DeltaModule {
  public:
   DeltaFamily family() const final { return DeltaFamily::weight; }
 
-  // dW, of W0's shape. Merging adds it to W0; unmerging subtracts it.
+  // dW, of W0's shape. Merging adds it to W0 (unmerging restores W0 from a copy).
   virtual torch::Tensor delta_weight(const torch::Tensor& base_weight) = 0;
   // db, of shape (out), or an undefined tensor where the method leaves the bias alone.
   virtual torch::Tensor delta_bias(const torch::Tensor& /*base_weight*/) { return {}; }
-
-  // The changes that undo a merge, given the merged weight. Equal to delta_weight and
-  // delta_bias where those do not depend on W0; IA3 (which scales W0) overrides them.
-  virtual torch::Tensor unmerge_delta_weight(const torch::Tensor& merged_weight) { return delta_weight(merged_weight); }
-  virtual torch::Tensor unmerge_delta_bias(const torch::Tensor& merged_weight) { return delta_bias(merged_weight); }
 
   // What the delta adds to the frozen layer's output y0 = x W0^T + b0: x dW^T + db.
   // Additive, so that several deltas on one layer sum. Methods with a cheaper route

@@ -13,6 +13,7 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <functional>
 #include <map>
 #include <memory>
@@ -113,7 +114,9 @@ class WeightSite {
   DeltaSlots<WeightDelta> deltas;
 
   // Folds the delta into weight and bias (zero overhead at inference); refuses a delta
-  // that is already merged or whose dW holds NaN or infinity.
+  // that is already merged or whose dW holds NaN or infinity. The first merge at a site keeps
+  // an exact copy of the weight and bias (memory: one copy of the layer while anything is
+  // merged here), so that unmerge can restore them bit for bit.
   void merge(const std::string& name) {
     auto& slot = deltas.at(name);
     detail::check(!slot.merged, "delta '{}' is already merged into this layer", name);
@@ -122,21 +125,30 @@ class WeightSite {
     auto db = slot.delta->delta_bias(weight);
     detail::check(torch::isfinite(dW).all().item<bool>() && (!db.defined() || torch::isfinite(db).all().item<bool>()),
                   "delta '{}' holds NaN or infinite values; it was not merged", name);
-    // A bias delta on a layer without one (BitFit on T5) gives it a frozen bias to fold into.
-    if (db.defined() && !bias.defined()) bias = owner_->register_parameter("bias", torch::zeros_like(db), false);
-    weight.add_(dW);
-    if (db.defined()) bias.add_(db);
+    if (merge_order_.empty()) unmerged_ = {weight.clone(), bias.defined() ? bias.clone() : torch::Tensor()};
+    fold(dW, db);
     slot.merged = true;
+    merge_order_.push_back(name);
   }
 
+  // Restores the weight and bias as they were before the first merge and folds the deltas
+  // still merged back in, in merge order: subtracting dW would round otherwise than adding
+  // it did (and IA3 would divide), so cycles of merge and unmerge would drift. A change made
+  // to the weight while merged (a layer norm an adapter trains) is undone with the merge.
   void unmerge(const std::string& name) {
     auto& slot = deltas.at(name);
     detail::check(slot.merged, "delta '{}' is not merged into this layer", name);
     torch::NoGradGuard no_grad;
-    auto db = slot.delta->unmerge_delta_bias(weight);  // before the weight changes back
-    weight.sub_(slot.delta->unmerge_delta_weight(weight));
-    if (db.defined()) bias.sub_(db);
     slot.merged = false;
+    merge_order_.erase(std::find(merge_order_.begin(), merge_order_.end(), name));
+    weight.copy_(unmerged_.weight);
+    if (unmerged_.bias.defined()) bias.copy_(unmerged_.bias);
+    else if (bias.defined()) drop_bias();
+    for (const auto& merged : merge_order_) {
+      auto& delta = *deltas.at(merged).delta;
+      fold(delta.delta_weight(weight), delta.delta_bias(weight));
+    }
+    if (merge_order_.empty()) unmerged_ = {};
   }
 
  protected:
@@ -159,7 +171,31 @@ class WeightSite {
   }
 
  private:
+  // Adds dW and db (computed before either changes: IA3's db reads the bias).
+  void fold(const torch::Tensor& dW, const torch::Tensor& db) {
+    // A bias delta on a layer without one (BitFit on T5) gives it a frozen bias to fold into.
+    if (db.defined() && !bias.defined()) bias = owner_->register_parameter("bias", torch::zeros_like(db), false);
+    weight.add_(dW);
+    if (db.defined()) bias.add_(db);
+  }
+
+  // Removes the bias a merge gave a layer that had none. torch::nn::Module has no
+  // unregister_parameter; its protected table is reachable through a derived class.
+  void drop_bias() {
+    struct Table : torch::nn::Module {
+      static void erase(torch::nn::Module& module, const std::string& key) { (module.*&Table::parameters_).erase(key); }
+    };
+    Table::erase(*owner_, "bias");
+    bias = torch::Tensor();
+  }
+
+  struct Unmerged {
+    torch::Tensor weight, bias;  // bias undefined: the layer had none
+  };
+
   torch::nn::Module* owner_;
+  Unmerged unmerged_;                      // while a delta is merged: the weight and bias before the first merge
+  std::vector<std::string> merge_order_;  // the deltas merged here, in the order they were
 };
 
 // y = x W^T + b with frozen W (out, in) and b (out), under the names "weight" and "bias"

@@ -12,9 +12,12 @@
 // prefix tuning on T5 (task SEQ_2_SEQ_LM). What peft 0.18.1 does with a T5 prefix, and so
 // what can be exchanged: it reaches only the decoder's self-attention (the cross-attention
 // cache it builds is discarded), and decoder layer i reads key/value pair 2i mod L of its
-// table, L = num_layers. A prefix here must therefore sit on exactly the decoder's
-// self-attention sites, and with an even L the layers i and i + L/2 must hold equal
-// prefixes; anything else is refused, naming the sites. Our encoder prefixes have no peft form.
+// table, L = num_layers, which peft takes from the T5 config's num_layers: the encoder's
+// layer count, whatever the decoder's (a T5 with fewer encoder than decoder layers fails in
+// peft's own forward). A prefix here must therefore sit on exactly the decoder's
+// self-attention sites, and decoder layers that read one pair (i and i + L/2 for an even L)
+// must hold equal prefixes; anything else is refused, naming the sites. Our encoder
+// prefixes have no peft form.
 // BitFit has none either: peft 0.18.1 has no bias-only method (no "BEFT"), and its
 // bias="all" trains existing biases beside LoRA weights, while T5 has no biases at all:
 // save_peft refuses BitFit, adapters and Compacter, pointing to DeltaModel::save.
@@ -81,8 +84,8 @@ inline torch::Tensor prefix_table_from_peft(const torch::Tensor& peft, int64_t n
   return pairs.index_select(1, torch::tensor(index, torch::kLong)).reshape({P, -1});  // (P, S * 2 * inner)
 }
 
-// Ours (P, S * 2 * inner) -> peft's (P, L * 2 * inner); pairs no layer reads stay zero. Two
-// layers that peft gives one pair must hold equal prefixes.
+// Ours (P, S * 2 * inner) -> peft's (P, L * 2 * inner), L >= S; pairs no layer reads stay
+// zero. Two layers that peft gives one pair must hold equal prefixes.
 inline torch::Tensor prefix_table_to_peft(const torch::Tensor& ours, const std::vector<std::string>& sites,
                                           int64_t num_layers) {
   const int64_t P = ours.size(0), S = int64_t(sites.size());
@@ -94,8 +97,8 @@ inline torch::Tensor prefix_table_to_peft(const torch::Tensor& ours, const std::
     const auto [it, fresh] = writer.emplace(pair, i);
     check<OptionError>(fresh || torch::equal(from.select(1, i), from.select(1, it->second)),
                        "save_peft: peft 0.18.1 gives the T5 decoder layers {} and {} one prefix (key/value pair {} of "
-                       "{}), but sites {} and {} hold different ones; peft cannot express this prefix (an odd number "
-                       "of decoder layers can)", it->second, i, pair, num_layers, sites[it->second], sites[i]);
+                       "{}, one per encoder layer), but sites {} and {} hold different ones; give them equal prefixes, "
+                       "or save with DeltaModel::save", it->second, i, pair, num_layers, sites[it->second], sites[i]);
     out.select(1, pair).copy_(from.select(1, i));
   }
   return out.reshape({P, -1});
@@ -273,7 +276,7 @@ inline nlohmann::json peft_prompt_learning_config(DeltaModel& model, const std::
                                                   const backbones::T5Config& c, int64_t P, int64_t token_dim,
                                                   const PeftSaveOptions& options) {
   auto config = peft_config_base(model, peft_type, options);
-  config.update({{"num_attention_heads", c.num_heads()}, {"num_layers", c.decoder_layers()},
+  config.update({{"num_attention_heads", c.num_heads()}, {"num_layers", c.num_layers()},  // peft's: the encoder's
                  {"num_transformer_submodules", 2}, {"num_virtual_tokens", P}, {"token_dim", token_dim}});
   return config;
 }
@@ -309,7 +312,10 @@ inline PeftAdapter peft_prefix(DeltaModel& model, const DeltaModel::Entry& entry
                      "save_peft: peft's T5 prefix tuning reaches exactly the decoder's self-attention ({}); delta '{}' "
                      "is at {}; add it with the pattern \"{}\"", fmt::join(expected, ", "), name,
                      fmt::join(prefix->options.sites(), ", "), kT5DecoderSelfAttention);
-  const int64_t L = t5.config.decoder_layers(), inner = prefix->inner();
+  const int64_t L = t5.config.num_layers(), inner = prefix->inner();
+  check<OptionError>(L >= t5.config.decoder_layers(), "save_peft: peft 0.18.1 gives a T5 prefix one key/value pair "
+                     "per encoder layer, and this T5 has {} encoder but {} decoder layers, which peft's forward cannot "
+                     "run; save delta '{}' with DeltaModel::save", L, t5.config.decoder_layers(), name);
   torch::Tensor table;
   {
     torch::NoGradGuard no_grad;

@@ -4,7 +4,7 @@
 // zero at init, so the model is unchanged at step 0: training db is training b0 + db (same
 // gradients). Where the backbone has no bias (T5), db is the added bias itself (on q, k, v,
 // o, wi, wo and the LM head); layer norms take one through add_to(). Merging into a Linear
-// without a bias is refused by the site (nothing to fold it into).
+// without a bias gives it a frozen bias (WeightSite::merge), removed again by unmerge.
 #pragma once
 
 #include <torch/torch.h>

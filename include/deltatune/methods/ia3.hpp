@@ -51,16 +51,6 @@ class IA3Impl : public torch::nn::Cloneable<IA3Impl>, public WeightDelta {
     check_features(base_weight);
     return base_bias_ * (ia3_l - 1);
   }
-  // The change to undo a merge, from the merged weight l * W0 (and bias l * b0, which the
-  // bound bias now holds): (1 - 1/l) scaling them, as peft's unmerge divides by l.
-  torch::Tensor unmerge_delta_weight(const torch::Tensor& merged_weight) override {
-    return merged_weight * scale_shape(1 - 1 / ia3_l);
-  }
-  torch::Tensor unmerge_delta_bias(const torch::Tensor& merged_weight) override {
-    if (options.feedforward() || !base_bias_.defined()) return {};
-    check_features(merged_weight);
-    return base_bias_ * (1 - 1 / ia3_l);
-  }
 
   torch::Tensor delta_output(const torch::Tensor& x, const torch::Tensor& base_weight,
                              const torch::Tensor& base_output) override {
