@@ -173,7 +173,7 @@ class WordPieceTokenizer {
   std::u32string normalize(std::string_view text) const {
     std::u32string cleaned;
     for (char32_t c : detail::unicode::decode_utf8(text)) {
-      if (c == 0 || c == 0xFFFD || detail::unicode::is_control(c)) continue;
+      if (detail::unicode::is_dropped(c)) continue;
       const bool spaced = options_.tokenize_chinese_chars() && detail::unicode::is_cjk(c);
       if (spaced) cleaned += U' ';
       cleaned += detail::unicode::is_whitespace(c) ? U' ' : c;
