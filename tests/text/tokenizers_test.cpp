@@ -257,3 +257,60 @@ CATCH_TEST_CASE("WordPieceTokenizer matches transformers' BertTokenizerFast exac
                                        : tok.encode_batch(texts, options_of(c)));
   }
 }
+
+namespace {
+
+std::string utf8(char32_t cp) { return deltatune::detail::unicode::encode_utf8(std::u32string(1, cp)); }
+
+// Words as JSON with every non-ASCII character escaped, readable whatever they hold.
+std::string shown(const std::vector<std::string>& words) { return nlohmann::json(words).dump(-1, ' ', true); }
+
+// What tokenizers gives for "a" + c + "b" where the fixture names its shape (text_unicode.py).
+std::vector<std::string> shaped_words(const std::string& kind, const std::string& c) {
+  if (kind == "kept") return {"a" + c + "b"};
+  if (kind == "dropped") return {"ab"};
+  if (kind == "space") return {"a", "b"};
+  CATCH_REQUIRE(kind == "split");
+  return {"a", c, "b"};
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("WordPieceTokenizer normalises and splits every code point as tokenizers does", "[tokenizers][golden]") {
+  auto dir = deltatune::testing::golden_dir("text_unicode");
+  if (!dir) return;
+  std::ifstream in(*dir / "code_points.json");
+  const auto data = nlohmann::json::parse(in);
+  TempFiles files;
+  const auto vocab = tiny_vocab(files);
+  for (const auto& setting : data["settings"]) {
+    const WordPieceTokenizer tok(vocab, deltatune::WordPieceOptions()
+                                            .lowercase(setting["lowercase"].get<bool>())
+                                            .strip_accents(setting["strip_accents"].get<bool>()));
+    std::size_t seen = 0, differing = 0;
+    std::string first_differences;
+    const auto check = [&](char32_t cp, const std::vector<std::string>& expected) {
+      ++seen;
+      const auto got = tok.pre_tokenize("a" + utf8(cp) + "b");
+      if (got == expected) return;
+      if (++differing <= 10) {
+        first_differences += fmt::format("\n  U+{:04X}: ours {}, tokenizers' {}", static_cast<uint32_t>(cp), shown(got),
+                                         shown(expected));
+      }
+    };
+    for (const auto& run : setting["runs"]) {
+      const auto first = run[0].get<char32_t>(), last = run[1].get<char32_t>();
+      const auto kind = run[2].get<std::string>();
+      for (char32_t cp = first; cp <= last; ++cp) {
+        check(cp, shaped_words(kind, utf8(cp)));
+      }
+    }
+    for (const auto& other : setting["other"]) check(other[0].get<char32_t>(), other[1].get<std::vector<std::string>>());
+    const auto name = setting["name"].get<std::string>();
+    fmt::print("{}: {} of {} code points differ from tokenizers {}\n", name, differing, seen,
+               data["tokenizers"].get<std::string>());
+    CATCH_INFO(name << ": the first differences" << first_differences);
+    CATCH_CHECK(seen == 0x110000 - 0x800);  // every code point but the surrogates
+    CATCH_CHECK(differing == 0);
+  }
+}

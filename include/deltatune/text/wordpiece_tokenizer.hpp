@@ -73,6 +73,15 @@ class WordPieceTokenizer {
     });
   }
 
+  // The words of text WordPiece pieces: normalised, then split at whitespace and punctuation,
+  // as the normalizer and pre_tokenizer of BertTokenizerFast's backend give them (special
+  // tokens written in the text are not looked for here).
+  std::vector<std::string> pre_tokenize(std::string_view text) const {
+    std::vector<std::string> words;
+    for (const auto& word : split_words(normalize(text))) words.push_back(detail::unicode::encode_utf8(word));
+    return words;
+  }
+
   // [CLS] text [SEP], cut to max_length tokens (the specials kept) unless it is 0.
   Encoding encode(std::string_view text, int64_t max_length = 0) const {
     auto a = tokenize(text);
@@ -164,7 +173,7 @@ class WordPieceTokenizer {
   std::u32string normalize(std::string_view text) const {
     std::u32string cleaned;
     for (char32_t c : detail::unicode::decode_utf8(text)) {
-      if (c == 0 || c == 0xFFFD || detail::unicode::is_control(c)) continue;
+      if (detail::unicode::is_dropped(c)) continue;
       const bool spaced = options_.tokenize_chinese_chars() && detail::unicode::is_cjk(c);
       if (spaced) cleaned += U' ';
       cleaned += detail::unicode::is_whitespace(c) ? U' ' : c;
