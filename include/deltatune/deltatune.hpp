@@ -14,7 +14,7 @@
 #include <deltatune/methods/phm.hpp>         // PHMLinear, PHMSharedFactors: W = sum_i A_i (x) B_i
 #include <deltatune/methods/adapter.hpp>     // Adapter: Houlsby, Pfeiffer, PHM-Adapter, Compacter, Compacter++
 #include <deltatune/methods/prompt.hpp>      // PromptTuning: P trained input embeddings
-#include <deltatune/methods/prefix.hpp>      // PrefixTuning: trained keys and values in every attention site
+#include <deltatune/methods/prefix.hpp>      // PrefixTuning: trained keys and values prepended at attention sites
 #include <deltatune/methods/spec.hpp>        // select_parameters: last layers, chosen names, layer norms
 
 #include <deltatune/core/safetensors.hpp>    // read_safetensors, write_safetensors (atomic): Hugging Face's format

@@ -1,7 +1,10 @@
 // Table-driven tests over every delta method: shapes, identity at init where promised,
 // gradients only into the delta, merge, bad options, options round trips, the
 // Compacter paper's parameter shares on T5-base shapes, and the spec selectors.
+#include <ATen/record_function.h>
 #include <deltatune/deltatune.hpp>
+
+#include <set>
 
 #include "test_support.hpp"
 
@@ -146,6 +149,98 @@ CATCH_TEST_CASE("IA3 on a biased Linear scales the bias too when merged", "[meth
   CATCH_CHECK(close(base(x), expected, {kTol, kTol}));
   base->merge("s");
   CATCH_CHECK(close(base(x), expected, {kTol, kTol}));
+}
+
+namespace {
+
+// Counts the matrix products ATen runs while it lives (aten::mm, addmm, bmm, baddbmm: what
+// aten::linear and matmul end in), through RecordFunction callbacks as benchmarks/op_profile.hpp.
+class ProductCount {
+ public:
+  ProductCount() {
+    count() = 0;
+    handle_ = at::addThreadLocalCallback(at::RecordFunctionCallback(&ProductCount::enter).scopes({at::RecordScope::FUNCTION}));
+  }
+  ~ProductCount() { at::removeCallback(handle_); }
+  ProductCount(const ProductCount&) = delete;
+  ProductCount& operator=(const ProductCount&) = delete;
+  int64_t products() const { return count(); }
+
+ private:
+  static int64_t& count() {
+    thread_local int64_t n = 0;
+    return n;
+  }
+  static std::unique_ptr<at::ObserverContext> enter(const at::RecordFunction& fn) {
+    static const std::set<std::string> names = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"};
+    if (names.count(fn.name())) ++count();
+    return nullptr;
+  }
+  at::CallbackHandle handle_;
+};
+
+}  // namespace
+
+CATCH_TEST_CASE("IA3 on a feed-forward layer scales the frozen Linear's input: one product, the old sum's values",
+                "[methods][ia3]") {
+  // Two feed-forward IA3s and a LoRA on one biased Linear, in float64: (x * (l1 + l2 - 1)) W^T + b
+  // plus LoRA's output must equal the additive form x W^T + b + sum of each delta_output.
+  torch::manual_seed(5);
+  dt::FrozenLinear base(6, 4, true);
+  base->to(torch::kFloat64);
+  {
+    torch::NoGradGuard no_grad;
+    base->bias.normal_();
+  }
+  auto ia3_a = dt::IA3(dt::IA3Options(6).feedforward(true)), ia3_b = dt::IA3(dt::IA3Options(6).feedforward(true));
+  auto lora = dt::LoRA(dt::LoRAOptions(6, 4).r(2));
+  for (auto* m : std::initializer_list<torch::nn::Module*>{ia3_a.get(), ia3_b.get(), lora.get()}) {
+    m->to(torch::kFloat64);
+    perturb(*m);
+  }
+  base->deltas.attach("a", ia3_a.ptr());
+  base->deltas.attach("lora", lora.ptr());
+  base->deltas.attach("b", ia3_b.ptr());
+  auto x = torch::randn({3, 5, 6}, torch::kFloat64).requires_grad_(true);
+  auto R = torch::randn({3, 5, 4}, torch::kFloat64);
+  const std::vector<torch::Tensor> inputs = {x, ia3_a->ia3_l, ia3_b->ia3_l, lora->lora_A, lora->lora_B};
+  auto y = base(x);
+  auto grads = torch::autograd::grad({(y * R).sum()}, inputs);
+  auto y0 = torch::nn::functional::linear(x, base->weight, base->bias);
+  auto old = y0 + ia3_a->delta_output(x, base->weight, y0) + lora->delta_output(x, base->weight, y0) +
+             ia3_b->delta_output(x, base->weight, y0);
+  auto old_grads = torch::autograd::grad({(old * R).sum()}, inputs);
+  CATCH_CHECK((y - old).abs().max().item<double>() < 1e-12);
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    CATCH_INFO("gradient " << i);
+    CATCH_CHECK((grads[i] - old_grads[i]).abs().max().item<double>() < 1e-12);
+  }
+
+  // Alone on a layer, forward is one product, as the bare layer.
+  base->deltas.detach("lora");
+  base->deltas.detach("b");
+  torch::NoGradGuard no_grad;
+  ProductCount count;
+  base(x);
+  CATCH_CHECK(count.products() == 1);
+}
+
+CATCH_TEST_CASE("IA3 at peft's sites adds no matrix product to a T5's forward", "[methods][ia3]") {
+  torch::manual_seed(3);
+  auto t5 = dt::backbones::T5Model(dt::backbones::T5Config().vocab_size(40).d_model(16).d_kv(4).d_ff(32).num_layers(2)
+                                       .num_heads(4).relative_attention_num_buckets(8).dropout_rate(0));
+  dt::DeltaModel model(t5);
+  model.add("ia3", dt::IA3Options());  // k, v (output scaling) and wo (input scaling) in every block
+  auto ids = torch::randint(2, 40, {2, 5}), decoder_ids = torch::randint(2, 40, {2, 3});
+  torch::NoGradGuard no_grad;
+  auto products = [&] {
+    ProductCount count;
+    t5->forward(ids, {}, decoder_ids, {});
+    return count.products();
+  };
+  const auto with_ia3 = products();
+  model.deactivate("ia3");
+  CATCH_CHECK(with_ia3 == products());
 }
 
 namespace {

@@ -165,3 +165,80 @@ CATCH_TEST_CASE("DeltaModel combines deltas at once and in stages, and a pattern
                                 Catch::Contains("encoder.block.0.layer.0.SelfAttention.q"));
   CATCH_REQUIRE_THROWS_WITH(model.merge("adapter"), Catch::Contains("cannot be merged"));
 }
+
+namespace {
+
+// One row of the default-sites table: a fixture row of tools/golden/peft_defaults.py and our
+// options for the method, peft's defaults where they differ (peft trains a prefix's table
+// directly: its prefix_projection is false).
+struct DefaultRow {
+  std::string name;
+  std::function<std::shared_ptr<dt::DeltaRecipe>()> recipe;
+};
+
+std::vector<DefaultRow> default_rows() {
+  std::vector<DefaultRow> rows;
+  for (const std::string backbone : {"t5", "bert"}) {
+    rows.push_back({backbone + "_lora", [] { return dt::make_recipe(dt::LoRAOptions()); }});
+    rows.push_back({backbone + "_ia3", [] { return dt::make_recipe(dt::IA3Options()); }});
+    rows.push_back({backbone + "_prompt", [] { return dt::make_recipe(dt::PromptTuningOptions(3)); }});
+    rows.push_back({backbone + "_prefix", [] { return dt::make_recipe(dt::PrefixTuningOptions(3).prefix_projection(false)); }});
+  }
+  return rows;
+}
+
+std::vector<std::string> sorted(std::vector<std::string> names) {
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("add() with no pattern adapts peft's default sites, with peft's outputs and gradients",
+                "[recipes][peft][golden]") {
+  auto dir = dt::testing::golden_dir("peft_defaults");
+  if (!dir) return;
+  for (const auto& row : default_rows()) {
+    CATCH_INFO("row " << row.name);
+    const bool t5 = row.name.rfind("t5_", 0) == 0;
+    std::shared_ptr<torch::nn::Module> backbone =
+        t5 ? std::static_pointer_cast<torch::nn::Module>(bb::load_t5((*dir / "t5").string()).ptr())
+           : std::static_pointer_cast<torch::nn::Module>(bb::load_bert((*dir / "bert").string()).ptr());
+    dt::DeltaModel model(backbone);
+    const auto& entry = model.add("default", row.recipe());
+    const auto info = dt::read_json_file(*dir / (row.name + ".json"));
+
+    std::vector<std::string> sites, feedforward;
+    for (const auto& a : entry.attachments) {
+      sites.push_back(a.site.name);
+      if (auto* ia3 = dynamic_cast<dt::IA3Impl*>(a.delta.get()); ia3 && ia3->options.feedforward())
+        feedforward.push_back(a.site.name);
+    }
+    CATCH_CHECK(sorted(sites) == sorted(info.at("sites")));
+    CATCH_CHECK(sorted(feedforward) == sorted(info.value("feedforward", std::vector<std::string>{})));
+    CATCH_CHECK(model.num_trainable_parameters() == info.at("read").get<int64_t>());
+
+    // peft's delta values, through load_peft's own mapping of its file to our parameters.
+    const auto config = dt::read_json_file(*dir / row.name / "adapter_config.json");
+    dt::detail::copy_peft_tensors(entry, config, (*dir / row.name / "adapter_model.safetensors").string());
+    const auto io = dt::read_safetensors((*dir / (row.name + ".safetensors")).string()).tensors;
+    torch::Tensor output, loss;
+    if (t5) {
+      auto out = dynamic_cast<bb::T5ModelImpl&>(*backbone).forward(io.at("input_ids"), io.at("attention_mask"), {},
+                                                                   io.at("labels"));
+      output = out.logits;
+      loss = out.loss;
+    } else {
+      output = dynamic_cast<bb::BertModelImpl&>(*backbone).forward(io.at("input_ids"), io.at("attention_mask"))
+                   .last_hidden_state;
+      const auto& R = io.at("R");
+      loss = (output.narrow(1, output.size(1) - R.size(1), R.size(1)) * R).sum();
+    }
+    dt::testing::check_matches(output, io.at(t5 ? "logits" : "last_hidden_state"), "output");
+    dt::testing::check_matches(loss.reshape(1), io.at("loss"), "loss");
+    loss.backward();
+    for (const auto& target : dt::detail::peft_slots(entry, config))
+      dt::testing::check_matches(target.target.grad(), target.convert(io.at("grad." + target.name)),
+                                 "gradient of " + target.name);
+  }
+}

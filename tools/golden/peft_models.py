@@ -16,7 +16,7 @@ Cases: t5_lora, t5_rslora (on q, k, v, o, wi, wo, not the default q, v), t5_ia3,
 t5_prefix (the table trained directly: prefix_projection false), t5_prefix_3_2 (on t5_3_2),
 bert_lora.
 Delta values are randomised after peft's init (LoRA's B is zero, IA3's l one at init).
-The T5 loss is the LM cross-entropy on labels; BERT's is sum(last_hidden_state * R).
+The T5 loss is the LM cross-entropy on labels; BERT's is sum(last_hidden_state * R) over the tokens.
 """
 from pathlib import Path
 
@@ -83,6 +83,8 @@ def _file_grads(model):
 
 
 def _case(out_dir, name, base_dir, config, batch, run, seed):
+    """Wraps the base in base_dir with peft, randomises the delta, saves the adapter and
+    <name>.safetensors; returns the peft model, its gradients in place."""
     from peft import get_peft_model
     from transformers import AutoModel, AutoModelForSeq2SeqLM
 
@@ -98,6 +100,7 @@ def _case(out_dir, name, base_dir, config, batch, run, seed):
     tensors["loss"] = tensors["loss"].reshape(1)
     tensors.update({f"grad.{k}": v for k, v in _file_grads(model).items()})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / f"{name}.safetensors"))
+    return model
 
 
 def _run_t5(model, b):
@@ -107,7 +110,8 @@ def _run_t5(model, b):
 
 def _run_bert(model, b):
     hidden = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-    return {"last_hidden_state": hidden, "loss": (hidden * b["R"]).sum()}
+    # A prompt's P leading positions are left out of the loss: R covers the tokens.
+    return {"last_hidden_state": hidden, "loss": (hidden[:, -b["R"].shape[1]:] * b["R"]).sum()}
 
 
 def make(out_dir: Path, shared_data: Path):

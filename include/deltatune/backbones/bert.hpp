@@ -122,7 +122,8 @@ inline BertConfig bert_config(const Checkpoint& checkpoint) {
 // Word, position and token-type embeddings, summed, then LayerNorm and dropout. Prompt
 // deltas prepend their vectors to the word embeddings, before positions and token types are
 // added, as peft's prompt tuning feeds inputs_embeds: positions run over P + T and the
-// prompts take token type 0.
+// prompts take token type 0. Under a prefix of P keys, positions start at P, as transformers
+// numbers tokens after the past keys that peft hands a prefix over as.
 class BertEmbeddingsImpl : public torch::nn::Module, public PromptSite {
  public:
   explicit BertEmbeddingsImpl(const BertConfig& c) : max_positions(c.max_position_embeddings()) {
@@ -136,18 +137,19 @@ class BertEmbeddingsImpl : public torch::nn::Module, public PromptSite {
     embedding_table = word_embeddings->weight;  // prompt tuning starts from its rows
   }
 
-  // input_ids (B, T), token_type_ids (B, T) or undefined (all 0), mask (B, T) or undefined
+  // input_ids (B, T), token_type_ids (B, T) or undefined (all 0), mask (B, T) or undefined,
+  // and the first position (the first layer's prefix length)
   // -> embeddings (B, P + T, d) and the mask grown to (B, P + T) (undefined stays undefined).
   std::pair<torch::Tensor, torch::Tensor> forward(const torch::Tensor& input_ids, const torch::Tensor& token_type_ids,
-                                                  const torch::Tensor& mask) {
+                                                  const torch::Tensor& mask, int64_t first_position = 0) {
     auto [embeds, full_mask] = prepend_prompts(word_embeddings(input_ids), mask);  // (B, P + T, d)
     const int64_t batch = embeds.size(0), length = embeds.size(1), prompts = length - input_ids.size(1);
-    detail::check<ShapeError>(length <= max_positions,
-                              "BERT takes at most max_position_embeddings = {} tokens; got {} ({} of them prompts)",
-                              max_positions, length, prompts);
+    detail::check<ShapeError>(first_position + length <= max_positions,
+                              "BERT takes at most max_position_embeddings = {} positions; got {} ({} of them prompts, "
+                              "{} prefix)", max_positions, first_position + length, prompts, first_position);
     auto types = token_type_ids.defined() ? token_type_ids : torch::zeros_like(input_ids);
     if (prompts > 0) types = torch::cat({torch::zeros({batch, prompts}, types.options()), types}, 1);
-    auto positions = torch::arange(length, input_ids.options().dtype(torch::kLong));
+    auto positions = torch::arange(first_position, first_position + length, input_ids.options().dtype(torch::kLong));
     auto x = embeds + token_type_embeddings(types) + position_embeddings(positions);  // transformers' order
     return {dropout(layer_norm(x)), full_mask};
   }
@@ -331,7 +333,8 @@ class BertModelImpl : public torch::nn::Module {
                                 "BertModel: attention_mask and token_type_ids must be shaped as input_ids {}; got {}",
                                 input_ids.sizes(), t->sizes());
     auto mask = attention_mask.defined() ? attention_mask.to(torch::kBool) : attention_mask;
-    auto [hidden, full_mask] = embeddings(input_ids, token_type_ids, mask);  // (B, P + T, d)
+    const int64_t prefix = encoder->layers.empty() ? 0 : encoder->layers.front()->attention->self->prefix_length();
+    auto [hidden, full_mask] = embeddings(input_ids, token_type_ids, mask, prefix);  // (B, P + T, d)
     hidden = encoder(hidden, full_mask);
     return {hidden, pooler ? pooler(hidden) : torch::Tensor(), full_mask};
   }

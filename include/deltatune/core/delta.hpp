@@ -71,8 +71,15 @@ class WeightDelta : public DeltaModule {
     return torch::nn::functional::linear(x, delta_weight(base_weight), delta_bias(base_weight));
   }
 
+  // A delta that is a scale s (in) of the Linear's input returns it here (IA3 on a
+  // feed-forward layer); undefined otherwise. A Linear site then computes (x * s) W0^T + b0,
+  // one product, where adding delta_output would take a second one.
+  virtual torch::Tensor input_scale(const torch::Tensor& /*base_weight*/) { return {}; }
+
   // y = x (W0 + dW)^T + (b0 + db): the layer with this delta alone.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& base_weight, const torch::Tensor& base_bias) {
+    if (auto scale = input_scale(base_weight); scale.defined())
+      return torch::nn::functional::linear(x * scale, base_weight, base_bias);
     auto y0 = torch::nn::functional::linear(x, base_weight, base_bias);
     return y0 + delta_output(x, base_weight, y0);
   }

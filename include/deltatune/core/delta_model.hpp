@@ -38,8 +38,10 @@ class DeltaRecipe {
   virtual nlohmann::json options_json() const = 0;
   // The site kinds its deltas act on: linear for weight deltas, output for adapters, ...
   virtual bool accepts(Site::Kind kind) const = 0;
-  // Called once with every matched site before make(): a prefix sizes its table by them.
-  virtual void prepare(const std::vector<const Site*>& /*sites*/) {}
+  // Called once with every matched site and the backbone's family ("t5", "bert" or "", as
+  // DeltaModel::backbone_family) before make(): a prefix sizes its table by the sites, IA3
+  // takes peft's feed-forward modules for the backbone.
+  virtual void prepare(const std::vector<const Site*>& /*sites*/, const std::string& /*backbone*/) {}
   virtual std::shared_ptr<DeltaModule> make(const Site& site) = 0;
   // Modules trained once for the whole delta, by name ("phm_rule" for Compacter's A).
   virtual std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>> shared_modules() { return {}; }
@@ -176,7 +178,7 @@ class DeltaModel {
     Entry entry{recipe, {}, recipe->select_backbone_parameters(names), true};
     detail::check<OptionError>(recipe->uses_sites() || !entry.backbone_parameters.empty(),
                                "{} selects no backbone parameter; check its options", recipe->method());
-    if (!matched.empty()) recipe->prepare(matched);
+    if (!matched.empty()) recipe->prepare(matched, backbone_family());
     for (const auto* site : matched) entry.attachments.push_back({*site, recipe->make(*site)});
     for (auto& a : entry.attachments) attach(name, a);
     for (auto& p : backbone_parameters(entry)) p.set_requires_grad(true);

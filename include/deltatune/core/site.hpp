@@ -105,7 +105,7 @@ inline void freeze(torch::nn::Module& module) {
 
 // A frozen weight W (out, in), or a layer norm's scale (d), with an optional bias (out),
 // that weight deltas act on: the module that owns them registers them as "weight" and
-// "bias" and adds add_deltas(x, y) to its own output y.
+// "bias" and computes linear_with_deltas(x) (a Linear) or add_deltas(x, y) on its own output y.
 class WeightSite {
  public:
   virtual ~WeightSite() = default;
@@ -155,22 +155,66 @@ class WeightSite {
   explicit WeightSite(torch::nn::Module* owner) : owner_(owner) {}
 
   // y, the frozen layer's output for input x, plus every running delta's contribution.
-  torch::Tensor add_deltas(const torch::Tensor& x, torch::Tensor y) {
-    if (deltas.routing()) return add_routed_deltas(x, y);
-    for (auto* delta : deltas.running()) y = y + delta->delta_output(x, weight, y);
+  torch::Tensor add_deltas(const torch::Tensor& x, const torch::Tensor& y) {
+    if (deltas.routing()) return add_routed_outputs(x, y, deltas.routed(x.size(0), x.device()));
+    return add_outputs(x, y, deltas.running());
+  }
+
+  // The frozen Linear x W^T + b with its running deltas, in one product where deltas scale
+  // its input (IA3 on a feed-forward layer): (x * s) W^T + b, s = 1 + sum (s_i - 1), equal to
+  // adding each one's delta_output; then the other deltas add their outputs in attachment order.
+  torch::Tensor linear_with_deltas(const torch::Tensor& x) {
+    if (deltas.routing()) return routed_linear_with_deltas(x);
+    torch::Tensor scale;
+    std::vector<WeightDelta*> additive;
+    for (auto* delta : deltas.running()) {
+      auto s = delta->input_scale(weight);
+      if (!s.defined()) additive.push_back(delta);
+      else scale = scale.defined() ? scale + (s - 1) : s;
+    }
+    return add_outputs(x, torch::nn::functional::linear(scale.defined() ? x * scale : x, weight, bias), additive);
+  }
+
+ private:
+  using Routed = std::vector<std::pair<WeightDelta*, torch::Tensor>>;
+
+  torch::Tensor add_outputs(const torch::Tensor& x, torch::Tensor y, const std::vector<WeightDelta*>& running) {
+    for (auto* delta : running) y = y + delta->delta_output(x, weight, y);
     return y;
   }
 
   // A mixed batch: each delta's output on its own rows of x (B, ..., in) only, added to
   // those rows of y0 (B, ..., out); cost in proportion to the rows, as peft's mixed batch.
-  torch::Tensor add_routed_deltas(const torch::Tensor& x, const torch::Tensor& y0) {
+  torch::Tensor add_routed_outputs(const torch::Tensor& x, const torch::Tensor& y0, const Routed& routed) {
     auto y = y0;
-    for (const auto& [delta, rows] : deltas.routed(x.size(0), x.device()))
+    for (const auto& [delta, rows] : routed)
       y = y.index_add(0, rows, delta->delta_output(x.index_select(0, rows), weight, y0.index_select(0, rows)));
     return y;
   }
 
- private:
+  // A mixed batch through the Linear: each input-scaling delta's scale on its own rows of
+  // one (B, in) scale (a row takes one delta), so the whole batch is still one product.
+  torch::Tensor routed_linear_with_deltas(const torch::Tensor& x) {
+    torch::Tensor scale;
+    Routed additive;
+    for (auto& [delta, rows] : deltas.routed(x.size(0), x.device())) {
+      auto s = delta->input_scale(weight);
+      if (!s.defined()) {
+        additive.emplace_back(delta, rows);
+        continue;
+      }
+      if (!scale.defined()) scale = torch::ones({x.size(0), x.size(-1)}, x.options());
+      scale = scale.index_copy(0, rows, s.to(x.dtype()).expand({rows.size(0), -1}));
+    }
+    if (scale.defined()) {  // (B, in) -> (B, 1, ..., 1, in), broadcast over x's middle dimensions
+      std::vector<int64_t> shape(x.dim(), 1);
+      shape.front() = x.size(0);
+      shape.back() = x.size(-1);
+      scale = scale.view(shape);
+    }
+    return add_routed_outputs(x, torch::nn::functional::linear(scale.defined() ? x * scale : x, weight, bias), additive);
+  }
+
   // Adds dW and db (computed before either changes: IA3's db reads the bias).
   void fold(const torch::Tensor& dW, const torch::Tensor& db) {
     // A bias delta on a layer without one (BitFit on T5) gives it a frozen bias to fold into.
@@ -213,7 +257,7 @@ class FrozenLinearImpl : public torch::nn::Module, public WeightSite {
   }
 
   // (..., in) -> (..., out): the frozen layer plus every running delta's contribution.
-  torch::Tensor forward(const torch::Tensor& x) { return add_deltas(x, torch::nn::functional::linear(x, weight, bias)); }
+  torch::Tensor forward(const torch::Tensor& x) { return linear_with_deltas(x); }
 
   void pretty_print(std::ostream& stream) const override {
     stream << "deltatune::FrozenLinear(in_features=" << in_features << ", out_features=" << out_features
@@ -261,6 +305,13 @@ class AttentionSite {
   std::string site_name;  // set by find_sites(); prefix deltas keep one key/value pair per site
   int64_t hidden_features = 0;     // the model width d the attention reads, set by the backbone
   int64_t key_value_features = 0;  // heads x d_head: the width of the keys and values prepended
+
+  // The number of key positions the running prefix deltas prepend here.
+  int64_t prefix_length() const {
+    int64_t n = 0;
+    for (auto* delta : prefix_deltas.running()) n += delta->num_virtual_tokens();
+    return n;
+  }
 
  protected:
   // The (B, P, inner) keys and values to prepend, or undefined tensors when no prefix runs.

@@ -68,19 +68,21 @@ inline const char* const kPeftConfigFile = "adapter_config.json";
 inline const char* const kPeftWeightsFile = "adapter_model.safetensors";
 inline const char* const kPeftKeyPrefix = "base_model.model.";
 inline const char* const kPeftVersion = "0.18.1";  // the layout written and read here
-// peft's T5 prefix reaches these sites only (see the file comment).
-inline const char* const kT5DecoderSelfAttention = "re:decoder\\.block\\.\\d+\\.layer\\.0\\.SelfAttention";
 
-// Decoder layer `layer` of a T5 reads pair (key block 2p, value block 2p + 1) p of peft's table:
-// peft doubles the (P, 2L, ...) blocks to 4L and hands each layer four consecutive ones.
-inline int64_t peft_prefix_pair(int64_t layer, int64_t num_layers) { return (2 * layer) % num_layers; }
+// Layer `layer` reads pair (key block 2p, value block 2p + 1) p of peft's table: with
+// num_transformer_submodules M = 2 (T5) peft doubles the (P, 2L, ...) blocks to 4L and hands
+// each layer four consecutive ones, so p = 2 layer mod L; with M = 1 (BERT) p = layer.
+inline int64_t peft_prefix_pair(int64_t layer, int64_t num_layers, int64_t submodules) {
+  return (submodules * layer) % num_layers;
+}
 
-// peft's (P, L * 2 * inner) table -> ours (P, S * 2 * inner), S decoder layers, site i = layer i.
-inline torch::Tensor prefix_table_from_peft(const torch::Tensor& peft, int64_t num_layers, int64_t sites) {
+// peft's (P, L * 2 * inner) table -> ours (P, S * 2 * inner), S layers, site i = layer i.
+inline torch::Tensor prefix_table_from_peft(const torch::Tensor& peft, int64_t num_layers, int64_t submodules,
+                                            int64_t sites) {
   const int64_t P = peft.size(0);
   auto pairs = peft.reshape({P, num_layers, 2, -1});  // (P, L, 2, inner)
   std::vector<int64_t> index;
-  for (int64_t i = 0; i < sites; ++i) index.push_back(peft_prefix_pair(i, num_layers));
+  for (int64_t i = 0; i < sites; ++i) index.push_back(peft_prefix_pair(i, num_layers, submodules));
   return pairs.index_select(1, torch::tensor(index, torch::kLong)).reshape({P, -1});  // (P, S * 2 * inner)
 }
 
@@ -93,7 +95,7 @@ inline torch::Tensor prefix_table_to_peft(const torch::Tensor& ours, const std::
   auto out = torch::zeros({P, num_layers, 2, from.size(3)}, ours.options());  // (P, L, 2, inner)
   std::map<int64_t, int64_t> writer;                                  // pair -> the layer that wrote it
   for (int64_t i = 0; i < S; ++i) {
-    const auto pair = peft_prefix_pair(i, num_layers);
+    const auto pair = peft_prefix_pair(i, num_layers, 2);  // T5
     const auto [it, fresh] = writer.emplace(pair, i);
     check<OptionError>(fresh || torch::equal(from.select(1, i), from.select(1, it->second)),
                        "save_peft: peft 0.18.1 gives the T5 decoder layers {} and {} one prefix (key/value pair {} of "
@@ -310,7 +312,7 @@ inline PeftAdapter peft_prefix(DeltaModel& model, const DeltaModel::Entry& entry
     if (site.kind == Site::Kind::attention && decoder_self.matches(site.name)) expected.push_back(site.name);
   check<OptionError>(prefix->options.sites() == expected,
                      "save_peft: peft's T5 prefix tuning reaches exactly the decoder's self-attention ({}); delta '{}' "
-                     "is at {}; add it with the pattern \"{}\"", fmt::join(expected, ", "), name,
+                     "is at {}; add it with no pattern (peft's sites) or the pattern \"{}\"", fmt::join(expected, ", "), name,
                      fmt::join(prefix->options.sites(), ", "), kT5DecoderSelfAttention);
   const int64_t L = t5.config.num_layers(), inner = prefix->inner();
   check<OptionError>(L >= t5.config.decoder_layers(), "save_peft: peft 0.18.1 gives a T5 prefix one key/value pair "
@@ -365,21 +367,6 @@ inline void save_peft(DeltaModel& model, const std::string& name, const std::str
 
 namespace detail {
 
-// IA3 with peft's feedforward_modules deciding which sites scale their input.
-class PeftIA3Recipe : public IA3Recipe {
- public:
-  explicit PeftIA3Recipe(std::string feedforward) : IA3Recipe(IA3Options()), feedforward_(std::move(feedforward)) {}
-  std::shared_ptr<DeltaModule> make(const Site& site) override {
-    const bool ff = feedforward_.matches(site.name);
-    auto delta = IA3(IA3Options(ff ? site.linear->in_features : site.linear->out_features).feedforward(ff));
-    if (site.linear->bias.defined()) delta->bind_base_bias(site.linear->bias);
-    return delta.ptr();
-  }
-
- private:
-  SitePattern feedforward_;
-};
-
 // What a peft config asks for here: the recipe, and the sites its target_modules name, as
 // a site pattern.
 struct PeftPlan {
@@ -397,10 +384,12 @@ inline PeftPlan peft_plan(DeltaModel& model, const nlohmann::json& c, const std:
   }
   if (type == "IA3") {
     check_peft_options(c, {"target_modules", "feedforward_modules"}, where);
+    // As peft: no feedforward_modules means its default for the backbone, an empty list none.
     const auto ff = c.value("feedforward_modules", nlohmann::json(nullptr));
-    const bool none = ff.is_null() || (ff.is_array() && ff.empty());
-    return {std::make_shared<PeftIA3Recipe>(none ? "re:$^" : site_pattern_from_peft(ff, "feedforward_modules", where)),
-            site_pattern_from_peft(c.at("target_modules"), "target_modules", where)};
+    auto options = IA3Options();
+    if (!ff.is_null())
+      options.feedforward_modules(ff.is_array() && ff.empty() ? "" : site_pattern_from_peft(ff, "feedforward_modules", where));
+    return {make_recipe(options), site_pattern_from_peft(c.at("target_modules"), "target_modules", where)};
   }
   const std::set<std::string> prompt_keys = {"num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                              "num_attention_heads", "num_layers"};
@@ -462,8 +451,10 @@ inline std::vector<TensorSlot> peft_slots(const DeltaModel::Entry& entry, const 
     add("prompt_embeddings", prompt->embedding, [P](const torch::Tensor& t) { return t.narrow(0, 0, P); });
   } else if (method == "prefix_tuning") {
     auto* prefix = dynamic_cast<PrefixTuningImpl*>(entry.attachments.front().delta.get());
-    const int64_t L = c.at("num_layers"), S = int64_t(entry.attachments.size());
-    add("prompt_embeddings", prefix->embedding, [L, S](const torch::Tensor& t) { return prefix_table_from_peft(t, L, S); });
+    const int64_t L = c.at("num_layers"), M = c.value("num_transformer_submodules", 2),
+                  S = int64_t(entry.attachments.size());
+    add("prompt_embeddings", prefix->embedding,
+        [L, M, S](const torch::Tensor& t) { return prefix_table_from_peft(t, L, M, S); });
   }
   return out;
 }

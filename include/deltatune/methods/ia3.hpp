@@ -9,6 +9,9 @@
 
 #include <torch/torch.h>
 
+#include <optional>
+#include <string>
+
 #include <deltatune/core/delta.hpp>
 #include <deltatune/core/error.hpp>
 
@@ -19,6 +22,10 @@ struct IA3Options {
   explicit IA3Options(int64_t features = 0) : features_(features) {}
   TORCH_ARG(int64_t, features);            // out_features (keys, values) or in_features (feed-forward)
   TORCH_ARG(bool, feedforward) = false;    // scale the input (the inner activation) instead of the output
+  // For DeltaModel::add: the site pattern naming which matched sites scale their input, as
+  // peft's feedforward_modules (matched the same way as the sites); unset: peft's default for
+  // the backbone (T5 "wo", BERT "output.dense"); "": none.
+  TORCH_ARG(std::optional<std::string>, feedforward_modules) = std::nullopt;
 };
 
 class IA3Impl : public torch::nn::Cloneable<IA3Impl>, public WeightDelta {
@@ -52,11 +59,18 @@ class IA3Impl : public torch::nn::Cloneable<IA3Impl>, public WeightDelta {
     return base_bias_ * (ia3_l - 1);
   }
 
+  // The additive form (l - 1) x W0^T of the feed-forward case costs a second product: Linear
+  // sites take input_scale() instead and compute (l * x) W0^T + b0 in one.
   torch::Tensor delta_output(const torch::Tensor& x, const torch::Tensor& base_weight,
                              const torch::Tensor& base_output) override {
     check_features(base_weight);
     if (options.feedforward()) return torch::nn::functional::linear(x * (ia3_l - 1), base_weight);
     return base_output * (ia3_l - 1);
+  }
+  torch::Tensor input_scale(const torch::Tensor& base_weight) override {
+    if (!options.feedforward()) return {};
+    check_features(base_weight);
+    return ia3_l;
   }
 
   void pretty_print(std::ostream& stream) const override {

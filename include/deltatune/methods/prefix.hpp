@@ -1,6 +1,7 @@
-// Prefix tuning (Li & Liang 2021): P trained keys and values prepended in every attention
-// layer, here the encoder's self-attention, the decoder's self-attention and its
-// cross-attention alike (peft reaches only the decoder's: a deliberate difference).
+// Prefix tuning (Li & Liang 2021): P trained keys and values prepended in the attention
+// layers it is attached to. DeltaModel::add's default is peft's: the decoder's self-attention
+// on T5, every self-attention on BERT; a pattern puts it in every attention (the paper's
+// encoder-decoder setup), encoder and cross-attention included.
 //
 // While training, the table is reparameterised as peft's PrefixEncoder does: an embedding
 // E (P, d) through Linear(d, hidden) -> tanh -> Linear(hidden, L * 2 * inner), L the number

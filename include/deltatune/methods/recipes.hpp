@@ -6,6 +6,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <regex>
 #include <string>
 #include <utility>
@@ -34,7 +35,10 @@ struct DefaultSites {
   }
 };
 inline const DefaultSites kAttentionQueryValue{"q|v", "query|value"};
-inline const DefaultSites kIA3Sites{"k|v|wo", "re:.*\\.(key|value)|(.*\\.)?encoder\\.layer\\.\\d+\\.output\\.dense"};
+// IA3's sites and, among them, those that scale their input (peft's feedforward mapping):
+// on BERT "output.dense" names the attention's output projection as well as the feed-forward one.
+inline const DefaultSites kIA3Sites{"k|v|wo", "key|value|output.dense"};
+inline const DefaultSites kIA3FeedForward{"wo", "output.dense"};
 inline const DefaultSites kEveryLinear{"re:.*", "re:.*"};
 // Houlsby's places: after self-attention and after the feed-forward block (not after T5's
 // cross-attention), the setup behind the Compacter paper's parameter counts.
@@ -43,7 +47,10 @@ inline const DefaultSites kAttentionAndFeedForwardSublayers{
     "re:(.*\\.)?encoder\\.layer\\.\\d+\\.(attention\\.output|output)"};
 inline const DefaultSites kFeedForwardSublayer{"re:(.*\\.)?encoder\\.block\\.\\d+\\.layer\\.1|(.*\\.)?decoder\\.block\\.\\d+\\.layer\\.2",
                                                "re:(.*\\.)?encoder\\.layer\\.\\d+\\.output"};
-inline const DefaultSites kEveryAttention{"re:.*(SelfAttention|EncDecAttention)", "re:.*attention\\.self"};
+// The attention layers peft's prefix tuning reaches: on T5 the decoder's self-attention only
+// (transformers discards the cross-attention cache peft builds), on BERT every self-attention.
+inline const char* const kT5DecoderSelfAttention = "re:(.*\\.)?decoder\\.block\\.\\d+\\.layer\\.0\\.SelfAttention";
+inline const DefaultSites kPeftPrefixSites{kT5DecoderSelfAttention, "re:(.*\\.)?encoder\\.layer\\.\\d+\\.attention\\.self"};
 inline const DefaultSites kEncoderInput{"encoder", "embeddings"};
 // The layer norms adapters and Compacter train with their deltas (Houlsby et al., Mahabadi et al.).
 inline const char* const kLayerNormParameters = "(layer_norm|LayerNorm)\\.(weight|bias)$";
@@ -90,20 +97,30 @@ class LoRARecipe : public detail::RecipeBase<LoRAOptions> {
   }
 };
 
-// IA3 on Linear sites (default: k, v and the feed-forward output projection, as peft);
-// the feed-forward one scales its input, the others their output, bias included.
+// IA3 on Linear sites (default, as peft: k, v, wo on T5; key, value, output.dense on BERT).
+// The sites options.feedforward_modules names (default, as peft: wo / output.dense) scale
+// their input, the others their output, bias included.
 class IA3Recipe : public detail::RecipeBase<IA3Options> {
  public:
   explicit IA3Recipe(IA3Options options) : RecipeBase(std::move(options), Site::Kind::linear, detail::kIA3Sites) {}
   std::string method() const override { return "ia3"; }
-  nlohmann::json options_json() const override { return nlohmann::json::object(); }
+  nlohmann::json options_json() const override {
+    const auto& ff = options.feedforward_modules();
+    return {{"feedforward_modules", ff ? nlohmann::json(*ff) : nlohmann::json(nullptr)}};
+  }
+  void prepare(const std::vector<const Site*>& /*sites*/, const std::string& backbone) override {
+    const auto text = options.feedforward_modules().value_or(detail::kIA3FeedForward.for_backbone(backbone));
+    feedforward_ = text.empty() ? std::nullopt : std::optional<SitePattern>(SitePattern(text));
+  }
   std::shared_ptr<DeltaModule> make(const Site& site) override {
-    static const std::regex feedforward(R"((DenseReluDense\.wo|(^|\.)layer\.\d+\.output\.dense)$)");
-    const bool ff = std::regex_search(site.name, feedforward);
+    const bool ff = feedforward_ && feedforward_->matches(site.name);
     auto delta = IA3(IA3Options(ff ? site.linear->in_features : site.linear->out_features).feedforward(ff));
     if (site.linear->bias.defined()) delta->bind_base_bias(site.linear->bias);
     return delta.ptr();
   }
+
+ private:
+  std::optional<SitePattern> feedforward_;
 };
 
 // BitFit: a trained bias on every Linear (added where the backbone has none, an offset
@@ -165,18 +182,19 @@ class PromptTuningRecipe : public detail::RecipeBase<PromptTuningOptions> {
   }
 };
 
-// Prefix tuning: one table of keys and values for every matched attention site
-// (default: all of them, encoder and decoder), through its MLP while training.
+// Prefix tuning: one table of keys and values for every matched attention site (default:
+// those peft's prefix reaches, T5's decoder self-attention, BERT's self-attention), through
+// its MLP while training.
 class PrefixTuningRecipe : public detail::RecipeBase<PrefixTuningOptions> {
  public:
   explicit PrefixTuningRecipe(PrefixTuningOptions options)
-      : RecipeBase(std::move(options), Site::Kind::attention, detail::kEveryAttention) {}
+      : RecipeBase(std::move(options), Site::Kind::attention, detail::kPeftPrefixSites) {}
   std::string method() const override { return "prefix_tuning"; }
   nlohmann::json options_json() const override {
     return {{"num_virtual_tokens", options.num_virtual_tokens()}, {"prefix_projection", options.prefix_projection()},
             {"hidden", options.hidden()}};
   }
-  void prepare(const std::vector<const Site*>& sites) override {
+  void prepare(const std::vector<const Site*>& sites, const std::string& /*backbone*/) override {
     std::vector<std::string> names;
     for (const auto* site : sites) names.push_back(site->name);
     const auto* first = sites.front()->attention;
