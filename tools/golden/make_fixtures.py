@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import importlib
 import importlib.metadata
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,19 @@ def reference_versions():
         except importlib.metadata.PackageNotFoundError:
             versions.append(f"{name} absent")
     return versions
+
+
+def sources(name, seen=None):
+    """The module's source and those of the sibling modules it imports (peft_defaults.py
+    builds on peft_models.py, which builds on t5.py): a change to any of them remakes it."""
+    seen = seen if seen is not None else set()
+    seen.add(name)
+    source = (HERE / f"{name}.py").read_bytes()
+    for sibling in re.findall(rb"^\s*from (\w+) import", source, re.M):
+        sibling = sibling.decode()
+        if sibling not in seen and (HERE / f"{sibling}.py").exists():
+            source += sources(sibling, seen)
+    return source
 
 
 def main():
@@ -52,7 +66,7 @@ def main():
     versions = reference_versions()
     names = args.only or sorted(p.stem for p in HERE.glob("*.py") if p.stem != "make_fixtures")
     for name in names:
-        source = (HERE / f"{name}.py").read_bytes()
+        source = sources(name)
         # Whether the real data is there changes what a module writes, so it is stamped too.
         inputs = versions + [f"shared data: {args.shared_data.is_dir()}"]
         stamp = hashlib.sha256(source + "\n".join(inputs).encode()).hexdigest()
