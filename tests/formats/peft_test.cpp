@@ -105,6 +105,7 @@ CATCH_TEST_CASE("peft adapters load with peft's outputs and gradients, and save 
     auto ours = dt::read_safetensors(out.file("adapter_model.safetensors")).tensors;
     auto theirs = dt::read_safetensors((*dir / c / "adapter_model.safetensors").string()).tensors;
     CATCH_REQUIRE(ours.size() == theirs.size());
+    const auto targets = dt::detail::peft_slots(l.model->deltas().at("default"), l.config);
     CATCH_REQUIRE(targets.size() == theirs.size());
     for (const auto& target : targets) {
       CATCH_INFO("tensor " << target.name);
