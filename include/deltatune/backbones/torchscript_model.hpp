@@ -132,8 +132,10 @@ class ScriptWeightSiteImpl : public torch::nn::Module, public WeightSite {
  public:
   explicit ScriptWeightSiteImpl(jit::Module target) : WeightSite(this), target_(std::move(target)) {
     mirror(*this, target_);
-    weight = named_parameters(false)["weight"];
-    if (auto* b = named_parameters(false).find("bias")) bias = *b;
+    // named_parameters() returns a dict by value: find() points into it, so it must outlive the lookup.
+    const auto parameters = named_parameters(false);
+    weight = parameters["weight"];
+    if (const auto* b = parameters.find("bias")) bias = *b;
     out_features = weight.size(0);
     in_features = weight.dim() == 2 ? weight.size(1) : weight.size(0);
     graph_has_bias_ = bias.defined();
