@@ -7,8 +7,8 @@
 //   delta_bench --model DIR --method M [--mode train|infer] [--batch 8] [--src 128] [--tgt 8]
 //               [--steps 5] [--warmup 2] [--threads 0] [--device cpu|cuda] [--profile 0|1]
 //               [--interleave N]
-// Methods: full, lora, ia3, prefix, prompt, houlsby, compacter, compacter++, bitfit; for
-// --mode infer also bare (no delta) and lora-merged.
+// Methods: any preset of the method table (deltatune::builtin_methods(), the examples' --method);
+// for --mode infer also bare (no delta) and lora-merged.
 //
 // Peak memory: on CPU the process's RSS high-water mark (VmHWM), reset after loading the
 // model so that the checkpoint's transient copy does not count (load_peak_mb reports it); on
@@ -71,30 +71,16 @@ void reset_peak(const torch::Device& device) {
   reset_peak_rss();
 }
 
-// The method as benchmarks/peft_bench.py configures the peers: LoRA r 8, alpha 16 on q, v;
-// IA3 on k, v, wo; prefix 30 tokens through the MLP; prompt 100 tokens; the adapters'
-// paper settings (recipes' defaults); full: every backbone parameter.
+// The method as the method table's preset of that name (the examples' --method) makes it:
+// LoRA r 8 on q, v; IA3 on k, v, wo; prefix 30 positions through the MLP; prompt 100; the
+// adapters' paper settings; full: every backbone parameter. peft_bench.py gives the peers
+// the same sizes (LoRA's alpha, which does not change the cost, aside). "lora-merged" is
+// LoRA folded into the weights, "bare" no delta.
 void add_method(dt::DeltaModel& model, const std::string& method) {
-  if (method == "full") model.add("full", dt::SpecTuningOptions().modules({"*"}));
-  else if (method == "lora" || method == "lora-merged") model.add("lora", dt::LoRAOptions().r(8).alpha(16));
-  else if (method == "ia3") model.add("ia3", dt::IA3Options());
-  else if (method == "prefix") model.add("prefix", dt::PrefixTuningOptions(30));
-  else if (method == "prompt") model.add("prompt", dt::PromptTuningOptions(100));
-  else if (method == "houlsby") model.add("houlsby", dt::houlsby_options());
-  else if (method == "compacter") model.add("compacter", dt::compacter_options());
-  else if (method == "compacter++") model.add("compacter", dt::compacter_plus_plus_options());
-  else if (method == "bitfit") model.add("bitfit", dt::BitFitOptions());
-  else if (method != "bare") throw dt::OptionError("delta_bench: unknown --method " + method);
+  if (method == "bare") return;
+  const auto& preset = dt::builtin_methods().preset(method == "lora-merged" ? "lora" : method);
+  model.add(preset.name, preset.make({}));
   if (method == "lora-merged") model.merge("lora");
-}
-
-// DeltaModel leaves deltas where they were made: move them with the backbone.
-void to_device(dt::DeltaModel& model, const torch::Device& device) {
-  model.backbone().to(device);
-  for (const auto& [name, entry] : model.deltas()) {
-    for (const auto& a : entry.attachments) a.delta->module().to(device);
-    for (const auto& [module_name, module] : entry.recipe->shared_modules()) module->to(device);
-  }
 }
 
 // n forwards of `step` alternating with n of `bare_step`: their medians and the median of the
@@ -154,7 +140,7 @@ int main(int argc, char** argv) try {
   dt::DeltaModel model(backbone);
   torch::manual_seed(0);
   add_method(model, method);
-  to_device(model, device);
+  model.backbone().to(device);  // the deltas with it: they are in its module tree
   const double load_peak = proc_status_mb("VmHWM");
 
   const int64_t batch = num("--batch"), src = num("--src"), tgt = num("--tgt");

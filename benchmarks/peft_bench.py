@@ -48,10 +48,10 @@ SHAPES = {  # T5 v1.0 shapes, vocabulary 32128, ReLU feed-forward, tied embeddin
     "t5-small": dict(d_model=512, num_layers=6, num_heads=8, d_kv=64, d_ff=2048, vocab_size=32128),
     "t5-base": dict(d_model=768, num_layers=12, num_heads=12, d_kv=64, d_ff=3072, vocab_size=32128),
 }
-METHODS = ["full", "lora", "ia3", "prefix", "prompt", "houlsby", "compacter", "compacter++", "bitfit"]
-INFER = ["bare", "lora-merged", "lora", "houlsby"]
+METHODS = ["full", "lora", "ia3", "prefix", "prompt", "adapter", "compacter", "compacter++", "bitfit"]
+INFER = ["bare", "lora-merged", "lora", "adapter"]
 PEER = {"full": "transformers", "bitfit": "transformers (zero biases)", "lora": "peft", "ia3": "peft",
-        "prefix": "peft", "prompt": "peft", "houlsby": "adapters", "compacter": "adapters",
+        "prefix": "peft", "prompt": "peft", "adapter": "adapters", "compacter": "adapters",
         "compacter++": "adapters", "bare": "transformers", "lora-merged": "peft"}
 
 
@@ -140,10 +140,10 @@ def peer_model(folder, method):
         model = peft.get_peft_model(model, config)
         if method == "lora-merged":
             model.merge_adapter()
-    elif method in ("houlsby", "compacter", "compacter++"):
+    elif method in ("adapter", "compacter", "compacter++"):
         import adapters
         adapters.init(model)
-        config = {"houlsby": lambda: adapters.DoubleSeqBnConfig(non_linearity="gelu"),
+        config = {"adapter": lambda: adapters.DoubleSeqBnConfig(non_linearity="gelu"),
                   "compacter": adapters.CompacterConfig, "compacter++": adapters.CompacterPlusPlusConfig}[method]()
         model.add_adapter(method, config=config)
         model.train_adapter(method)

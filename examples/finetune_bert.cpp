@@ -198,8 +198,7 @@ int run(const Flags& flags) {
   job.predict_reloaded = [&](const std::string& dir) {
     auto fresh = load_backbone(flags, task, tok.vocab_size(), train_ids);
     dt::DeltaModel reloaded(fresh);
-    attach_all(reloaded, methods, flags, flags.seed + 1);  // other initial values: load must overwrite them
-    for (const auto& d : job.deltas) reloaded.load(d, dir + "/" + d);
+    for (const auto& d : job.deltas) reloaded.load(d, dir + "/" + d);  // rebuilt from the saved files alone
     return predict(fresh, dev_ids, regression, pad_id);
   };
   job.head_parameters = bert->classifier->weight.numel() + bert->classifier->bias.numel();

@@ -44,14 +44,14 @@ struct Flags {
   int64_t virtual_tokens = 0;    // prompt / prefix: 0 = 100 / 30
   int64_t threads = 0;           // 0: 1 on the built-in task (small matrices), else LibTorch's default
   bool resume = false;
+  bool list_methods = false;     // print the --method names, one a line, and stop
   std::string command;           // the command line, for results.json
 };
 
 // The flags both programs take, for their --help after their own --model / --tokenizer lines.
 inline const char* const kCommonUsage = R"(  --data DIR           GLUE task folder with train.tsv and dev.tsv (default: a generated task)
   --task NAME          sst2, cola, mrpc, qqp, stsb, mnli, qnli, rte (default sst2)
-  --method M[+M...]    adapter, pfeiffer, phm, compacter, compacter++, lora, bitfit, ia3,
-                       prefix, prompt, full (default adapter: Houlsby's); e.g. adapter+bitfit
+  --method M[+M...]    a method listed below (default adapter: Houlsby's); e.g. adapter+bitfit
   --lr X               peak learning rate (default: the method's, listed below)
   --epochs N           passes over train (default: the program's, printed)
   --batch-size N       (default 32)
@@ -66,6 +66,7 @@ inline const char* const kCommonUsage = R"(  --data DIR           GLUE task fold
   --train-size N, --dev-size N   the built-in task's size (default 3000, 400)
   --out DIR            log.jsonl, curves.png, best/, last/, delta/, results.json
   --resume             continue from <out>/last/
+  --list-methods       print the methods, one a line, and stop
   --help
 )";
 
@@ -101,8 +102,8 @@ inline std::optional<Flags> parse_flags(int argc, char** argv, Flags f) {
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "--help" || flag == "-h") return std::nullopt;
-    if (flag == "--resume") {
-      f.resume = true;
+    if (flag == "--resume" || flag == "--list-methods") {
+      (flag == "--resume" ? f.resume : f.list_methods) = true;
       continue;
     }
     if (i + 1 >= argc) throw UsageError(fmt::format("{} needs a value (see --help)", flag));
@@ -254,54 +255,31 @@ dt::BatchSource<Batch> shuffled_batches(int64_t n, int64_t batch_size, int64_t s
 // ---------------------------------------------------------------------------------------------
 // Delta: each method's options at its published defaults, attached one after another.
 
-inline const std::vector<std::string> kMethods{"adapter", "pfeiffer", "phm", "compacter", "compacter++", "lora",
-                                               "bitfit",  "ia3",      "prefix", "prompt", "full"};
+// The methods --method offers: the method table's presets (methods/<name>.hpp), in its order.
+inline std::vector<std::string> method_names() { return dt::builtin_methods().preset_names(); }
 
-// Peak learning rates as the papers tune them, per backbone family.
-//   t5: Compacter's table for adapters and Compacter, LoRA's GLUE runs, BitFit's, IA3's T-Few,
-//       the prompt/prefix papers, T5's fine-tuning 1e-4 in AdamW form (3e-4).
-//   bert: BERT's fine-tuning range top (5e-5) for full; Houlsby's and Pfeiffer's adapter grids
-//       (up to 3e-3; 1e-3 for few updates), Compacter's 3e-3 for PHM / Compacter, LoRA's
-//       RoBERTa-base GLUE 5e-4, BitFit's 1e-3, IA3's 3e-3, P-tuning v2's 1e-2 for prefixes on
-//       BERT-sized models, Lester et al.'s 0.3 for prompts.
-inline const std::map<std::string, std::pair<double, double>>& method_lrs() {  // {t5, bert}
-  static const std::map<std::string, std::pair<double, double>> lr{
-      {"adapter", {3e-3, 1e-3}},     {"pfeiffer", {3e-3, 1e-3}}, {"phm", {3e-3, 3e-3}},
-      {"compacter", {3e-3, 3e-3}},   {"compacter++", {3e-3, 3e-3}}, {"lora", {5e-4, 5e-4}},
-      {"bitfit", {1e-3, 1e-3}},      {"ia3", {3e-3, 3e-3}},      {"prefix", {5e-4, 1e-2}},
-      {"prompt", {3e-1, 3e-1}},      {"full", {3e-4, 5e-5}}};
-  return lr;
-}
+// A preset's peak learning rate on a backbone family ("t5", "bert"), as its paper tunes it.
 inline double method_lr(const std::string& method, const std::string& family) {
-  const auto& both = method_lrs().at(method);
-  return family == "bert" ? both.second : both.first;
+  return dt::builtin_methods().preset(method).lr(family);
 }
 
 // The end of --help: every method's default learning rate on each backbone family.
 inline std::string method_lr_usage() {
-  std::string out = "\nDefault peak learning rates (--lr overrides them; the first method of a combination decides):\n";
-  for (const auto& method : kMethods)
-    out += fmt::format("  {:<12} T5 {:g}, BERT {:g}\n", method, method_lr(method, "t5"), method_lr(method, "bert"));
+  std::string out = "\nMethods and default peak learning rates (--lr overrides them; the first method of a "
+                    "combination decides):\n";
+  for (const auto& name : method_names()) {
+    const auto& preset = dt::builtin_methods().preset(name);
+    out += fmt::format("  {:<12} T5 {:<6g} BERT {:<6g} {}\n", name, preset.lr("t5"), preset.lr("bert"), preset.description);
+  }
   return out;
 }
 
 inline void add_method(dt::DeltaModel& model, const std::string& method, const Flags& flags) {
-  auto adapter = [&](dt::AdapterOptions o) {
-    model.add(method, flags.reduction_factor > 0 ? o.reduction_factor(flags.reduction_factor) : o);
-  };
-  if (method == "adapter") adapter(dt::houlsby_options());
-  else if (method == "pfeiffer") adapter(dt::pfeiffer_options());
-  else if (method == "phm") adapter(dt::phm_adapter_options(0, 4));
-  else if (method == "compacter") adapter(dt::compacter_options());
-  else if (method == "compacter++") adapter(dt::compacter_plus_plus_options());
-  else if (method == "lora") model.add(method, dt::LoRAOptions().r(flags.lora_r).alpha(double(flags.lora_r)));
-  else if (method == "bitfit") model.add(method, dt::BitFitOptions());
-  else if (method == "ia3") model.add(method, dt::IA3Options());
-  else if (method == "prefix") model.add(method, dt::PrefixTuningOptions(flags.virtual_tokens ? flags.virtual_tokens : 30));
-  else if (method == "prompt")  // initial prompts: rows drawn from the whole vocabulary
-    model.add(method, dt::PromptTuningOptions(flags.virtual_tokens ? flags.virtual_tokens : 100)
-                          .init(dt::PromptInit::sampled_vocabulary).sample_top_k(std::numeric_limits<int64_t>::max()));
-  else if (method == "full") model.add(method, dt::SpecTuningOptions().modules({"*"}));
+  dt::PresetSizes sizes;
+  sizes.rank = flags.lora_r;
+  sizes.reduction_factor = flags.reduction_factor;
+  sizes.virtual_tokens = flags.virtual_tokens;
+  model.add(method, dt::builtin_methods().preset(method).make(sizes));
 }
 
 // What the run does to the pretrained backbone, for the line that names it.
@@ -313,11 +291,12 @@ inline std::string backbone_role(const std::vector<std::string>& methods) {
 // "--method adapter+bitfit" -> {adapter, bitfit}. Each step takes the longest method name that
 // ends at a '+' or at the end, so that the pluses of "compacter++" stay in its name.
 inline std::vector<std::string> parse_methods(const std::string& text) {
-  if (text.empty()) throw UsageError(fmt::format("--method is empty; choose from {}", fmt::join(kMethods, ", ")));
+  const auto known = method_names();
+  if (text.empty()) throw UsageError(fmt::format("--method is empty; choose from {}", fmt::join(known, ", ")));
   std::vector<std::string> methods;
   for (size_t at = 0;;) {
     std::string name;
-    for (const auto& m : kMethods) {
+    for (const auto& m : known) {
       const size_t end = at + m.size();
       if (m.size() > name.size() && text.compare(at, m.size(), m) == 0 && (end == text.size() || text[end] == '+'))
         name = m;
@@ -325,7 +304,7 @@ inline std::vector<std::string> parse_methods(const std::string& text) {
     if (name.empty()) {
       const auto next = text.find('+', at);
       throw UsageError(fmt::format("unknown method '{}'; choose from {} (combine with '+')",
-                                   text.substr(at, next == std::string::npos ? next : next - at), fmt::join(kMethods, ", ")));
+                                   text.substr(at, next == std::string::npos ? next : next - at), fmt::join(known, ", ")));
     }
     methods.push_back(name);
     at += name.size();
@@ -426,7 +405,7 @@ int tune(const Flags& flags, Job<Batch>& job) {
   dt::Trainer<Batch> trainer(dt::TrainerOptions().epochs(epochs).max_steps(flags.max_steps).lr(lr)
                                  .warmup_steps(warmup).seed(uint64_t(flags.seed)).output_dir(flags.out)
                                  .resume(flags.resume),
-                             model.trainable_parameters(), job.loss_fn, job.batches, evaluate, save_all);
+                             model.named_trainable_parameters(), job.loss_fn, job.batches, evaluate, save_all);
   const auto summary = trainer.fit();
   if (predictions.empty()) predictions = job.predict();  // a resumed run that had finished already
   const double final_metric = dt::metric(metric_name, predictions, job.dev_labels);
@@ -457,6 +436,10 @@ inline int run_main(int argc, char** argv, const std::string& program, const std
     const auto flags = parse_flags(argc, argv, defaults);
     if (!flags) {
       std::cout << usage << method_lr_usage();
+      return 0;
+    }
+    if (flags->list_methods) {
+      for (const auto& name : method_names()) std::cout << name << "\n";
       return 0;
     }
     return run(*flags);

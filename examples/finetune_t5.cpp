@@ -168,7 +168,7 @@ void pretrain_small_t5(bb::T5Model& t5, const Encoded& denoise, const Flags& fla
   auto loss_fn = [&t5](const Batch& b) { return t5->forward(b.input_ids, b.attention_mask, {}, b.labels).loss; };
   dt::Trainer<Batch> trainer(dt::TrainerOptions().max_steps(pretrain_steps(flags)).lr(3e-3).warmup_steps(50)
                                  .seed(uint64_t(flags.seed)).log_every(50),
-                             t5->parameters(), loss_fn, batches(denoise, 64, flags.seed + 1));
+                             dt::named_tensors(t5->named_parameters()), loss_fn, batches(denoise, 64, flags.seed + 1));
   const auto summary = trainer.fit();
   std::cout << fmt::format("pretraining stand-in: {} updates, final denoising loss {:.3f}\n", summary.steps,
                            summary.final_loss);
@@ -278,8 +278,7 @@ int run(const Flags& flags) {
   job.predict_reloaded = [&](const std::string& dir) {
     auto fresh = builtin ? load_backbone(backbone_path, tok->vocab_size()) : bb::load_t5(flags.model);
     dt::DeltaModel reloaded(fresh);
-    finetune::attach(reloaded, methods, flags, flags.seed + 1);  // other initial values: load must overwrite them
-    for (const auto& m : methods) reloaded.load(m, dir + "/" + m);
+    for (const auto& m : methods) reloaded.load(m, dir + "/" + m);  // rebuilt from the saved files alone
     return predict(fresh, *tok, task, dev_ids, 128);
   };
   return finetune::tune(flags, job);

@@ -8,7 +8,10 @@
 #include <deltatune/kernels/kron_sum.hpp>    // kron_sum, kron_sum_matmul: Kronecker sums with their own backward
 
 #include <deltatune/core/delta.hpp>          // DeltaModule and its families: WeightDelta, ActivationDelta, InputDelta
-#include <deltatune/methods/lora.hpp>        // LoRA: W0 + (alpha / r) B A, mergeable
+#include <deltatune/core/site.hpp>           // Sites: FrozenLinear, OutputSite, AttentionSite, PromptSite; find_sites, SitePattern
+#include <deltatune/core/recipe.hpp>         // DeltaRecipe, RecipeBase: how a method attaches; default sites per model_type
+#include <deltatune/core/method_table.hpp>   // MethodTable, MethodInfo, MethodPreset: one row per method
+#include <deltatune/methods/lora.hpp>        // LoRA: W0 + (alpha / r) B A, mergeable; each method's header holds its recipe and table row
 #include <deltatune/methods/bitfit.hpp>      // BitFit: trained bias offsets, added biases where there are none
 #include <deltatune/methods/ia3.hpp>         // IA3: learned scaling of keys, values, feed-forward activation
 #include <deltatune/methods/phm.hpp>         // PHMLinear, PHMSharedFactors: W = sum_i A_i (x) B_i
@@ -19,9 +22,8 @@
 
 #include <deltatune/core/safetensors.hpp>    // read_safetensors, write_safetensors (atomic): Hugging Face's format
 #include <deltatune/core/json_file.hpp>      // read_json_file: JSON files, errors naming the file
-#include <deltatune/core/site.hpp>           // Sites: FrozenLinear, OutputSite, AttentionSite, PromptSite; find_sites
 #include <deltatune/core/delta_model.hpp>    // DeltaModel: attach deltas by name pattern, train, merge, save and load
-#include <deltatune/methods/recipes.hpp>     // how each method attaches through DeltaModel::add; default sites
+#include <deltatune/methods/method_table.hpp>  // builtin_methods(): deltatune's methods, one row each
 #include <deltatune/formats/peft.hpp>        // save_peft, load_peft: adapters in Hugging Face peft's layout, both ways
 #include <deltatune/formats/adapters.hpp>    // save_adapters, load_adapters: adapters' (AdapterHub) bottleneck layout
 

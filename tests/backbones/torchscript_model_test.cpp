@@ -6,7 +6,8 @@
 #include <deltatune/backbones/bert.hpp>
 #include <deltatune/backbones/t5.hpp>
 #include <deltatune/methods/phm.hpp>
-#include <deltatune/methods/recipes.hpp>
+#include <deltatune/core/delta_model.hpp>
+#include <deltatune/methods/method_table.hpp>
 
 #include <algorithm>
 #include <iterator>
@@ -59,7 +60,7 @@ std::vector<Fixture> fixtures() {
 }
 
 // PHM reparameterisation of a Linear's weight, W0 + sum_i A_i (x) B_i: no recipe ships it.
-class PHMWeightRecipe : public dt::detail::RecipeBase<dt::PHMLinearOptions> {
+class PHMWeightRecipe : public dt::RecipeBase<dt::PHMLinearOptions> {
  public:
   PHMWeightRecipe() : RecipeBase(dt::PHMLinearOptions(0, 0).n(4), dt::Site::Kind::linear, {}) {}
   std::string method() const override { return "phm"; }

@@ -3,6 +3,8 @@
 #include <deltatune/core/delta_model.hpp>
 
 #include <fstream>
+#include <optional>
+#include <set>
 
 #include "test_support.hpp"
 
@@ -22,8 +24,9 @@ struct RankOneImpl : torch::nn::Module, dt::WeightDelta {
 };
 
 struct RankOneRecipe : dt::DeltaRecipe {
+  explicit RankOneRecipe(int64_t r = 1) : r(r) {}  // r is only compared: the deltas are rank one
   std::string method() const override { return "rank_one"; }
-  nlohmann::json options_json() const override { return {{"r", 1}}; }
+  nlohmann::json options_json() const override { return {{"r", r}}; }
   bool accepts(dt::Site::Kind kind) const override { return kind == dt::Site::Kind::linear; }
   std::shared_ptr<dt::DeltaModule> make(const dt::Site& site) override {
     return std::make_shared<RankOneImpl>(site.linear->in_features, site.linear->out_features);
@@ -34,7 +37,15 @@ struct RankOneRecipe : dt::DeltaRecipe {
       if (n.size() > 11 && n.compare(n.size() - 11, 11, "norm.weight") == 0) out.push_back(n);
     return out;
   }
+  int64_t r;
 };
+
+// A method table that knows rank_one, as a program adds its own method.
+dt::MethodTable rank_one_table() {
+  return dt::MethodTable({{{"rank_one"},
+                           [](const nlohmann::json& j) { return std::make_shared<RankOneRecipe>(j.at("r").get<int64_t>()); },
+                           {}}});
+}
 
 struct LayerImpl : torch::nn::Module, dt::OutputSite {
   dt::FrozenLinear query = register_module("query", dt::FrozenLinear(6, 6, true));
@@ -100,7 +111,9 @@ CATCH_TEST_CASE("DeltaModel trains only the delta and what its method trains, me
   CATCH_CHECK_FALSE(torch::allclose(tuned, before));
   size_t i = 0;
   for (const auto& p : backbone->named_parameters())
-    if (p.key().find("norm.weight") == std::string::npos) CATCH_CHECK(torch::equal(p.value(), frozen_before[i++]));
+    if (p.key().find("norm.weight") == std::string::npos && p.key().rfind("deltas.", 0) != 0)
+      CATCH_CHECK(torch::equal(p.value(), frozen_before[i++]));
+  CATCH_CHECK(i == frozen_before.size());
 
   const auto summary = model.summary();
   CATCH_CHECK_THAT(summary, Catch::Contains("layer0\n  query [linear] task: rank_one (12 params)"));
@@ -120,26 +133,87 @@ CATCH_TEST_CASE("DeltaModel trains only the delta and what its method trains, me
   std::ifstream config(dir + "/delta_config.json");
   CATCH_CHECK(nlohmann::json::parse(config).at("sites").size() == 4);
 
-  // Same backbone, a fresh delta: loading restores the trained output exactly.
+  // Same backbone, no add: the method table rebuilds the delta from the files alone, and the
+  // trained output comes back exactly.
+  const auto methods = rank_one_table();
   torch::manual_seed(1);
   ToyBackbone same;
   dt::DeltaModel reloaded(same);
-  reloaded.add("task", std::make_shared<RankOneRecipe>(), "query|value");
-  reloaded.load("task", dir);
+  CATCH_CHECK(reloaded.load("task", dir, methods).attachments.size() == 4);
   CATCH_CHECK(torch::allclose(same(x), tuned, 1e-6, 1e-6));
+  CATCH_CHECK(reloaded.num_trainable_parameters() == 4 * 12 + 2 * 6);
+  // Added first, the same way: load checks that it agrees, then fills it.
+  torch::manual_seed(1);
+  ToyBackbone same_added;
+  dt::DeltaModel added(same_added);
+  added.add("task", std::make_shared<RankOneRecipe>(), "query|value");
+  added.load("task", dir, methods);
+  CATCH_CHECK(torch::allclose(same_added(x), tuned, 1e-6, 1e-6));
 
-  // Another backbone (other weights) is refused; so is a delta attached elsewhere.
+  // Another backbone (other weights) is refused; so is a delta attached elsewhere, or one
+  // whose options differ from the file's, naming what differs; nothing is left behind.
   torch::manual_seed(2);
   ToyBackbone other;
   dt::DeltaModel elsewhere(other);
-  elsewhere.add("task", std::make_shared<RankOneRecipe>(), "query|value");
-  CATCH_REQUIRE_THROWS_WITH(elsewhere.load("task", dir), Catch::Contains("trained on another backbone"));
+  CATCH_REQUIRE_THROWS_WITH(elsewhere.load("task", dir, methods), Catch::Contains("trained on another backbone"));
+  CATCH_CHECK(elsewhere.deltas().empty());
   torch::manual_seed(1);
   ToyBackbone same_again;
   dt::DeltaModel partial(same_again);
   partial.add("task", std::make_shared<RankOneRecipe>(), "query");
-  CATCH_REQUIRE_THROWS_WITH(partial.load("task", dir),
-                            Catch::Contains("does not fit delta 'task'") && Catch::Contains("unexpected (") &&
-                                Catch::Contains("layer0.value.A"));
-  CATCH_REQUIRE_THROWS_WITH(partial.load("task", "/nonexistent"), Catch::Contains("cannot open the delta's config"));
+  CATCH_REQUIRE_THROWS_WITH(partial.load("task", dir, methods),
+                            Catch::Contains("delta 'task' here is not the saved one") &&
+                                Catch::Contains("sites differ: 2 here, 4 in the file"));
+  partial.remove("task");
+  partial.add("task", std::make_shared<RankOneRecipe>(2), "query|value");
+  CATCH_REQUIRE_THROWS_WITH(partial.load("task", dir, methods), Catch::Contains("option 'r' is 2 here, 1 in the file"));
+  partial.remove("task");
+  CATCH_REQUIRE_THROWS_WITH(partial.load("task", dir, dt::MethodTable()),
+                            Catch::Contains("method 'rank_one' is not in the method table"));
+  CATCH_CHECK(partial.deltas().empty());
+  CATCH_REQUIRE_THROWS_WITH(partial.load("task", "/nonexistent", methods), Catch::Contains("cannot open the delta's config"));
+}
+
+CATCH_TEST_CASE("DeltaModel puts the deltas in the backbone's module tree: to(), names, one model per backbone",
+                "[core][delta_model]") {
+  torch::manual_seed(1);
+  ToyBackbone backbone;
+  const auto x = torch::randn({3, 6});
+  const auto bare = backbone(x).detach();
+  std::optional<dt::DeltaModel> model(std::in_place, backbone);
+  model->add("task", std::make_shared<RankOneRecipe>(), "query|value");
+  for (auto& [key, p] : model->named_delta_parameters("task")) p.data().normal_();
+  const auto tuned = backbone(x).detach();
+
+  // Under stable names beside the checkpoint's own, which stay as they were.
+  std::set<std::string> names;
+  for (const auto& p : backbone->named_parameters()) names.insert(p.key());
+  CATCH_CHECK(names.count("deltas.task.layer0.query.A"));
+  CATCH_CHECK(names.count("deltas.task.layer1.value.B"));
+  CATCH_CHECK(names.count("layer0.query.weight"));
+  CATCH_CHECK(model->named_trainable_parameters().front().first == "deltas.task.layer0.query.A");
+  CATCH_CHECK(model->num_backbone_parameters() == 192);
+
+  // The backbone's to() reaches every delta: float64 in, float64 out, the same function.
+  backbone->to(torch::kFloat64);
+  for (const auto& p : model->trainable_parameters()) CATCH_CHECK(p.scalar_type() == torch::kFloat64);
+  const auto y = backbone(x.to(torch::kFloat64));
+  CATCH_CHECK(y.scalar_type() == torch::kFloat64);
+  CATCH_CHECK(torch::allclose(y.to(torch::kFloat32), tuned, 1e-5, 1e-5));
+  backbone->to(torch::kFloat32);
+
+  // One DeltaModel per backbone; destroying it detaches its deltas (a merged one stays merged).
+  CATCH_REQUIRE_THROWS_WITH(dt::DeltaModel(backbone), Catch::Contains("this backbone has a DeltaModel already"));
+  model.reset();
+  CATCH_CHECK(torch::allclose(backbone(x), bare));
+  torch::Tensor merged_output;
+  {
+    dt::DeltaModel next(backbone);
+    next.add("task", std::make_shared<RankOneRecipe>(), "query|value");
+    for (auto& [key, p] : next.named_delta_parameters("task")) p.data().normal_();
+    merged_output = backbone(x).detach();
+    next.merge("task");
+  }
+  CATCH_CHECK(torch::allclose(backbone(x), merged_output, 1e-5, 1e-5));
+  CATCH_CHECK_FALSE(torch::allclose(backbone(x), bare, 1e-3, 1e-3));
 }

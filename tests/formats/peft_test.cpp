@@ -236,13 +236,13 @@ CATCH_TEST_CASE("save_peft refuses what peft cannot express, saying why", "[peft
                                 Catch::Contains("encoder.block.0.layer.0.SelfAttention"));
   // Two encoder layers, so peft's table has two pairs, and both decoder layers read pair 0:
   // only equal prefixes can be written.
-  model.add("decoder", dt::PrefixTuningOptions(2).prefix_projection(false), dt::detail::kT5DecoderSelfAttention);
+  model.add("decoder", dt::PrefixTuningOptions(2).prefix_projection(false), dt::detail::t5_prefix_pattern());
   CATCH_REQUIRE_THROWS_WITH(dt::save_peft(model, "decoder", dir.path.string()),
                             Catch::Contains("layers 0 and 1 one prefix (key/value pair 0 of 2"));
   // Fewer encoder than decoder layers: peft's own forward fails on such a T5.
   dt::DeltaModel short_encoder(bb::T5Model(bb::T5Config().vocab_size(40).d_model(16).d_kv(4).d_ff(32).num_heads(4)
                                                .num_layers(1).num_decoder_layers(2)));
-  short_encoder.add("decoder", dt::PrefixTuningOptions(2).prefix_projection(false), dt::detail::kT5DecoderSelfAttention);
+  short_encoder.add("decoder", dt::PrefixTuningOptions(2).prefix_projection(false), dt::detail::t5_prefix_pattern());
   CATCH_REQUIRE_THROWS_WITH(dt::save_peft(short_encoder, "decoder", dir.path.string()),
                             Catch::Contains("1 encoder but 2 decoder layers") && Catch::Contains("DeltaModel::save"));
   CATCH_CHECK(dir.entries().empty());  // nothing written by a refused save

@@ -1,8 +1,10 @@
-// Tests of methods/recipes.hpp: every method attached through DeltaModel::add at its
+// Tests of each method's recipe (methods/<name>.hpp): every method attached through DeltaModel::add at its
 // default sites on tiny random T5 and BERT models, table-driven: identity at init where
 // the method promises it, only the delta (and what the method trains) changes under an
 // optimizer, merge equals unmerged, and save -> load into a fresh model gives equal outputs.
 #include <deltatune/deltatune.hpp>
+
+#include <fstream>
 
 #include "test_support.hpp"
 
@@ -99,7 +101,7 @@ CATCH_TEST_CASE("every method attaches at its default sites on T5 and BERT, trai
         const auto before = backbone.run(*module).detach();
         torch::manual_seed(11);
         auto& entry = model.add("task", method.recipe());
-        CATCH_CHECK(model.backbone_family() == backbone.name);
+        CATCH_CHECK(model.model_type() == backbone.name);
         CATCH_CHECK((entry.attachments.size() > 0 || method.name == "spec"));
         const auto at_init = backbone.run(*module).detach();
         if (method.identity_at_init) CATCH_CHECK(torch::equal(at_init, before));
@@ -116,7 +118,8 @@ CATCH_TEST_CASE("every method attaches at its default sites on T5 and BERT, trai
           opt.step();
         }
         for (const auto& p : module->named_parameters())
-          if (!trained.count(p.key())) CATCH_CHECK(torch::equal(p.value(), frozen.at(p.key())));
+          if (!trained.count(p.key()) && p.key().rfind("deltas.", 0) != 0)
+            CATCH_CHECK(torch::equal(p.value(), frozen.at(p.key())));
         const auto tuned = backbone.run(*module).detach();
         CATCH_CHECK_FALSE(torch::equal(tuned, at_init));
 
@@ -132,16 +135,94 @@ CATCH_TEST_CASE("every method attaches at its default sites on T5 and BERT, trai
         dt::testing::TempDir tmp;
         const auto dir = tmp.path.string();
         model.save("task", dir);
+        // Into a fresh backbone with no add (the method table rebuilds it), and with an add.
         auto fresh = backbone.build();
         fresh->eval();
         dt::DeltaModel reloaded(fresh);
-        torch::manual_seed(99);  // other initial values: load must overwrite all of them
-        reloaded.add("task", method.recipe());
-        reloaded.load("task", dir);
+        CATCH_CHECK(reloaded.load("task", dir).recipe->method() == entry.recipe->method());
         CATCH_CHECK(torch::allclose(backbone.run(*fresh), tuned, 1e-6, 1e-6));
+        CATCH_CHECK(reloaded.num_trainable_parameters() == model.num_trainable_parameters());
+        auto fresh_added = backbone.build();
+        fresh_added->eval();
+        dt::DeltaModel added(fresh_added);
+        torch::manual_seed(99);  // other initial values: load must overwrite all of them
+        added.add("task", method.recipe());
+        added.load("task", dir);
+        CATCH_CHECK(torch::allclose(backbone.run(*fresh_added), tuned, 1e-6, 1e-6));
       }
     }
   }
+}
+
+CATCH_TEST_CASE("the backbone's to() and eval() reach every method's deltas", "[methods][recipes][delta_model]") {
+  for (const auto& backbone : backbones()) {
+    for (const auto& method : methods()) {
+      CATCH_SECTION(backbone.name + " " + method.name) {
+        auto module = backbone.build();
+        module->eval();
+        dt::DeltaModel model(module);
+        model.add("task", method.recipe());
+        for (auto& p : model.trainable_parameters()) p.data().add_(torch::randn_like(p) * 0.1);  // away from init
+        const auto float32 = backbone.run(*module).detach();
+        module->to(torch::kFloat64);
+        for (const auto& p : module->parameters()) CATCH_CHECK(p.scalar_type() == torch::kFloat64);
+        const auto float64 = backbone.run(*module);
+        CATCH_CHECK(float64.scalar_type() == torch::kFloat64);
+        dt::testing::check_matches(float64.to(torch::kFloat32), float32, "float64 against float32 logits");
+      }
+    }
+  }
+  // LoRA's dropout follows the backbone's train() and eval(): 0.5 is random in training only.
+  for (const auto& backbone : backbones()) {
+    auto module = backbone.build();
+    dt::DeltaModel model(module);
+    model.add("task", dt::LoRAOptions().r(2).dropout(0.5));  // added while the backbone trains
+    for (auto& p : model.trainable_parameters()) p.data().normal_();
+    module->eval();
+    const auto evaluated = backbone.run(*module).detach();
+    CATCH_CHECK(torch::equal(backbone.run(*module), evaluated));
+    model.deactivate("task");
+    const auto bare = backbone.run(*module).detach();
+    model.activate("task");
+    CATCH_CHECK_FALSE(torch::allclose(evaluated, bare));
+    auto& lora = model.deltas().at("task").attachments.front().delta->module();
+    CATCH_CHECK_FALSE(lora.is_training());
+    module->train();
+    CATCH_CHECK(lora.is_training());
+  }
+}
+
+CATCH_TEST_CASE("DeltaModel::load refuses a config edited against its tensors or against the delta here",
+                "[methods][recipes][delta_model]") {
+  const auto t5 = backbones().front();
+  auto module = t5.build();
+  dt::DeltaModel model(module);
+  model.add("task", dt::LoRAOptions().r(2).alpha(8));
+  dt::testing::TempDir tmp;
+  const auto dir = tmp.path.string();
+  model.save("task", dir);
+  auto edit = [&](const std::string& field, const nlohmann::json& value) {
+    auto config = nlohmann::json::parse(std::ifstream(dir + "/delta_config.json"));
+    config["options"][field] = value;
+    std::ofstream(dir + "/delta_config.json") << config.dump(2);
+  };
+
+  edit("alpha", 4);  // the delta here says 8
+  auto same = t5.build();
+  dt::DeltaModel added(same);
+  added.add("task", dt::LoRAOptions().r(2).alpha(8));
+  CATCH_REQUIRE_THROWS_WITH(added.load("task", dir), Catch::Contains("delta_config.json: delta 'task' here is not the "
+                                                                     "saved one: option 'alpha' is 8.0 here, 4 in the file"));
+  edit("alpha", 8);
+  edit("r", 7);  // over tensors of rank 2
+  auto fresh = t5.build();
+  dt::DeltaModel rebuilt(fresh);
+  CATCH_REQUIRE_THROWS_WITH(rebuilt.load("task", dir), Catch::Contains("delta.safetensors does not fit delta 'task'") &&
+                                                           Catch::Contains("lora_A"));
+  CATCH_CHECK(rebuilt.deltas().empty());
+  edit("r", "seven");
+  CATCH_REQUIRE_THROWS_WITH(rebuilt.load("task", dir), Catch::Contains("field 'options' does not fit method \"lora\""));
+  CATCH_CHECK(rebuilt.deltas().empty());
 }
 
 CATCH_TEST_CASE("DeltaModel combines deltas at once and in stages, and a pattern naming nothing lists close sites",

@@ -58,7 +58,7 @@ struct Logistic {
     return ((x.matmul(w) + b > 0).to(torch::kFloat64) == y).to(torch::kFloat64).mean().item<double>();
   }
   dt::Trainer<Batch> trainer(const dt::TrainerOptions& options, std::function<double()> evaluate = {}) {
-    return dt::Trainer<Batch>(options, {w, b}, [this](const Batch& batch) { return loss(batch); },
+    return dt::Trainer<Batch>(options, {{"w", w}, {"b", b}}, [this](const Batch& batch) { return loss(batch); },
                               logistic_source(x, y), evaluate ? evaluate : [this] { return accuracy(); });
   }
 };
@@ -192,9 +192,9 @@ CATCH_TEST_CASE("a restored training state continues bit-identically", "[checkpo
     const dt::LrSchedule schedule{dt::ScheduleKind::kLinear, 2, 10, 0.1};
     int64_t step = 0;
     if (resume_steps < 0) {  // a resumed run: load instead of starting over
-      step = dt::load_train_state(save_at, {w}, optimizer).at("step");
+      step = dt::load_train_state(save_at, {{"w", w}}, optimizer).at("step");
       schedule.apply(optimizer, 0);  // the lr is restored anyway; show the state wins
-      CATCH_CHECK(dt::LrSchedule::from_json(dt::load_train_state(save_at, {w}, optimizer).at("schedule")).total == 10);
+      CATCH_CHECK(dt::LrSchedule::from_json(dt::load_train_state(save_at, {{"w", w}}, optimizer).at("schedule")).total == 10);
     }
     for (; step < steps; ++step) {
       optimizer.zero_grad();
@@ -203,7 +203,7 @@ CATCH_TEST_CASE("a restored training state continues bit-identically", "[checkpo
       schedule.apply(optimizer, step);
       optimizer.step();
       if (step + 1 == resume_steps)
-        dt::save_train_state(save_at, {w}, optimizer, {{"step", step + 1}, {"schedule", schedule.to_json()}});
+        dt::save_train_state(save_at, {{"w", w}}, optimizer, {{"step", step + 1}, {"schedule", schedule.to_json()}});
     }
     return w.detach().clone();
   };
@@ -217,9 +217,10 @@ CATCH_TEST_CASE("a restored training state continues bit-identically", "[checkpo
 
   auto other = torch::zeros({4}, torch::requires_grad());
   torch::optim::AdamW optimizer({other});
-  CATCH_REQUIRE_THROWS_WITH(dt::load_train_state(path, {other}, optimizer),
-                            Catch::Contains("param.0 is Float [3], the parameter Float [4]"));
-  CATCH_REQUIRE_THROWS_AS(dt::load_train_state(path, {other, other}, optimizer), dt::CheckpointError);
+  CATCH_REQUIRE_THROWS_WITH(dt::load_train_state(path, {{"w", other}}, optimizer),
+                            Catch::Contains("mismatched (3): param/w (file Float [3], model Float [4]), exp_avg/w"));
+  CATCH_REQUIRE_THROWS_WITH(dt::load_train_state(path, {{"v", other}}, optimizer),
+                            Catch::Contains("missing (1): param/v") && Catch::Contains("unexpected (4): exp_avg/w"));
 }
 
 CATCH_TEST_CASE("a damaged training state is refused by tensor name, before anything is restored",
@@ -230,7 +231,7 @@ CATCH_TEST_CASE("a damaged training state is refused by tensor name, before anyt
   (a.sum() + b.sum()).backward();
   optimizer.step();
   const auto path = dir.file("state.safetensors");
-  dt::save_train_state(path, {a, b}, optimizer, {{"step", 1}});
+  dt::save_train_state(path, {{"a", a}, {"b", b}}, optimizer, {{"step", 1}});
   const auto saved = dt::read_safetensors(path);
   // The same file with one change: a tensor dropped or replaced, or metadata dropped.
   const auto forged = [&](const std::string& tensor, std::optional<torch::Tensor> replacement,
@@ -247,23 +248,28 @@ CATCH_TEST_CASE("a damaged training state is refused by tensor name, before anyt
   torch::optim::AdamW fresh({fresh_a, fresh_b});
   const auto refuses = [&](const std::string& forged_path, const std::string& message) {
     CATCH_INFO(message);
-    CATCH_REQUIRE_THROWS_AS(dt::load_train_state(forged_path, {fresh_a, fresh_b}, fresh), dt::CheckpointError);
-    CATCH_REQUIRE_THROWS_WITH(dt::load_train_state(forged_path, {fresh_a, fresh_b}, fresh),
+    CATCH_REQUIRE_THROWS_AS(dt::load_train_state(forged_path, {{"a", fresh_a}, {"b", fresh_b}}, fresh), dt::CheckpointError);
+    CATCH_REQUIRE_THROWS_WITH(dt::load_train_state(forged_path, {{"a", fresh_a}, {"b", fresh_b}}, fresh),
                               Catch::Contains(forged_path) && Catch::Contains(message));
     CATCH_CHECK(torch::equal(fresh_a, torch::zeros({3})));  // nothing restored
     CATCH_CHECK(fresh.state().empty());
   };
   // Each of these crashed (a null dereference) or threw a foreign exception before (issue 15).
-  refuses(forged("param.0", std::nullopt), "no tensor 'param.0'");
-  refuses(forged("param.1.exp_avg", std::nullopt), "no tensor 'param.1.exp_avg'");
-  refuses(forged("param.1.exp_avg_sq", torch::zeros({4})), "param.1.exp_avg_sq is Float [4], the parameter Float [2, 2]");
-  refuses(forged("param.0", torch::zeros({3}, torch::kInt64)), "param.0 is Long [3], the parameter Float [3]");
-  refuses(forged("param.0.step", torch::zeros({2}, torch::kInt64)), "param.0.step must be one non-negative int64");
-  refuses(forged("rng.cpu", torch::zeros({5}, torch::kUInt8)), "rng.cpu is Byte [5]");
-  refuses(forged("param.0", saved.tensors.at("param.0"), "deltatune.adamw_groups"),
+  refuses(forged("param/a", std::nullopt), "missing (1): param/a");
+  refuses(forged("exp_avg/b", std::nullopt), "missing (1): exp_avg/b");
+  refuses(forged("param/c", torch::zeros({3})), "unexpected (1): param/c");
+  refuses(forged("exp_avg_sq/b", torch::zeros({4})), "exp_avg_sq/b (file Float [4], model Float [2, 2])");
+  refuses(forged("param/a", torch::zeros({3}, torch::kInt64)), "param/a (file Long [3], model Float [3])");
+  refuses(forged("step/a", torch::zeros({2}, torch::kInt64)), "step/a (file Long [2], model Long [])");
+  refuses(forged("step/a", torch::tensor(-1, torch::kInt64)), "step/a (file Long [], model Long [])");
+  refuses(forged("rng.cpu", torch::zeros({5}, torch::kUInt8)), "rng.cpu (file Byte [5], model Byte [");
+  refuses(forged("param/a", saved.tensors.at("param/a"), "deltatune.adamw_groups"),
           "no deltatune.adamw_groups metadata");
-  CATCH_CHECK_NOTHROW(dt::load_train_state(path, {fresh_a, fresh_b}, fresh));
+  // By name, not by position: the parameters in another order restore the same values.
+  CATCH_CHECK_NOTHROW(dt::load_train_state(path, {{"b", fresh_b}, {"a", fresh_a}}, fresh));
   CATCH_CHECK(torch::equal(fresh_a, a));
+  CATCH_CHECK(torch::equal(fresh_b, b));
+  CATCH_CHECK(fresh.state().size() == 2);
 }
 
 CATCH_TEST_CASE("AutocastGuard runs matmuls in bf16 on the CPU while in scope", "[trainer]") {
@@ -283,7 +289,7 @@ CATCH_TEST_CASE("Trainer learns a logistic regression and writes its log and plo
   int saves = 0;
   dt::Trainer<Batch> trainer(dt::TrainerOptions().epochs(10).lr(0.2).warmup_ratio(0.1).accumulation_steps(3)
                                  .output_dir(dir.path.string()).progress(false).log_every(2),
-                             {problem.w, problem.b}, [&](const Batch& batch) { return problem.loss(batch); },
+                             {{"w", problem.w}, {"b", problem.b}}, [&](const Batch& batch) { return problem.loss(batch); },
                              logistic_source(problem.x, problem.y), [&] { return problem.accuracy(); },
                              [&](const std::string& best) {
                                ++saves;
@@ -328,7 +334,7 @@ CATCH_TEST_CASE("Trainer resumes an interrupted run to the same result", "[train
 
   Logistic b;
   int64_t calls = 0;
-  dt::Trainer<Batch> crashing(options(parts.path), {b.w, b.b},
+  dt::Trainer<Batch> crashing(options(parts.path), {{"w", b.w}, {"b", b.b}},
                               [&](const Batch& batch) {
                                 // Dies in the middle of update 13, after the state of update 10 was saved.
                                 if (++calls == 25) throw std::runtime_error("killed");

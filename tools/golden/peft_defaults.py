@@ -1,4 +1,4 @@
-"""Golden fixtures for DeltaModel::add's default sites (methods/recipes.hpp): what peft's
+"""Golden fixtures for DeltaModel::add's default sites (each method's recipe, methods/<name>.hpp): what peft's
 get_peft_model does with each method's default config on tiny random T5 and BERT.
 
 One row per (backbone, method): t5_/bert_ x lora, ia3, prompt, prefix, each peft's config

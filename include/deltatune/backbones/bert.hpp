@@ -278,13 +278,16 @@ class BertEncoderImpl : public torch::nn::Module {
     for (int64_t i = 0; i < c.num_hidden_layers(); ++i) {
       layers.push_back(BertLayer(c));
       list->push_back(layers.back());
+      attention_sites.push_back(layers.back()->attention->self.get());
     }
   }
   torch::Tensor forward(torch::Tensor hidden, const torch::Tensor& mask) {
+    const ForwardPass pass(attention_sites);  // a prefix computes once for all layers
     for (auto& layer : layers) hidden = layer(hidden, mask);
     return hidden;
   }
   std::vector<BertLayer> layers;
+  std::vector<AttentionSite*> attention_sites;
 };
 TORCH_MODULE(BertEncoder);
 
@@ -310,8 +313,10 @@ struct BertModelOutput {
 // transformers' BertModel, every weight frozen when built (deltas bring the trained ones).
 //   auto bert = deltatune::backbones::load_bert("all-MiniLM-L6-v2");
 //   auto out = bert(input_ids, attention_mask);  // out.last_hidden_state (B, T, 384)
-class BertModelImpl : public torch::nn::Module {
+class BertModelImpl : public torch::nn::Module, public ReportsModelType {
  public:
+  std::string model_type() const override { return "bert"; }
+
   explicit BertModelImpl(BertConfig config, bool add_pooling_layer = true) : config(std::move(config)) {
     const auto problem = detail::bert_config_problem(this->config);
     detail::check<OptionError>(problem.empty(), "BertModel: {}", problem);
@@ -381,8 +386,10 @@ namespace deltatune::backbones {
 // transformers' BertForSequenceClassification: BertModel under "bert", dropout, and a
 // `classifier` on the pooled output. The backbone is frozen; the classifier, the task's
 // head, is trained (a FrozenLinear so that weight deltas can act on it too, made trainable).
-class BertForSequenceClassificationImpl : public torch::nn::Module {
+class BertForSequenceClassificationImpl : public torch::nn::Module, public ReportsModelType {
  public:
+  std::string model_type() const override { return "bert"; }
+
   explicit BertForSequenceClassificationImpl(BertConfig config) : config(std::move(config)) {
     bert = register_module("bert", BertModel(this->config));
     dropout = register_module("dropout", Dropout(this->config.classifier_dropout().value_or(

@@ -537,6 +537,8 @@ class T5StackImpl : public torch::nn::Module {
     for (int64_t i = 0; i < n; ++i) {
       blocks.push_back(T5Block(c, is_decoder, /*has_relative_attention_bias=*/i == 0));
       block->push_back(blocks.back());
+      attention_sites.push_back(blocks.back()->self_attention->SelfAttention.get());
+      if (blocks.back()->cross_attention) attention_sites.push_back(blocks.back()->cross_attention->EncDecAttention.get());
     }
     final_layer_norm = register_module("final_layer_norm", T5LayerNorm(c.d_model(), c.layer_norm_epsilon()));
     dropout = register_module("dropout", Dropout(c.dropout_rate()));
@@ -544,6 +546,7 @@ class T5StackImpl : public torch::nn::Module {
 
   torch::nn::ModuleList block{nullptr};
   std::vector<T5Block> blocks;
+  std::vector<AttentionSite*> attention_sites;  // every attention of the stack: a forward is one pass over them
   T5LayerNorm final_layer_norm{nullptr};
   Dropout dropout{nullptr};
 
@@ -557,6 +560,7 @@ class T5StackImpl : public torch::nn::Module {
   // h (B, T, d) -> (B, T, d): dropout, every block, final layer norm, dropout.
   torch::Tensor run(torch::Tensor h, T5AttentionMask& self_mask, const torch::Tensor& memory,
                     T5AttentionMask* cross_mask, T5DecoderCache* cache) {
+    const ForwardPass pass(attention_sites);
     h = dropout(h);
     if (cache != nullptr) cache->blocks.resize(blocks.size());
     for (size_t i = 0; i < blocks.size(); ++i)
@@ -630,8 +634,11 @@ struct T5Encoded {
 
 // T5ForConditionalGeneration: `shared` embeddings, `encoder`, `decoder`, `lm_head`. Every
 // weight is frozen when built; deltas attached to its sites train.
-class T5ModelImpl : public torch::nn::Module {
+class T5ModelImpl : public torch::nn::Module, public ReportsModelType {
  public:
+  // "t5" for mT5 as well: the default sites are T5's (peft's tables give mt5 the same).
+  std::string model_type() const override { return "t5"; }
+
   explicit T5ModelImpl(T5Config config) : config(std::move(config)) {
     const auto problems = detail::t5_config_problems(this->config);
     detail::check<OptionError>(problems.empty(), "T5Config: {}", problems);
@@ -654,6 +661,7 @@ class T5ModelImpl : public torch::nn::Module {
                    const torch::Tensor& decoder_input_ids, const torch::Tensor& labels = {}) {
     detail::check<OptionError>(decoder_input_ids.defined() || labels.defined(),
                                "T5Model::forward: give decoder_input_ids, labels, or both");
+    const ForwardPass pass(attention_sites());  // encoder and decoder: a prefix over both computes once
     const auto encoded = encode(input_ids, attention_mask);
     const auto& decoder_ids = decoder_input_ids.defined() ? decoder_input_ids : shift_right(labels);
     T5Output out;
@@ -665,6 +673,13 @@ class T5ModelImpl : public torch::nn::Module {
           out.logits.reshape({-1, out.logits.size(-1)}), labels.reshape(-1),
           torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
     return out;
+  }
+
+  // Every attention site of the encoder, then of the decoder.
+  std::vector<AttentionSite*> attention_sites() const {
+    auto sites = encoder->attention_sites;
+    sites.insert(sites.end(), decoder->attention_sites.begin(), decoder->attention_sites.end());
+    return sites;
   }
 
   T5Encoded encode(const torch::Tensor& input_ids, const torch::Tensor& attention_mask) {
@@ -690,6 +705,7 @@ class T5ModelImpl : public torch::nn::Module {
                                 int64_t max_new_tokens) {
     detail::check<OptionError>(max_new_tokens >= 0, "T5: max_new_tokens must be at least 0, got {}", max_new_tokens);
     torch::NoGradGuard no_grad;
+    const ForwardPass pass(attention_sites());  // one for the whole generation
     const auto encoded = encode(input_ids, attention_mask);
     const int64_t batch = input_ids.size(0);
     auto ids = torch::full({batch, 1}, config.decoder_start_token_id(), input_ids.options().dtype(torch::kLong));

@@ -26,6 +26,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <regex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -313,8 +314,23 @@ namespace deltatune::backbones {
 //   deltatune::DeltaModel deltas(model);
 //   deltas.add("sst2", deltatune::LoRAOptions().r(8), "query|value");
 //   auto logits = model->forward({ids, mask, types}).toTuple()->elements()[0].toTensor();
-class TorchScriptModelImpl : public torch::nn::Module {
+class TorchScriptModelImpl : public torch::nn::Module, public ReportsModelType {
  public:
+  // The model_type of the first transformers class in the archive's module tree, from its
+  // type's qualified name ("__torch__.transformers.models.bert.modeling_bert.BertModel":
+  // "bert"), so that a wrapper traced around a transformers model reports it; "" for any
+  // other model.
+  std::string model_type() const override {
+    static const std::regex hf_class(R"(\btransformers\.models\.(\w+)\.modeling_)");
+    for (const auto& m : module_.modules()) {
+      const auto& type = m.type()->name();
+      std::smatch match;
+      const auto name = type ? type->qualifiedName() : std::string();
+      if (std::regex_search(name, match, hf_class)) return match[1] == "mt5" ? "t5" : match[1].str();
+    }
+    return "";
+  }
+
   // Shares `module`'s tensors (a merge changes them) but not its graphs: deltas rewrite a clone.
   explicit TorchScriptModelImpl(const torch::jit::Module& module) : module_(module.clone(/*inplace=*/true)) {
     detail::check_link_order();

@@ -123,6 +123,12 @@ class InputDelta : public DeltaModule {
   // Prefix: the (P, inner) keys and values prepended at the attention site named `site`
   // (e.g. "decoder.block.1.layer.1.EncDecAttention"); undefined where it adds none.
   virtual std::pair<torch::Tensor, torch::Tensor> prefix_key_value(const std::string& /*site*/) { return {}; }
+
+  // A forward pass through the sites begins, or ends (ForwardPass, which the backbones open):
+  // a delta computed from its parameters (a prefix through its MLP) computes once in between
+  // and keeps nothing after. Passes may nest (a model's forward around its stacks').
+  virtual void begin_pass() {}
+  virtual void end_pass() {}
 };
 
 }  // namespace deltatune

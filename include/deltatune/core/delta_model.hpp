@@ -22,55 +22,15 @@
 #include <deltatune/core/delta.hpp>
 #include <deltatune/core/error.hpp>
 #include <deltatune/core/json_file.hpp>
+#include <deltatune/core/method_table.hpp>
+#include <deltatune/core/recipe.hpp>
 #include <deltatune/core/safetensors.hpp>
 #include <deltatune/core/site.hpp>
 #include <deltatune/core/tensor_match.hpp>
 
 namespace deltatune {
 
-// What DeltaModel::add takes: a method with its options, which makes the delta for each
-// matched site. It may return the same delta for several sites (a prefix serves every
-// attention layer) and hold modules shared by all its deltas (Compacter's A_i).
-class DeltaRecipe {
- public:
-  virtual ~DeltaRecipe() = default;
-  virtual std::string method() const = 0;
-  virtual nlohmann::json options_json() const = 0;
-  // The site kinds its deltas act on: linear for weight deltas, output for adapters, ...
-  virtual bool accepts(Site::Kind kind) const = 0;
-  // Called once with every matched site and the backbone's family ("t5", "bert" or "", as
-  // DeltaModel::backbone_family) before make(): a prefix sizes its table by the sites, IA3
-  // takes peft's feed-forward modules for the backbone.
-  virtual void prepare(const std::vector<const Site*>& /*sites*/, const std::string& /*backbone*/) {}
-  virtual std::shared_ptr<DeltaModule> make(const Site& site) = 0;
-  // Modules trained once for the whole delta, by name ("phm_rule" for Compacter's A).
-  virtual std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>> shared_modules() { return {}; }
-  // The sites the method targets when add() is given no pattern, per backbone ("t5",
-  // "bert"), as peft's default target modules; empty where it has none.
-  virtual std::string default_pattern(const std::string& /*backbone*/) const { return ""; }
-  // The backbone parameters, among `names`, that the method trains by definition
-  // (Compacter: the layer norms; BitFit on BERT: the LayerNorm biases; spec-based tuning: all it trains).
-  virtual std::vector<std::string> select_backbone_parameters(const std::vector<std::string>& /*names*/) const {
-    return {};
-  }
-  // False for methods that only unfreeze backbone parameters (spec-based tuning): add() then matches no sites.
-  virtual bool uses_sites() const { return true; }
-};
-
 namespace detail {
-
-// Glob over a dotted name: `*` and `?` as in a shell; a pattern without a dot also
-// matches the last component(s), as peft's target_modules does ("q" matches "...SelfAttention.q").
-inline std::regex glob_to_regex(const std::string& glob) {
-  std::string re;
-  for (char c : glob) {
-    if (c == '*') re += ".*";
-    else if (c == '?') re += '.';
-    else if (std::string("\\^$.|+()[]{}").find(c) != std::string::npos) re += std::string("\\") + c;
-    else re += c;
-  }
-  return std::regex("(.*\\.)?" + re);
-}
 
 // Levenshtein distance, for "did you mean" lists.
 inline size_t edit_distance(const std::string& a, const std::string& b) {
@@ -88,47 +48,48 @@ inline size_t edit_distance(const std::string& a, const std::string& b) {
   return row[b.size()];
 }
 
-}  // namespace detail
-
-// Which sites a pattern names. "re:<regex>" is a regular expression over the whole site
-// name; anything else is one or more globs separated by '|' ("*.layer.1|*.layer.2", "q|v").
-class SitePattern {
- public:
-  explicit SitePattern(std::string text) : text_(std::move(text)) {
-    try {
-      if (text_.rfind("re:", 0) == 0) {
-        alternatives_.emplace_back(text_.substr(3));
-      } else {
-        size_t start = 0;
-        while (start <= text_.size()) {
-          const size_t bar = std::min(text_.find('|', start), text_.size());
-          const auto glob = text_.substr(start, bar - start);
-          detail::check<OptionError>(!glob.empty(), "site pattern '{}' has an empty alternative", text_);
-          alternatives_.push_back(detail::glob_to_regex(glob));
-          start = bar + 1;
-        }
-      }
-    } catch (const std::regex_error& e) {
-      throw OptionError(fmt::format("site pattern '{}' is not a valid regular expression: {}", text_, e.what()));
-    }
-  }
-  bool matches(const std::string& name) const {
-    return std::any_of(alternatives_.begin(), alternatives_.end(),
-                       [&](const std::regex& re) { return std::regex_match(name, re); });
-  }
-  const std::string& text() const { return text_; }
-
- private:
-  std::string text_;
-  std::vector<std::regex> alternatives_;
+// The modules under `deltas` that only hold others (deltas.<name>.encoder.block.0...).
+struct DeltaTree : torch::nn::Module {
+  DeltaTree() : torch::nn::Module("deltatune::DeltaTree") {}
 };
 
-// A frozen backbone and the named deltas attached to it.
+// Registers `module` under `root` at a dotted path, making the DeltaTree nodes on the way.
+inline void register_at_path(torch::nn::Module& root, const std::string& path,
+                             const std::shared_ptr<torch::nn::Module>& module) {
+  torch::nn::Module* node = &root;
+  size_t start = 0;
+  for (size_t dot; (dot = path.find('.', start)) != std::string::npos; start = dot + 1) {
+    const auto key = path.substr(start, dot - start);
+    const auto children = node->named_children();
+    const auto* child = children.find(key);
+    if (child == nullptr) {
+      node = node->register_module(key, std::make_shared<DeltaTree>()).get();
+      continue;
+    }
+    node = child->get();
+    check(dynamic_cast<DeltaTree*>(node) != nullptr, "cannot register a delta at '{}': '{}' holds a delta already "
+          "(sites of one delta must not nest)", path, path.substr(0, dot));
+  }
+  check(node->named_children().find(path.substr(start)) == nullptr, "cannot register a delta at '{}': the path is "
+        "taken (sites of one delta must not nest)", path);
+  node->register_module(path.substr(start), module);
+}
+
+}  // namespace detail
+
+// A frozen backbone and the named deltas attached to it. The deltas are registered in the
+// backbone's own module tree, under `deltas.<name>.<site path>` (shared modules under
+// `deltas.<name>.<module>`), so that the backbone's to(), train(), eval() and
+// named_parameters() reach them; the checkpoint's own names are left as loaded. One
+// DeltaModel per backbone at a time: destroying it detaches its deltas.
 //   deltatune::DeltaModel model(backbone);
-//   model.add("sst2", recipe, "q|v");
+//   model.add("sst2", deltatune::LoRAOptions().r(8), "q|v");
 //   auto opt = torch::optim::AdamW(model.trainable_parameters(), 1e-3);
 class DeltaModel {
  public:
+  // The child of the backbone that holds every delta.
+  static constexpr const char* kDeltasModule = "deltas";
+
   // One attached delta at one site.
   struct Attachment {
     Site site;
@@ -140,17 +101,39 @@ class DeltaModel {
     std::vector<Attachment> attachments;
     std::vector<std::string> backbone_parameters;  // the backbone parameters it trains, by name
     bool active = true;
+    std::shared_ptr<torch::nn::Module> module;     // deltas.<name>: its deltas by site path, its shared modules
   };
 
   // Freezes every backbone parameter; only deltas (and what they train by definition) learn.
-  explicit DeltaModel(std::shared_ptr<torch::nn::Module> backbone)
-      : backbone_(std::move(backbone)), sites_(find_sites(*backbone_)) {
+  explicit DeltaModel(std::shared_ptr<torch::nn::Module> backbone) : backbone_(std::move(backbone)) {
     detail::check(backbone_ != nullptr, "DeltaModel needs a backbone, got a null module");
+    for (const auto& child : backbone_->named_children())
+      detail::check(child.key() != kDeltasModule, "this backbone has a DeltaModel already (its module '{}' holds the "
+                    "deltas); add deltas through that one, or destroy it first", kDeltasModule);
+    sites_ = find_sites(*backbone_);
     freeze(*backbone_);
     fingerprint_ = compute_fingerprint();
+    deltas_ = backbone_->register_module(kDeltasModule, std::make_shared<detail::DeltaTree>());
   }
   template <class ModuleHolder, class = decltype(std::declval<ModuleHolder>().ptr())>
   explicit DeltaModel(const ModuleHolder& backbone) : DeltaModel(std::static_pointer_cast<torch::nn::Module>(backbone.ptr())) {}
+
+  DeltaModel(const DeltaModel&) = delete;
+  DeltaModel& operator=(const DeltaModel&) = delete;
+  // Movable while no RoutingGuard of it is alive (a guard points to the model it came from).
+  DeltaModel(DeltaModel&&) = default;
+  DeltaModel& operator=(DeltaModel&&) = delete;
+
+  // Detaches every delta from the backbone. A merged delta stays folded into the weights
+  // (peft's merge_and_unload); the backbone parameters the deltas trained keep requires_grad.
+  ~DeltaModel() {
+    if (!backbone_) return;  // moved from
+    for (auto& site : sites_) {
+      if (site.kind == Site::Kind::linear) site.linear->release_deltas();
+      else for_slots(site, [](auto& slots) { slots.clear(); });
+    }
+    backbone_->unregister_module(kDeltasModule);
+  }
 
   torch::nn::Module& backbone() { return *backbone_; }
   const std::vector<Site>& sites() const { return sites_; }
@@ -160,9 +143,7 @@ class DeltaModel {
   // that matches nothing, or only sites the method cannot act on, is an error that lists
   // the closest site names.
   Entry& add(const std::string& name, std::shared_ptr<DeltaRecipe> recipe, const std::string& pattern) {
-    detail::check<OptionError>(!name.empty() && name.find('.') == std::string::npos,
-                               "delta name '{}' must be non-empty and hold no '.'", name);
-    detail::check<OptionError>(!entries_.count(name), "a delta named '{}' exists already; remove() it first", name);
+    check_new_name(name);
     std::vector<const Site*> matched;
     if (recipe->uses_sites()) {
       const SitePattern matcher(pattern);
@@ -173,40 +154,25 @@ class DeltaModel {
       }
       if (matched.empty()) throw OptionError(no_match_message(*recipe, matcher, wrong_kind));
     }
-    std::vector<std::string> names;
-    for (const auto& p : backbone_->named_parameters()) names.push_back(p.key());
-    Entry entry{recipe, {}, recipe->select_backbone_parameters(names), true};
-    detail::check<OptionError>(recipe->uses_sites() || !entry.backbone_parameters.empty(),
-                               "{} selects no backbone parameter; check its options", recipe->method());
-    if (!matched.empty()) recipe->prepare(matched, backbone_family());
-    for (const auto* site : matched) entry.attachments.push_back({*site, recipe->make(*site)});
-    for (auto& a : entry.attachments) attach(name, a);
-    for (auto& p : backbone_parameters(entry)) p.set_requires_grad(true);
-    return entries_[name] = std::move(entry);
+    return add_at(name, std::move(recipe), matched);
   }
 
-  // Attaches at the method's default sites for this backbone (LoRA: q and v on T5, query
-  // and value on BERT, as peft).
+  // Attaches at the method's default sites for this backbone's model_type (LoRA: q and v on
+  // T5, query and value on BERT, as peft).
   Entry& add(const std::string& name, std::shared_ptr<DeltaRecipe> recipe) {
-    const auto family = backbone_family();
-    const auto pattern = recipe->default_pattern(family);
-    detail::check<OptionError>(!pattern.empty(), "{} has no default sites on this backbone ({}); pass a pattern to "
-                               "add('{}', ..., pattern)", recipe->method(), family.empty() ? "not T5 or BERT" : family,
-                               name);
+    const auto type = model_type();
+    const auto pattern = recipe->default_pattern(type);
+    detail::check<OptionError>(!pattern.empty(), "{} has no default sites on this backbone (model_type '{}'); pass a "
+                               "pattern to add('{}', ..., pattern)", recipe->method(), type, name);
     return add(name, std::move(recipe), pattern);
   }
 
-  // "t5" or "bert" from the site names, as the default target tables are keyed; else "".
-  std::string backbone_family() const {
-    for (const auto& site : sites_) {
-      if (site.name.find("SelfAttention") != std::string::npos) return "t5";
-      if (site.name.find("attention.self") != std::string::npos) return "bert";
-    }
-    return "";
-  }
+  // The backbone's Hugging Face model_type ("t5", "bert"), as it reports it (ReportsModelType);
+  // "" for a backbone that reports none. Default sites are keyed by it.
+  std::string model_type() const { return model_type_of(*backbone_); }
 
   // add(name, options[, pattern]) with a method's options (LoRAOptions, AdapterOptions,
-  // ...): methods/recipes.hpp turns them into the method's recipe.
+  // ...): the method's header turns them into its recipe (make_recipe).
   template <class Options, class = decltype(make_recipe(std::declval<const Options&>()))>
   Entry& add(const std::string& name, const Options& options, const std::string& pattern) {
     return add(name, make_recipe(options), pattern);
@@ -222,6 +188,7 @@ class DeltaModel {
     for (auto& a : entry.attachments) for_slots(a, [&](auto& slots) { slots.detach(name); });
     auto released = backbone_parameters(entry);
     entries_.erase(name);
+    deltas_->unregister_module(name);
     for (const auto& [other, e] : entries_)  // still trained by another delta: leave it trainable
       for (const auto& p : backbone_parameters(e))
         released.erase(std::remove_if(released.begin(), released.end(), [&](const torch::Tensor& r) { return r.is_same(p); }),
@@ -250,7 +217,7 @@ class DeltaModel {
                   "row; clear the routing first", name);
     for (const auto& a : entry.attachments)
       detail::check(a.delta->mergeable(), "delta '{}' ({}) acts on {} sites and cannot be merged; only weight deltas "
-                    "(lora, ia3, bitfit, phm) can", name, entry.recipe->method(), to_string(a.site.kind));
+                    "(those on linear sites) can", name, entry.recipe->method(), to_string(a.site.kind));
     std::vector<WeightSite*> done;
     try {
       for (auto& a : entry.attachments) {
@@ -307,40 +274,40 @@ class DeltaModel {
   // The routing in force, or null when every row runs through every active delta.
   const RowRouting* routing() const { return routing_.get(); }
 
-  // What an optimizer should see: every active delta's parameters that require grad, each
-  // once, plus the backbone parameters the methods train by definition.
-  std::vector<torch::Tensor> trainable_parameters() {
-    std::vector<torch::Tensor> out;
+  // What an optimizer should see, by name: every active delta's parameters that require grad
+  // ("deltas.<delta>.<site>.<parameter>", each once), then the backbone parameters the
+  // methods train by definition (under their own names). Training state is keyed by these names.
+  std::vector<std::pair<std::string, torch::Tensor>> named_trainable_parameters() {
+    std::vector<std::pair<std::string, torch::Tensor>> out;
     std::set<const void*> seen;
-    auto take = [&](const torch::Tensor& p) {
-      if (p.requires_grad() && seen.insert(p.unsafeGetTensorImpl()).second) out.push_back(p);
+    auto take = [&](const std::string& key, const torch::Tensor& p) {
+      if (p.requires_grad() && seen.insert(p.unsafeGetTensorImpl()).second) out.emplace_back(key, p);
     };
     for (auto& [name, entry] : entries_)
       if (entry.active)
-        for (auto& p : delta_parameters(entry)) take(p);
-    for (auto& p : backbone_->parameters()) take(p);
+        for (auto& [key, p] : named_delta_parameters(name)) take(fmt::format("{}.{}.{}", kDeltasModule, name, key), p);
+    for (auto& [key, p] : backbone_named_parameters()) take(key, p);
+    return out;
+  }
+  std::vector<torch::Tensor> trainable_parameters() {
+    std::vector<torch::Tensor> out;
+    for (auto& [key, p] : named_trainable_parameters()) out.push_back(p);
     return out;
   }
 
-  // Every parameter of a delta, each once, by a stable name: "<site>.<param>" for per-site
-  // deltas, "<module>.<param>" for shared modules; a delta serving several sites is named
-  // after the first.
+  // Every parameter of a delta, each once, by its name under deltas.<name>: "<site>.<param>"
+  // for per-site deltas, "<module>.<param>" for shared modules; a delta serving several
+  // sites is named after the first. These are the names in delta.safetensors.
   std::vector<std::pair<std::string, torch::Tensor>> named_delta_parameters(const std::string& name) {
     std::vector<std::pair<std::string, torch::Tensor>> out;
-    std::set<const torch::nn::Module*> seen;
-    auto& entry = at(name);
-    for (auto& a : entry.attachments) {
-      if (!seen.insert(&a.delta->module()).second) continue;
-      for (const auto& p : a.delta->module().named_parameters()) out.emplace_back(a.site.name + "." + p.key(), p.value());
-    }
-    for (const auto& [module_name, module] : entry.recipe->shared_modules())
-      for (const auto& p : module->named_parameters()) out.emplace_back(module_name + "." + p.key(), p.value());
+    for (const auto& p : at(name).module->named_parameters()) out.emplace_back(p.key(), p.value());
     return out;
   }
 
+  // The backbone's own parameters, the deltas left out.
   int64_t num_backbone_parameters() const {
     int64_t n = 0;
-    for (const auto& p : backbone_->parameters()) n += p.numel();
+    for (const auto& [key, p] : backbone_named_parameters()) n += p.numel();
     return n;
   }
   int64_t num_trainable_parameters() {
@@ -395,35 +362,32 @@ class DeltaModel {
     detail::write_text_atomically(dir + "/delta_config.json", config.dump(2) + "\n", "DeltaModel::save");
   }
 
-  // Reads a delta written by save() into the delta `name`, already added with the same
-  // recipe and pattern. A checkpoint from another backbone, or with other names, shapes or
-  // dtypes, is refused with one error listing every difference; nothing is copied then.
-  void load(const std::string& name, const std::string& dir) {
-    auto& entry = at(name);
+  // Reads a delta written by save() into delta `name`, and returns it.
+  // - Where the model has no delta of that name, the file alone rebuilds it: `methods` (by
+  //   default deltatune's own, builtin_methods()) makes the recipe from the saved method and
+  //   options, attached at the saved sites.
+  // - Where it has one, it must agree with the file: method, every option, every site.
+  // Either way a checkpoint from another backbone, any disagreement (naming the field or the
+  // sites), or other tensor names, shapes or dtypes (one error listing every difference) is
+  // refused, and the model is left as it was.
+  Entry& load(const std::string& name, const std::string& dir, const MethodTable& methods) {
     const auto config_path = dir + "/delta_config.json";
-    detail::check<CheckpointError>(std::filesystem::exists(config_path), "{}: cannot open the delta's config (was it "
-                                   "written by DeltaModel::save?)", config_path);
-    const auto config = read_json_file(config_path);
-    detail::check<CheckpointError>(config.value("backbone_fingerprint", "") == fingerprint_,
-                                   "{}: the delta was trained on another backbone (fingerprint {} here, {} there); "
-                                   "load it onto the model it was trained with", config_path, fingerprint_,
-                                   config.value("backbone_fingerprint", "none"));
-    detail::check<CheckpointError>(config.value("method", "") == entry.recipe->method(),
-                                   "{}: the delta is a {}, but '{}' here is a {}", config_path,
-                                   config.value("method", "?"), name, entry.recipe->method());
-    // Same names, shapes and dtypes as save() wrote, so that a delta cannot change precision unnoticed.
-    auto slot = [](const std::string& key, const torch::Tensor& target) {
-      return detail::TensorSlot{key, {key}, target, [dtype = target.scalar_type()](const torch::Tensor& t) {
-                          return t.scalar_type() == dtype ? t : torch::Tensor();
-                        }};
-    };
-    std::vector<detail::TensorSlot> slots;
-    for (auto& [key, p] : named_delta_parameters(name)) slots.push_back(slot(key, p));
-    for (const auto& key : entry.backbone_parameters) slots.push_back(slot("backbone." + key, backbone_parameter(key)));
-    const auto path = dir + "/delta.safetensors";
-    const detail::TensorMatch match(slots, read_safetensors(path).tensors);
-    detail::check<CheckpointError>(match.fits(), "{} does not fit delta '{}':{}", path, name, match.problems());
-    match.copy();
+    const auto config = read_delta_config(config_path);
+    const bool rebuilt = !entries_.count(name);
+    if (rebuilt) add_saved(name, config, config_path, methods);
+    try {
+      auto& entry = at(name);
+      check_agrees(name, entry, config, config_path);
+      copy_saved_tensors(name, entry, dir + "/delta.safetensors");
+      return entry;
+    } catch (...) {
+      if (rebuilt) remove(name);
+      throw;
+    }
+  }
+  template <class Table = MethodTable>
+  Entry& load(const std::string& name, const std::string& dir) {
+    return load(name, dir, builtin_methods(BuiltinMethodsTag<Table>{}));
   }
 
   // The backbone's parameter names, shapes, dtypes and first values, hashed when the
@@ -431,6 +395,136 @@ class DeltaModel {
   const std::string& fingerprint() const { return fingerprint_; }
 
  private:
+  void check_new_name(const std::string& name) const {
+    detail::check<OptionError>(!name.empty() && name.find('.') == std::string::npos,
+                               "delta name '{}' must be non-empty and hold no '.'", name);
+    detail::check<OptionError>(!entries_.count(name), "a delta named '{}' exists already; remove() it first", name);
+  }
+
+  // add() once the sites are known: makes the deltas, attaches them, registers them under
+  // deltas.<name>, and unfreezes the backbone parameters the method trains.
+  Entry& add_at(const std::string& name, std::shared_ptr<DeltaRecipe> recipe, const std::vector<const Site*>& matched) {
+    std::vector<std::string> names;
+    for (const auto& [key, p] : backbone_named_parameters()) names.push_back(key);
+    Entry entry{recipe, {}, recipe->select_backbone_parameters(names), true, nullptr};
+    detail::check<OptionError>(recipe->uses_sites() || !entry.backbone_parameters.empty(),
+                               "{} selects no backbone parameter; check its options", recipe->method());
+    if (!matched.empty()) recipe->prepare(matched, model_type());
+    for (const auto* site : matched) entry.attachments.push_back({*site, recipe->make(*site)});
+    for (auto& a : entry.attachments) attach(name, a);
+    entry.module = register_deltas(name, entry);
+    for (auto& p : backbone_parameters(entry)) p.set_requires_grad(true);
+    return entries_[name] = std::move(entry);
+  }
+
+  // deltas.<name>: each delta module under its (first) site's path, the shared modules beside.
+  std::shared_ptr<torch::nn::Module> register_deltas(const std::string& name, Entry& entry) {
+    auto root = std::make_shared<detail::DeltaTree>();
+    std::set<const torch::nn::Module*> seen;
+    for (auto& a : entry.attachments) {
+      auto& module = a.delta->module();
+      if (seen.insert(&module).second)
+        detail::register_at_path(*root, a.site.name, std::shared_ptr<torch::nn::Module>(a.delta, &module));
+    }
+    for (const auto& [key, module] : entry.recipe->shared_modules()) root->register_module(key, module);
+    return deltas_->register_module(name, root);
+  }
+
+  // The backbone's own parameters by name: everything but the deltas.
+  std::vector<std::pair<std::string, torch::Tensor>> backbone_named_parameters() const {
+    const auto prefix = std::string(kDeltasModule) + ".";
+    std::vector<std::pair<std::string, torch::Tensor>> out;
+    for (const auto& p : backbone_->named_parameters())
+      if (p.key().rfind(prefix, 0) != 0) out.emplace_back(p.key(), p.value());
+    return out;
+  }
+
+  // delta_config.json, its fields checked: a file from another backbone is refused here.
+  nlohmann::json read_delta_config(const std::string& path) const {
+    detail::check<CheckpointError>(std::filesystem::exists(path), "{}: cannot open the delta's config (was it "
+                                   "written by DeltaModel::save?)", path);
+    const auto config = read_json_file(path);
+    auto has = [&](const char* field, bool ok) {
+      detail::check<CheckpointError>(config.contains(field) && ok, "{}: field '{}' is missing or malformed; the file "
+                                     "was not written by DeltaModel::save, or was edited", path, field);
+    };
+    has("method", config.contains("method") && config["method"].is_string());
+    has("options", config.contains("options") && config["options"].is_object());
+    has("sites", config.contains("sites") && config["sites"].is_array() &&
+                     std::all_of(config["sites"].begin(), config["sites"].end(), [](const auto& s) { return s.is_string(); }));
+    detail::check<CheckpointError>(config.value("backbone_fingerprint", "") == fingerprint_,
+                                   "{}: the delta was trained on another backbone (fingerprint {} here, {} there); "
+                                   "load it onto the model it was trained with", path, fingerprint_,
+                                   config.value("backbone_fingerprint", "none"));
+    return config;
+  }
+
+  // A delta rebuilt from its config alone: the method table's recipe, at the saved sites.
+  void add_saved(const std::string& name, const nlohmann::json& config, const std::string& path,
+                 const MethodTable& methods) {
+    check_new_name(name);
+    const auto& method = methods.method(config["method"].get<std::string>(), path);
+    std::shared_ptr<DeltaRecipe> recipe;
+    try {
+      recipe = method.recipe_from_json(config["options"]);
+    } catch (const nlohmann::json::exception& e) {
+      throw CheckpointError(fmt::format("{}: field 'options' does not fit method {}: {}", path, config["method"].dump(),
+                                        e.what()));
+    }
+    std::vector<const Site*> matched;
+    for (const auto& saved : config["sites"]) {
+      const auto it = std::find_if(sites_.begin(), sites_.end(), [&](const Site& site) {
+        return site.name == saved.get<std::string>() && recipe->accepts(site.kind);
+      });
+      detail::check<CheckpointError>(it != sites_.end(), "{}: site '{}' is not a site this backbone has for {}", path,
+                                     saved.get<std::string>(), recipe->method());
+      matched.push_back(&*it);
+    }
+    detail::check<CheckpointError>(!recipe->uses_sites() || !matched.empty(), "{}: field 'sites' is empty", path);
+    add_at(name, std::move(recipe), matched);
+  }
+
+  // The delta here and the saved one: the same method, options and sites, or an error naming
+  // every field and site that differs.
+  void check_agrees(const std::string& name, const Entry& entry, const nlohmann::json& config,
+                    const std::string& path) const {
+    detail::check<CheckpointError>(config["method"] == entry.recipe->method(), "{}: the delta is a {}, but '{}' here "
+                                   "is a {}", path, config["method"].get<std::string>(), name, entry.recipe->method());
+    std::vector<std::string> problems;
+    const auto here = entry.recipe->options_json(), saved = config["options"];
+    std::set<std::string> fields;
+    for (const auto& [key, value] : here.items()) fields.insert(key);
+    for (const auto& [key, value] : saved.items()) fields.insert(key);
+    for (const auto& field : fields) {
+      const auto a = here.value(field, nlohmann::json()), b = saved.value(field, nlohmann::json());
+      if (a != b) problems.push_back(fmt::format("option '{}' is {} here, {} in the file", field, a.dump(), b.dump()));
+    }
+    std::vector<std::string> attached;
+    for (const auto& a : entry.attachments) attached.push_back(a.site.name);
+    if (attached != config["sites"].get<std::vector<std::string>>())
+      problems.push_back(fmt::format("sites differ: {} here, {} in the file (first here: {}; first in the file: {})",
+                                     attached.size(), config["sites"].size(), attached.empty() ? "none" : attached[0],
+                                     config["sites"].empty() ? "none" : config["sites"][0].get<std::string>()));
+    detail::check<CheckpointError>(problems.empty(), "{}: delta '{}' here is not the saved one: {}", path, name,
+                                   fmt::join(problems, "; "));
+  }
+
+  // The saved tensors into the delta: the same names, shapes and dtypes as save() wrote, so
+  // that a delta cannot change precision unnoticed; nothing is copied unless all fit.
+  void copy_saved_tensors(const std::string& name, const Entry& entry, const std::string& path) {
+    auto slot = [](const std::string& key, const torch::Tensor& target) {
+      return detail::TensorSlot{key, {key}, target, [dtype = target.scalar_type()](const torch::Tensor& t) {
+                                  return t.scalar_type() == dtype ? t : torch::Tensor();
+                                }};
+    };
+    std::vector<detail::TensorSlot> slots;
+    for (auto& [key, p] : named_delta_parameters(name)) slots.push_back(slot(key, p));
+    for (const auto& key : entry.backbone_parameters) slots.push_back(slot("backbone." + key, backbone_parameter(key)));
+    const detail::TensorMatch match(slots, read_safetensors(path).tensors);
+    detail::check<CheckpointError>(match.fits(), "{} does not fit delta '{}':{}", path, name, match.problems());
+    match.copy();
+  }
+
   // Row indices per routed delta, after checking that each name is an active weight or
   // activation delta and that no delta would act on every row regardless.
   std::shared_ptr<const RowRouting> make_routing(const std::vector<std::string>& per_row) {
@@ -462,8 +556,8 @@ class DeltaModel {
     auto& entry = at(name);
     const bool routable = !entry.attachments.empty() && !acts_on_input(entry);
     detail::check<OptionError>(routable, "delta '{}' ({}) cannot be routed per row: only weight and activation deltas "
-                               "(lora, ia3, bitfit, phm, adapters) can; prompt and prefix change the sequence length "
-                               "and spec tuning trains the backbone itself", name, entry.recipe->method());
+                               "(on linear and output sites) can; input deltas change the sequence length and a "
+                               "delta with no sites trains the backbone itself", name, entry.recipe->method());
     detail::check<OptionError>(entry.active, "delta '{}' is inactive; activate('{}') before routing rows to it", name, name);
   }
 
@@ -499,12 +593,14 @@ class DeltaModel {
 
   // Calls f on the slot list of the attachment's site that fits its delta's family.
   template <class F>
-  static void for_slots(Attachment& a, F&& f) {
-    switch (a.site.kind) {
-      case Site::Kind::linear: f(a.site.linear->deltas); break;
-      case Site::Kind::output: f(a.site.output->output_deltas); break;
-      case Site::Kind::attention: f(a.site.attention->prefix_deltas); break;
-      case Site::Kind::prompt: f(a.site.prompt->prompt_deltas); break;
+  static void for_slots(Attachment& a, F&& f) { for_slots(a.site, std::forward<F>(f)); }
+  template <class F>
+  static void for_slots(const Site& site, F&& f) {
+    switch (site.kind) {
+      case Site::Kind::linear: f(site.linear->deltas); break;
+      case Site::Kind::output: f(site.output->output_deltas); break;
+      case Site::Kind::attention: f(site.attention->prefix_deltas); break;
+      case Site::Kind::prompt: f(site.prompt->prompt_deltas); break;
     }
   }
 
@@ -530,6 +626,7 @@ class DeltaModel {
       case Site::Kind::prompt: {
         auto d = std::dynamic_pointer_cast<InputDelta>(a.delta);
         cast(d.get());
+        if (a.site.kind == Site::Kind::attention) a.site.attention->site_name = a.site.name;  // the prefix's key
         (a.site.kind == Site::Kind::attention ? a.site.attention->prefix_deltas : a.site.prompt->prompt_deltas)
             .attach(name, d);
         break;
@@ -550,16 +647,7 @@ class DeltaModel {
     return out;
   }
 
-  std::vector<torch::Tensor> delta_parameters(Entry& entry) {
-    std::vector<torch::Tensor> out;
-    std::set<const torch::nn::Module*> seen;
-    for (auto& a : entry.attachments)
-      if (seen.insert(&a.delta->module()).second)
-        for (auto& p : a.delta->module().parameters()) out.push_back(p);
-    for (const auto& [module_name, module] : entry.recipe->shared_modules())
-      for (auto& p : module->parameters()) out.push_back(p);
-    return out;
-  }
+  static std::vector<torch::Tensor> delta_parameters(const Entry& entry) { return entry.module->parameters(); }
 
   static int64_t count(const std::vector<torch::Tensor>& tensors) {
     int64_t n = 0;
@@ -622,6 +710,7 @@ class DeltaModel {
   }
 
   std::shared_ptr<torch::nn::Module> backbone_;
+  std::shared_ptr<torch::nn::Module> deltas_;  // the backbone's child `deltas`: one DeltaTree per named delta
   std::vector<Site> sites_;
   std::map<std::string, Entry> entries_;
   std::string fingerprint_;

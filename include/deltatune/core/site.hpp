@@ -7,7 +7,7 @@
 // PromptSite (prompt embeddings). find_sites() walks a module tree and returns every site
 // under its Hugging Face module path, so backbones know nothing of methods and methods
 // nothing of backbones. Sites hold shared references to the deltas attached to them;
-// the deltas' parameters belong to whoever attached them (DeltaModel), not to the backbone.
+// DeltaModel registers the deltas themselves in the backbone's module tree, under `deltas`.
 // Weight and output sites also run mixed batches, each delta on its own rows (RowRouting).
 #pragma once
 
@@ -17,6 +17,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <regex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -55,6 +56,11 @@ class DeltaSlots {
     slots_.erase(slots_.begin() + (slot - slots_.data()));
   }
   void set_active(const std::string& name, bool active) { at(name).active = active; }
+  // Forgets every delta and the routing (the DeltaModel that attached them is gone).
+  void clear() {
+    slots_.clear();
+    routing_.reset();
+  }
 
   Slot* find(const std::string& name) {
     for (auto& slot : slots_)
@@ -149,6 +155,14 @@ class WeightSite {
       fold(delta.delta_weight(weight), delta.delta_bias(weight));
     }
     if (merge_order_.empty()) unmerged_ = {};
+  }
+
+  // Forgets every delta here; merged ones stay folded into the weight and bias, as peft's
+  // merge_and_unload leaves them (DeltaModel's destructor).
+  void release_deltas() {
+    deltas.clear();
+    merge_order_.clear();
+    unmerged_ = {};
   }
 
  protected:
@@ -302,7 +316,7 @@ class AttentionSite {
  public:
   virtual ~AttentionSite() = default;
   DeltaSlots<InputDelta> prefix_deltas;
-  std::string site_name;  // set by find_sites(); prefix deltas keep one key/value pair per site
+  std::string site_name;  // set by DeltaModel when it attaches a prefix: prefix deltas keep one key/value pair per site
   int64_t hidden_features = 0;     // the model width d the attention reads, set by the backbone
   int64_t key_value_features = 0;  // heads x d_head: the width of the keys and values prepended
 
@@ -329,6 +343,27 @@ class AttentionSite {
   }
 };
 
+// One forward pass through some attention sites, opened by a backbone around the stack or
+// model that holds them: their running prefix deltas see begin_pass() once before any site
+// asks for keys and values, and end_pass() when the scope ends.
+class ForwardPass {
+ public:
+  explicit ForwardPass(const std::vector<AttentionSite*>& sites) {
+    for (auto* site : sites)
+      for (auto* delta : site->prefix_deltas.running())
+        if (std::find(deltas_.begin(), deltas_.end(), delta) == deltas_.end()) deltas_.push_back(delta);
+    for (auto* delta : deltas_) delta->begin_pass();
+  }
+  ForwardPass(const ForwardPass&) = delete;
+  ForwardPass& operator=(const ForwardPass&) = delete;
+  ~ForwardPass() {
+    for (auto* delta : deltas_) delta->end_pass();
+  }
+
+ private:
+  std::vector<InputDelta*> deltas_;
+};
+
 // The input of an encoder that prompt deltas prepend trained embeddings to: T5's
 // `encoder`, BERT's `embeddings` (before position embeddings are added).
 class PromptSite {
@@ -352,6 +387,20 @@ class PromptSite {
     return {torch::cat({prompt, embeds}, 1), new_mask};
   }
 };
+
+// What a backbone says of itself: its Hugging Face model_type ("t5", "bert"), by which each
+// method's default sites are keyed (DeltaRecipe::default_pattern).
+class ReportsModelType {
+ public:
+  virtual ~ReportsModelType() = default;
+  virtual std::string model_type() const = 0;
+};
+
+// The model_type a backbone reports, or "" where it reports none.
+inline std::string model_type_of(const torch::nn::Module& backbone) {
+  const auto* reporter = dynamic_cast<const ReportsModelType*>(&backbone);
+  return reporter ? reporter->model_type() : "";
+}
 
 // One site found in a backbone: its module path and the one interface it offers.
 struct Site {
@@ -384,14 +433,62 @@ inline std::vector<Site> find_sites(torch::nn::Module& root) {
       sites.push_back({item.key(), Site::Kind::linear, module, linear});
     if (auto* output = dynamic_cast<OutputSite*>(module.get()))
       sites.push_back({item.key(), Site::Kind::output, module, nullptr, output});
-    if (auto* attention = dynamic_cast<AttentionSite*>(module.get())) {
-      attention->site_name = item.key();
+    if (auto* attention = dynamic_cast<AttentionSite*>(module.get()))
       sites.push_back({item.key(), Site::Kind::attention, module, nullptr, nullptr, attention});
-    }
     if (auto* prompt = dynamic_cast<PromptSite*>(module.get()))
       sites.push_back({item.key(), Site::Kind::prompt, module, nullptr, nullptr, nullptr, prompt});
   }
   return sites;
 }
+
+namespace detail {
+
+// Glob over a dotted name: `*` and `?` as in a shell; a pattern without a dot also
+// matches the last component(s), as peft's target_modules does ("q" matches "...SelfAttention.q").
+inline std::regex glob_to_regex(const std::string& glob) {
+  std::string re;
+  for (char c : glob) {
+    if (c == '*') re += ".*";
+    else if (c == '?') re += '.';
+    else if (std::string("\\^$.|+()[]{}").find(c) != std::string::npos) re += std::string("\\") + c;
+    else re += c;
+  }
+  return std::regex("(.*\\.)?" + re);
+}
+
+}  // namespace detail
+
+// Which sites a pattern names. "re:<regex>" is a regular expression over the whole site
+// name; anything else is one or more globs separated by '|' ("*.layer.1|*.layer.2", "q|v").
+class SitePattern {
+ public:
+  explicit SitePattern(std::string text) : text_(std::move(text)) {
+    try {
+      if (text_.rfind("re:", 0) == 0) {
+        alternatives_.emplace_back(text_.substr(3));
+      } else {
+        size_t start = 0;
+        while (start <= text_.size()) {
+          const size_t bar = std::min(text_.find('|', start), text_.size());
+          const auto glob = text_.substr(start, bar - start);
+          detail::check<OptionError>(!glob.empty(), "site pattern '{}' has an empty alternative", text_);
+          alternatives_.push_back(detail::glob_to_regex(glob));
+          start = bar + 1;
+        }
+      }
+    } catch (const std::regex_error& e) {
+      throw OptionError(fmt::format("site pattern '{}' is not a valid regular expression: {}", text_, e.what()));
+    }
+  }
+  bool matches(const std::string& name) const {
+    return std::any_of(alternatives_.begin(), alternatives_.end(),
+                       [&](const std::regex& re) { return std::regex_match(name, re); });
+  }
+  const std::string& text() const { return text_; }
+
+ private:
+  std::string text_;
+  std::vector<std::regex> alternatives_;
+};
 
 }  // namespace deltatune

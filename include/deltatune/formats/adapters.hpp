@@ -48,7 +48,6 @@
 #include <deltatune/core/safetensors.hpp>
 #include <deltatune/core/tensor_match.hpp>
 #include <deltatune/methods/adapter.hpp>
-#include <deltatune/methods/recipes.hpp>
 
 namespace deltatune {
 
@@ -99,7 +98,7 @@ inline std::string base_model_prefix(const DeltaModel& model) {
 
 // The output sites adapters puts an adapter at for this placement on this backbone.
 inline std::vector<std::string> adapters_sites(const DeltaModel& model, const AdapterRecipe& recipe) {
-  const SitePattern pattern(recipe.default_pattern(model.backbone_family()));
+  const SitePattern pattern(recipe.default_pattern(model.model_type()));
   std::vector<std::string> out;
   for (const auto& site : model.sites())
     if (site.kind == Site::Kind::output && pattern.matches(site.name)) out.push_back(site.name);
@@ -241,7 +240,7 @@ inline void save_adapters(DeltaModel& model, const std::string& name, const std:
   const int64_t hidden = entry.attachments.front().site.output->output_features;
   const nlohmann::json config = {{"config", adapters_bn_config(recipe.options, hidden)},
                                  {"hidden_size", hidden},
-                                 {"model_type", model.backbone_family()},
+                                 {"model_type", model.model_type()},
                                  {"model_name", ""},
                                  {"name", name},
                                  {"version", "deltatune"}};
@@ -284,9 +283,9 @@ inline const DeltaModel::Entry& load_adapters(DeltaModel& model, const std::stri
                          "model.save_adapter(dir, name, use_safetensors=True)", weights_path,
                          std::filesystem::exists(dir + "/pytorch_adapter.bin") ? " (pytorch_adapter.bin, pickle, is "
                          "there but is not read)" : "");
-  const auto model_type = detail::family_of_model_type(file.value("model_type", model.backbone_family()));
-  check<CheckpointError>(model_type == model.backbone_family(), "{}: model_type is \"{}\", but this model is \"{}\"",
-                         config_path, file.value("model_type", ""), model.backbone_family());
+  const auto model_type = detail::family_of_model_type(file.value("model_type", model.model_type()));
+  check<CheckpointError>(model_type == model.model_type(), "{}: model_type is \"{}\", but this model is \"{}\"",
+                         config_path, file.value("model_type", ""), model.model_type());
   const auto hidden = detail::config_value<int64_t>(file, "hidden_size", config_path);
   const auto options = adapter_options_from_adapters(file.value("config", nlohmann::json()), hidden, config_path);
   if (name.empty()) name = detail::config_value<std::string>(file, "name", config_path);

@@ -54,7 +54,10 @@
 #include <deltatune/core/json_file.hpp>
 #include <deltatune/core/safetensors.hpp>
 #include <deltatune/core/tensor_match.hpp>
-#include <deltatune/methods/recipes.hpp>
+#include <deltatune/methods/ia3.hpp>
+#include <deltatune/methods/lora.hpp>
+#include <deltatune/methods/prefix.hpp>
+#include <deltatune/methods/prompt.hpp>
 
 namespace deltatune {
 
@@ -302,18 +305,21 @@ inline PeftAdapter peft_prompt(DeltaModel& model, const DeltaModel::Entry& entry
   return out;
 }
 
+// The T5 sites peft's prefix tuning reaches: the prefix recipe's default sites there.
+inline std::string t5_prefix_pattern() { return PrefixTuningRecipe(PrefixTuningOptions(1)).default_pattern("t5"); }
+
 inline PeftAdapter peft_prefix(DeltaModel& model, const DeltaModel::Entry& entry, const std::string& name,
                                const PeftSaveOptions& options) {
   auto& t5 = peft_t5(model, "prefix tuning", "save_peft");
   auto* prefix = peft_deltas<PrefixTuningImpl>(entry, name).front().second;
   std::vector<std::string> expected;
-  const SitePattern decoder_self(kT5DecoderSelfAttention);
+  const SitePattern decoder_self(t5_prefix_pattern());
   for (const auto& site : model.sites())
     if (site.kind == Site::Kind::attention && decoder_self.matches(site.name)) expected.push_back(site.name);
   check<OptionError>(prefix->options.sites() == expected,
                      "save_peft: peft's T5 prefix tuning reaches exactly the decoder's self-attention ({}); delta '{}' "
                      "is at {}; add it with no pattern (peft's sites) or the pattern \"{}\"", fmt::join(expected, ", "), name,
-                     fmt::join(prefix->options.sites(), ", "), kT5DecoderSelfAttention);
+                     fmt::join(prefix->options.sites(), ", "), t5_prefix_pattern());
   const int64_t L = t5.config.num_layers(), inner = prefix->inner();
   check<OptionError>(L >= t5.config.decoder_layers(), "save_peft: peft 0.18.1 gives a T5 prefix one key/value pair "
                      "per encoder layer, and this T5 has {} encoder but {} decoder layers, which peft's forward cannot "
@@ -332,6 +338,14 @@ inline PeftAdapter peft_prefix(DeltaModel& model, const DeltaModel::Entry& entry
   return out;
 }
 
+// peft's layout for each method that has one, by DeltaRecipe::method().
+using PeftWriter = PeftAdapter (*)(DeltaModel&, const DeltaModel::Entry&, const std::string&, const PeftSaveOptions&);
+inline const std::map<std::string, PeftWriter>& peft_writers() {
+  static const std::map<std::string, PeftWriter> writers{
+      {"lora", peft_lora}, {"ia3", peft_ia3}, {"prompt_tuning", peft_prompt}, {"prefix_tuning", peft_prefix}};
+  return writers;
+}
+
 }  // namespace detail
 
 // Writes delta `name` of `model` into `dir` as peft 0.18.1 writes an adapter
@@ -347,16 +361,13 @@ inline void save_peft(DeltaModel& model, const std::string& name, const std::str
   const auto method = entry.recipe->method();
   detail::check<OptionError>(entry.backbone_parameters.empty(), "save_peft: delta '{}' ({}) trains backbone parameters "
                              "too, which peft's layout cannot hold; use DeltaModel::save", name, method);
-  detail::PeftAdapter adapter;
-  if (method == "lora") adapter = detail::peft_lora(model, entry, name, options);
-  else if (method == "ia3") adapter = detail::peft_ia3(model, entry, name, options);
-  else if (method == "prompt_tuning") adapter = detail::peft_prompt(model, entry, name, options);
-  else if (method == "prefix_tuning") adapter = detail::peft_prefix(model, entry, name, options);
-  else
+  const auto writer = detail::peft_writers().find(method);
+  if (writer == detail::peft_writers().end())
     throw OptionError(fmt::format("save_peft: peft 0.18.1 has no layout for {} (delta '{}'): it knows LoRA, IA3, prompt "
                                   "and prefix tuning here{}; use DeltaModel::save", method, name,
                                   method == "bitfit" ? ", and no bias-only method (its bias=\"all\" comes with LoRA "
                                                        "weights and T5 has no biases to train)" : ""));
+  const auto adapter = writer->second(model, entry, name, options);
   std::filesystem::create_directories(dir);
   std::map<std::string, torch::Tensor> tensors;
   for (auto& [key, t] : adapter.tensors) tensors[key] = t.detach().contiguous();
@@ -418,7 +429,7 @@ inline PeftPlan peft_plan(DeltaModel& model, const nlohmann::json& c, const std:
                        "decoder layers, {} heads, {} = heads x d_kv)", where, L, heads, dim, tc.decoder_layers(),
                        tc.num_heads(), tc.num_heads() * tc.d_kv());
     return {make_recipe(PrefixTuningOptions(peft_value<int64_t>(c, "num_virtual_tokens", where)).prefix_projection(false)),
-            kT5DecoderSelfAttention};
+            t5_prefix_pattern()};
   }
   throw OptionError(fmt::format("{}: peft_type \"{}\" is not supported; deltatune reads LORA, IA3, PROMPT_TUNING and "
                                 "PREFIX_TUNING", where, type));

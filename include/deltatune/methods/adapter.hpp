@@ -22,6 +22,8 @@
 
 #include <deltatune/core/delta.hpp>
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/method_table.hpp>
+#include <deltatune/core/recipe.hpp>
 #include <deltatune/methods/phm.hpp>
 
 namespace deltatune {
@@ -200,6 +202,68 @@ inline AdapterOptions adapter_options_from_json(const nlohmann::json& j) {
       .phm_n(j.at("phm_n"))
       .phm_rank(j.at("phm_rank"))
       .shared_phm_rule(j.value("shared_phm_rule", j.at("phm_rank").get<int64_t>() > 0));  // files before the option: Compacter shared
+}
+
+// Houlsby's places: after self-attention and after the feed-forward block (not after T5's
+// cross-attention), the setup behind the Compacter paper's parameter counts; Pfeiffer's:
+// after the feed-forward block only. T5's feed-forward sublayer is `layer.1` in the encoder
+// and `layer.2` in the decoder; BERT's is `encoder.layer.{i}.output`.
+inline const DefaultSites kHoulsbySites{
+    {"t5", "re:(.*\\.)?encoder\\.block\\.\\d+\\.layer\\.[01]|(.*\\.)?decoder\\.block\\.\\d+\\.layer\\.[02]"},
+    {"bert", "re:(.*\\.)?encoder\\.layer\\.\\d+\\.(attention\\.output|output)"}};
+inline const DefaultSites kPfeifferSites{
+    {"t5", "re:(.*\\.)?encoder\\.block\\.\\d+\\.layer\\.1|(.*\\.)?decoder\\.block\\.\\d+\\.layer\\.2"},
+    {"bert", "re:(.*\\.)?encoder\\.layer\\.\\d+\\.output"}};
+
+// Bottleneck adapters on sublayer outputs, at Houlsby's or Pfeiffer's places as the options
+// say; PHM rule matrices A_i are one set shared by all its adapters where the options ask
+// (Compacter's, adapters' default). The layer norms train with them (Houlsby et al.,
+// Mahabadi et al.).
+class AdapterRecipe : public RecipeBase<AdapterOptions> {
+ public:
+  explicit AdapterRecipe(AdapterOptions options)
+      : RecipeBase(options, Site::Kind::output,
+                   options.placement() == AdapterPlacement::pfeiffer ? kPfeifferSites : kHoulsbySites) {
+    if (options.phm_n() > 0 && options.shared_phm_rule())
+      shared_ = PHMSharedFactors(PHMSharedFactorsOptions(options.phm_n()));
+  }
+  std::string method() const override { return adapter_method(options); }
+  nlohmann::json options_json() const override { return adapter_options_json(options); }
+  std::shared_ptr<DeltaModule> make(const Site& site) override {
+    return Adapter(AdapterOptions(options).d_model(site.output->output_features), shared_).ptr();
+  }
+  std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>> shared_modules() override {
+    if (!shared_) return {};
+    return {{"phm_rule", shared_.ptr()}};
+  }
+  std::vector<std::string> select_backbone_parameters(const std::vector<std::string>& names) const override {
+    return detail::names_matching(names, "(layer_norm|LayerNorm)\\.(weight|bias)$");
+  }
+
+ private:
+  PHMSharedFactors shared_{nullptr};
+};
+
+inline std::shared_ptr<DeltaRecipe> make_recipe(const AdapterOptions& o) { return std::make_shared<AdapterRecipe>(o); }
+
+// The method table's row: one method under four saved names, five presets. Learning rates:
+// Compacter's table on T5 (3e-3 for all); on BERT Houlsby's and Pfeiffer's grids (1e-3 for
+// few updates) and Compacter's 3e-3 for PHM layers.
+inline MethodInfo adapter_method_info() {
+  auto preset = [](std::string name, std::string description, double bert_lr, AdapterOptions (*options)()) {
+    return MethodPreset{std::move(name), std::move(description), {{"t5", 3e-3}, {"bert", bert_lr}},
+                        [options](const PresetSizes& s) {
+                          auto o = options();
+                          return make_recipe(s.reduction_factor > 0 ? o.reduction_factor(s.reduction_factor) : o);
+                        }};
+  };
+  return {{"adapter", "phm_adapter", "compacter", "compacter++"},
+          [](const nlohmann::json& j) { return make_recipe(adapter_options_from_json(j)); },
+          {preset("adapter", "Houlsby adapters after attention and feed-forward", 1e-3, [] { return houlsby_options(); }),
+           preset("pfeiffer", "Pfeiffer adapters after feed-forward", 1e-3, [] { return pfeiffer_options(); }),
+           preset("phm", "PHM-Adapter, n 4, at Houlsby's places", 3e-3, [] { return phm_adapter_options(0, 4); }),
+           preset("compacter", "Compacter at Houlsby's places", 3e-3, [] { return compacter_options(); }),
+           preset("compacter++", "Compacter++ after feed-forward", 3e-3, [] { return compacter_plus_plus_options(); })}};
 }
 
 }  // namespace deltatune

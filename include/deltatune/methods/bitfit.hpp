@@ -11,6 +11,8 @@
 
 #include <deltatune/core/delta.hpp>
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/method_table.hpp>
+#include <deltatune/core/recipe.hpp>
 
 namespace deltatune {
 
@@ -64,5 +66,31 @@ class BitFitImpl : public torch::nn::Cloneable<BitFitImpl>, public WeightDelta {
 TORCH_MODULE(BitFit);
 
 inline BitFitOptions bitfit_options_from_json(const nlohmann::json& j) { return BitFitOptions(j.at("features")); }
+
+// BitFit: a trained bias on every Linear (added where the backbone has none, an offset
+// to the frozen one where it has), and the backbone's LayerNorm biases where they exist.
+class BitFitRecipe : public RecipeBase<BitFitOptions> {
+ public:
+  explicit BitFitRecipe(BitFitOptions options = BitFitOptions())
+      : RecipeBase(std::move(options), Site::Kind::linear, {{"t5", "re:.*"}, {"bert", "re:.*"}}) {}
+  std::string method() const override { return "bitfit"; }
+  nlohmann::json options_json() const override { return nlohmann::json::object(); }
+  std::shared_ptr<DeltaModule> make(const Site& site) override {
+    return BitFit(BitFitOptions(site.linear->out_features)).ptr();
+  }
+  std::vector<std::string> select_backbone_parameters(const std::vector<std::string>& names) const override {
+    return detail::names_matching(names, "LayerNorm\\.bias$");
+  }
+};
+
+inline std::shared_ptr<DeltaRecipe> make_recipe(const BitFitOptions& o) { return std::make_shared<BitFitRecipe>(o); }
+
+// The method table's row: BitFit's learning rate (1e-3).
+inline MethodInfo bitfit_method_info() {
+  return {{"bitfit"},
+          [](const nlohmann::json&) { return make_recipe(BitFitOptions()); },
+          {{"bitfit", "BitFit: every bias, added where the backbone has none", {{"t5", 1e-3}, {"bert", 1e-3}},
+            [](const PresetSizes&) { return make_recipe(BitFitOptions()); }}}};
+}
 
 }  // namespace deltatune

@@ -14,6 +14,8 @@
 
 #include <deltatune/core/delta.hpp>
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/method_table.hpp>
+#include <deltatune/core/recipe.hpp>
 
 namespace deltatune {
 
@@ -97,6 +99,50 @@ TORCH_MODULE(IA3);
 
 inline IA3Options ia3_options_from_json(const nlohmann::json& j) {
   return IA3Options(j.at("features")).feedforward(j.at("feedforward"));
+}
+
+// IA3 on Linear sites (default, as peft: k, v, wo on T5; key, value, output.dense on BERT).
+// The sites options.feedforward_modules names (default, as peft's feedforward mapping: wo /
+// output.dense, which on BERT names the attention's output projection too) scale their
+// input, the others their output, bias included.
+class IA3Recipe : public RecipeBase<IA3Options> {
+ public:
+  explicit IA3Recipe(IA3Options options)
+      : RecipeBase(std::move(options), Site::Kind::linear, {{"t5", "k|v|wo"}, {"bert", "key|value|output.dense"}}) {}
+  std::string method() const override { return "ia3"; }
+  nlohmann::json options_json() const override {
+    const auto& ff = options.feedforward_modules();
+    return {{"feedforward_modules", ff ? nlohmann::json(*ff) : nlohmann::json(nullptr)}};
+  }
+  void prepare(const std::vector<const Site*>& /*sites*/, const std::string& model_type) override {
+    static const DefaultSites peft_feedforward{{"t5", "wo"}, {"bert", "output.dense"}};
+    const auto default_ff = peft_feedforward.count(model_type) ? peft_feedforward.at(model_type) : "";
+    const auto text = options.feedforward_modules().value_or(default_ff);
+    feedforward_ = text.empty() ? std::nullopt : std::optional<SitePattern>(SitePattern(text));
+  }
+  std::shared_ptr<DeltaModule> make(const Site& site) override {
+    const bool ff = feedforward_ && feedforward_->matches(site.name);
+    auto delta = IA3(IA3Options(ff ? site.linear->in_features : site.linear->out_features).feedforward(ff));
+    if (site.linear->bias.defined()) delta->bind_base_bias(site.linear->bias);
+    return delta.ptr();
+  }
+
+ private:
+  std::optional<SitePattern> feedforward_;
+};
+
+inline std::shared_ptr<DeltaRecipe> make_recipe(const IA3Options& o) { return std::make_shared<IA3Recipe>(o); }
+
+// The method table's row: peft's defaults, T-Few's learning rate (3e-3).
+inline MethodInfo ia3_method_info() {
+  return {{"ia3"},
+          [](const nlohmann::json& j) {
+            auto options = IA3Options();
+            if (!j.at("feedforward_modules").is_null()) options.feedforward_modules(j.at("feedforward_modules").get<std::string>());
+            return make_recipe(options);
+          },
+          {{"ia3", "IA3 on k, v, wo / key, value, output.dense (peft's sites)", {{"t5", 3e-3}, {"bert", 3e-3}},
+            [](const PresetSizes&) { return make_recipe(IA3Options()); }}}};
 }
 
 }  // namespace deltatune

@@ -12,6 +12,8 @@
 
 #include <deltatune/core/delta.hpp>
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/method_table.hpp>
+#include <deltatune/core/recipe.hpp>
 
 namespace deltatune {
 
@@ -87,6 +89,38 @@ inline LoRAOptions lora_options_from_json(const nlohmann::json& j) {
       .alpha(j.at("alpha"))
       .dropout(j.at("dropout"))
       .use_rslora(j.at("use_rslora"));
+}
+
+// LoRA on Linear sites (default, as peft: q, v on T5; query, value on BERT).
+class LoRARecipe : public RecipeBase<LoRAOptions> {
+ public:
+  explicit LoRARecipe(LoRAOptions options)
+      : RecipeBase(std::move(options), Site::Kind::linear, {{"t5", "q|v"}, {"bert", "query|value"}}) {}
+  std::string method() const override { return "lora"; }
+  nlohmann::json options_json() const override {
+    return {{"r", options.r()}, {"alpha", options.alpha()}, {"dropout", options.dropout()},
+            {"use_rslora", options.use_rslora()}};
+  }
+  std::shared_ptr<DeltaModule> make(const Site& site) override {
+    return LoRA(LoRAOptions(options).in_features(site.linear->in_features).out_features(site.linear->out_features)).ptr();
+  }
+};
+
+inline std::shared_ptr<DeltaRecipe> make_recipe(const LoRAOptions& o) { return std::make_shared<LoRARecipe>(o); }
+
+// The method table's row: r 8 with alpha = r (a command line's rank sets both), LoRA's GLUE
+// learning rate (RoBERTa-base, 5e-4) on either backbone.
+inline MethodInfo lora_method_info() {
+  return {{"lora"},
+          [](const nlohmann::json& j) {
+            return make_recipe(LoRAOptions().r(j.at("r")).alpha(j.at("alpha")).dropout(j.at("dropout"))
+                                   .use_rslora(j.at("use_rslora")));
+          },
+          {{"lora", "LoRA, r 8 (alpha = r) on q, v / query, value", {{"t5", 5e-4}, {"bert", 5e-4}},
+            [](const PresetSizes& s) {
+              const int64_t r = s.rank > 0 ? s.rank : 8;
+              return make_recipe(LoRAOptions().r(r).alpha(double(r)));
+            }}}};
 }
 
 }  // namespace deltatune

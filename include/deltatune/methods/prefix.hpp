@@ -22,6 +22,8 @@
 
 #include <deltatune/core/delta.hpp>
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/method_table.hpp>
+#include <deltatune/core/recipe.hpp>
 
 namespace deltatune {
 
@@ -85,8 +87,15 @@ class PrefixTuningImpl : public torch::nn::Cloneable<PrefixTuningImpl>, public I
     const auto it = std::find(sites.begin(), sites.end(), site);
     if (it == sites.end()) return {};
     const int64_t i = it - sites.begin();
-    auto kv = pass_key_values(i).view({options.num_virtual_tokens(), int64_t(sites.size()), 2, inner()});  // (P, L, 2, inner)
+    auto kv = pass_key_values().view({options.num_virtual_tokens(), int64_t(sites.size()), 2, inner()});  // (P, L, 2, inner)
     return {kv.select(1, i).select(1, 0), kv.select(1, i).select(1, 1)};  // (P, inner) each
+  }
+
+  void begin_pass() override {
+    if (passes_++ == 0) table_ = torch::Tensor();
+  }
+  void end_pass() override {
+    if (passes_ > 0 && --passes_ == 0) table_ = torch::Tensor();  // the table's graph is not kept between steps
   }
 
   std::string method() const override { return "prefix_tuning"; }
@@ -108,27 +117,16 @@ class PrefixTuningImpl : public torch::nn::Cloneable<PrefixTuningImpl>, public I
   torch::nn::Sequential transform{nullptr};
 
  private:
-  // key_values() once per forward pass, not once per site (the MLP's output holds every
-  // site's keys and values): the sites of a pass ask in layer order, so a site at or before
-  // the last one served starts a new pass; new parameter data or versions (an optimizer step,
-  // a load, a move), a change of grad mode or an eject recompute too.
-  torch::Tensor pass_key_values(int64_t site) {
-    std::vector<std::pair<const void*, uint32_t>> state;
-    for (const auto& p : parameters()) state.emplace_back(p.data_ptr(), p._version());
-    const bool grad = torch::GradMode::is_enabled();
-    if (!table_.defined() || site <= last_site_ || state != table_state_ || grad != table_grad_) {
-      table_ = key_values();
-      table_state_ = std::move(state);
-      table_grad_ = grad;
-    }
-    last_site_ = site;
+  // key_values() once per forward pass, not once per site: the MLP's output holds every
+  // site's keys and values. Outside a pass (a direct call) it is computed afresh.
+  torch::Tensor pass_key_values() {
+    if (passes_ == 0) return key_values();
+    if (!table_.defined()) table_ = key_values();
     return table_;
   }
 
   torch::Tensor table_;  // this pass's key_values()
-  std::vector<std::pair<const void*, uint32_t>> table_state_;
-  bool table_grad_ = false;
-  int64_t last_site_ = -1;
+  int64_t passes_ = 0;   // the ForwardPass scopes open around this prefix
 };
 TORCH_MODULE(PrefixTuning);
 
@@ -137,6 +135,51 @@ inline PrefixTuningOptions prefix_tuning_options_from_json(const nlohmann::json&
       .inner(j.at("inner"))
       .prefix_projection(j.at("prefix_projection"))
       .hidden(j.at("hidden"));
+}
+
+// Prefix tuning: one table of keys and values for every matched attention site (default:
+// those peft's prefix reaches: T5's decoder self-attention, where transformers keeps the
+// cache peft builds; BERT's self-attention), through its MLP while training.
+class PrefixTuningRecipe : public RecipeBase<PrefixTuningOptions> {
+ public:
+  explicit PrefixTuningRecipe(PrefixTuningOptions options)
+      : RecipeBase(std::move(options), Site::Kind::attention,
+                   {{"t5", "re:(.*\\.)?decoder\\.block\\.\\d+\\.layer\\.0\\.SelfAttention"},
+                    {"bert", "re:(.*\\.)?encoder\\.layer\\.\\d+\\.attention\\.self"}}) {}
+  std::string method() const override { return "prefix_tuning"; }
+  // As the prefix is now: after eject() it holds the table, with no MLP.
+  nlohmann::json options_json() const override {
+    const auto& o = prefix_ ? prefix_->options : options;
+    return {{"num_virtual_tokens", o.num_virtual_tokens()}, {"prefix_projection", o.prefix_projection()},
+            {"hidden", o.hidden()}};
+  }
+  void prepare(const std::vector<const Site*>& sites, const std::string& /*model_type*/) override {
+    std::vector<std::string> names;
+    for (const auto* site : sites) names.push_back(site->name);
+    const auto* first = sites.front()->attention;
+    prefix_ = PrefixTuning(PrefixTuningOptions(options).d_model(first->hidden_features).inner(first->key_value_features)
+                               .sites(names));
+  }
+  std::shared_ptr<DeltaModule> make(const Site&) override { return prefix_.ptr(); }
+
+ private:
+  PrefixTuning prefix_{nullptr};
+};
+
+inline std::shared_ptr<DeltaRecipe> make_recipe(const PrefixTuningOptions& o) {
+  return std::make_shared<PrefixTuningRecipe>(o);
+}
+
+// The method table's row: 30 prefix positions through the MLP; learning rates: the prefix
+// paper's 5e-4 on T5, P-tuning v2's 1e-2 on BERT-sized models.
+inline MethodInfo prefix_tuning_method_info() {
+  return {{"prefix_tuning"},
+          [](const nlohmann::json& j) {
+            return make_recipe(PrefixTuningOptions(j.at("num_virtual_tokens")).prefix_projection(j.at("prefix_projection"))
+                                   .hidden(j.at("hidden")));
+          },
+          {{"prefix", "prefix tuning, 30 positions through the MLP, at peft's sites", {{"t5", 5e-4}, {"bert", 1e-2}},
+            [](const PresetSizes& s) { return make_recipe(PrefixTuningOptions(s.virtual_tokens > 0 ? s.virtual_tokens : 30)); }}}};
 }
 
 }  // namespace deltatune

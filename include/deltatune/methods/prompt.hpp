@@ -10,11 +10,14 @@
 
 #include <torch/torch.h>
 
+#include <limits>
 #include <string>
 #include <vector>
 
 #include <deltatune/core/delta.hpp>
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/method_table.hpp>
+#include <deltatune/core/recipe.hpp>
 
 namespace deltatune {
 
@@ -128,6 +131,37 @@ inline PromptTuningOptions prompt_tuning_options_from_json(const nlohmann::json&
       .init_range(j.at("init_range"))
       .sample_top_k(j.at("sample_top_k"))
       .init_token_ids(j.at("init_token_ids").get<std::vector<int64_t>>());
+}
+
+// Prompt tuning at the encoder's input (default: T5's encoder, BERT's embeddings); rows
+// of the backbone's embedding table seed it where the options ask.
+class PromptTuningRecipe : public RecipeBase<PromptTuningOptions> {
+ public:
+  explicit PromptTuningRecipe(PromptTuningOptions options)
+      : RecipeBase(std::move(options), Site::Kind::prompt, {{"t5", "encoder"}, {"bert", "embeddings"}}) {}
+  std::string method() const override { return "prompt_tuning"; }
+  nlohmann::json options_json() const override { return prompt_tuning_options_json(options); }
+  std::shared_ptr<DeltaModule> make(const Site& site) override {
+    const auto& table = site.prompt->embedding_table;
+    return PromptTuning(PromptTuningOptions(options).d_model(table.size(1)), table).ptr();
+  }
+};
+
+inline std::shared_ptr<DeltaRecipe> make_recipe(const PromptTuningOptions& o) {
+  return std::make_shared<PromptTuningRecipe>(o);
+}
+
+// The method table's row: the paper's 100 prompts drawn from the whole vocabulary, its
+// learning rate 0.3.
+inline MethodInfo prompt_tuning_method_info() {
+  return {{"prompt_tuning"},
+          [](const nlohmann::json& j) { return make_recipe(prompt_tuning_options_from_json(j)); },
+          {{"prompt", "prompt tuning, 100 prompts from vocabulary rows", {{"t5", 3e-1}, {"bert", 3e-1}},
+            [](const PresetSizes& s) {
+              return make_recipe(PromptTuningOptions(s.virtual_tokens > 0 ? s.virtual_tokens : 100)
+                                     .init(PromptInit::sampled_vocabulary)
+                                     .sample_top_k(std::numeric_limits<int64_t>::max()));
+            }}}};
 }
 
 }  // namespace deltatune

@@ -17,6 +17,8 @@
 #include <vector>
 
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/method_table.hpp>
+#include <deltatune/core/recipe.hpp>
 
 namespace deltatune {
 
@@ -87,6 +89,35 @@ inline SpecTuningOptions spec_tuning_options_from_json(const nlohmann::json& j) 
       .modules(j.at("modules").get<std::vector<std::string>>())
       .layer_norms(j.at("layer_norms"))
       .layer_norm_pattern(j.at("layer_norm_pattern"));
+}
+
+// Spec-based tuning: backbone parameters chosen by name (the last k layers, chosen
+// modules, layer norms) trained as they are; no delta modules.
+class SpecTuningRecipe : public DeltaRecipe {
+ public:
+  explicit SpecTuningRecipe(SpecTuningOptions options) : options(std::move(options)) {}
+  std::string method() const override { return "spec"; }
+  nlohmann::json options_json() const override { return spec_tuning_options_json(options); }
+  bool accepts(Site::Kind) const override { return false; }
+  bool uses_sites() const override { return false; }
+  std::shared_ptr<DeltaModule> make(const Site&) override { return nullptr; }
+  std::string default_pattern(const std::string&) const override { return "re:.*"; }
+  std::vector<std::string> select_backbone_parameters(const std::vector<std::string>& names) const override {
+    return select_parameters(names, options);
+  }
+
+  SpecTuningOptions options;
+};
+
+inline std::shared_ptr<DeltaRecipe> make_recipe(const SpecTuningOptions& o) { return std::make_shared<SpecTuningRecipe>(o); }
+
+// The method table's row; its preset "full" trains every backbone weight (T5's fine-tuning
+// 1e-4 in AdamW form, 3e-4; BERT's fine-tuning range top, 5e-5).
+inline MethodInfo spec_tuning_method_info() {
+  return {{"spec"},
+          [](const nlohmann::json& j) { return make_recipe(spec_tuning_options_from_json(j)); },
+          {{"full", "every backbone weight trained", {{"t5", 3e-4}, {"bert", 5e-5}},
+            [](const PresetSizes&) { return make_recipe(SpecTuningOptions().modules({"*"})); }}}};
 }
 
 }  // namespace deltatune

@@ -16,6 +16,7 @@
 
 #include <deltatune/core/error.hpp>
 #include <deltatune/core/safetensors.hpp>
+#include <deltatune/core/tensor_match.hpp>
 
 namespace deltatune {
 
@@ -37,22 +38,43 @@ inline torch::optim::AdamWOptions& adamw_options(torch::optim::OptimizerParamGro
 
 }  // namespace detail
 
-// Writes `params`, the state of `optimizer` (an AdamW over exactly these params, in this
-// order), the random generators and `state` to `path`. Throws CheckpointError naming the file.
-//   deltatune::save_train_state("out/last/state.safetensors", params, optimizer, {{"step", step}});
-inline void save_train_state(const std::string& path, const std::vector<torch::Tensor>& params,
-                             torch::optim::AdamW& optimizer, const nlohmann::json& state) {
+// Trained tensors by name (DeltaModel::named_trainable_parameters()): the training state is
+// keyed by these names, so it survives a reordering and names what is missing.
+using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
+
+// A module's named_parameters() as NamedTensors, to train a whole module by name.
+inline NamedTensors named_tensors(const torch::OrderedDict<std::string, torch::Tensor>& tensors) {
+  NamedTensors out;
+  for (const auto& item : tensors) out.emplace_back(item.key(), item.value());
+  return out;
+}
+
+namespace detail {
+
+// The file's key for one part of a parameter's state: "param/<name>", "exp_avg/<name>", ...
+inline std::string state_key(const char* part, const std::string& name) { return fmt::format("{}/{}", part, name); }
+
+}  // namespace detail
+
+// Writes `params`, the state of `optimizer` (an AdamW over exactly these params), the random
+// generators and `state` to `path`, each tensor under its parameter's name. Throws
+// CheckpointError naming the file.
+//   deltatune::save_train_state("out/last/state.safetensors", model.named_trainable_parameters(),
+//                               optimizer, {{"step", step}});
+inline void save_train_state(const std::string& path, const NamedTensors& params, torch::optim::AdamW& optimizer,
+                             const nlohmann::json& state) {
   std::map<std::string, torch::Tensor> tensors;
-  for (std::size_t i = 0; i < params.size(); ++i) {
-    const std::string p = fmt::format("param.{}", i);
-    tensors[p] = params[i].detach().cpu();
-    const auto found = optimizer.state().find(params[i].unsafeGetTensorImpl());
+  for (const auto& [name, param] : params) {
+    detail::check<OptionError>(!tensors.count(detail::state_key("param", name)), "save_train_state: two parameters "
+                               "are named '{}'", name);
+    tensors[detail::state_key("param", name)] = param.detach().cpu();
+    const auto found = optimizer.state().find(param.unsafeGetTensorImpl());
     if (found == optimizer.state().end()) continue;  // not yet stepped
     const auto& s = static_cast<const torch::optim::AdamWParamState&>(*found->second);
-    tensors[p + ".step"] = torch::tensor(s.step(), torch::kInt64);
-    tensors[p + ".exp_avg"] = s.exp_avg().cpu();
-    tensors[p + ".exp_avg_sq"] = s.exp_avg_sq().cpu();
-    if (s.max_exp_avg_sq().defined()) tensors[p + ".max_exp_avg_sq"] = s.max_exp_avg_sq().cpu();
+    tensors[detail::state_key("step", name)] = torch::tensor(s.step(), torch::kInt64);
+    tensors[detail::state_key("exp_avg", name)] = s.exp_avg().cpu();
+    tensors[detail::state_key("exp_avg_sq", name)] = s.exp_avg_sq().cpu();
+    if (s.max_exp_avg_sq().defined()) tensors[detail::state_key("max_exp_avg_sq", name)] = s.max_exp_avg_sq().cpu();
   }
   for (const auto& [name, generator] : detail::default_generators()) tensors[name] = generator.get_state();
   nlohmann::json groups = nlohmann::json::array();
@@ -67,8 +89,10 @@ inline void save_train_state(const std::string& path, const std::vector<torch::T
 
 namespace detail {
 
-// A training state as read from its file, every tensor and metadata field checked before
-// anything is restored: a damaged or forged file is refused whole, naming the tensor.
+// A training state as read from its file: metadata checked, then every tensor matched by name
+// against the parameters (TensorMatch), so that a damaged or forged file is refused whole,
+// naming each tensor that is missing, unexpected or of another shape or dtype, before
+// anything is restored.
 class SavedTrainState {
  public:
   // AdamW's options of one param group, as saved.
@@ -76,53 +100,62 @@ class SavedTrainState {
     double lr, beta1, beta2, eps, weight_decay;
     bool amsgrad;
   };
+  // Where one parameter's AdamW state lands once the file is copied; step -1: never stepped.
+  struct Moments {
+    torch::Tensor step, exp_avg, exp_avg_sq, max_exp_avg_sq;
+  };
 
-  SavedTrainState(std::string path, const std::vector<torch::Tensor>& params, std::size_t num_groups)
+  SavedTrainState(std::string path, const NamedTensors& params, std::size_t num_groups)
       : path_(std::move(path)), file_(read_safetensors(path_)), state_(metadata_json("deltatune.train_state")) {
     read_groups(num_groups);
-    check<CheckpointError>(!find(fmt::format("param.{}", params.size())),
-                           "{}: the saved state holds more than {} parameters; resume with the same trainable "
-                           "parameters, in the same order", path_, params.size());
-    for (std::size_t i = 0; i < params.size(); ++i) check_parameter(i, params[i]);
-    for (const auto& [name, generator] : default_generators())
-      if (find(name)) like(name, generator.get_state());
+    std::vector<TensorSlot> slots;
+    for (const auto& [name, param] : params) add_parameter(slots, name, param);
+    for (const auto& [name, generator] : default_generators()) {
+      if (!file_.tensors.count(name)) continue;  // a state saved without this device's generator
+      generators_.emplace_back(generator, generator.get_state());
+      slots.push_back({name, {name}, generators_.back().second, same_dtype(generators_.back().second)});
+    }
+    match_ = std::make_unique<TensorMatch>(slots, file_.tensors);
+    check<CheckpointError>(match_->fits(), "{} does not fit these trainable parameters (resume with the parameters "
+                           "the run saved, by name, or start afresh):{}", path_, match_->problems());
   }
 
-  // A tensor the file must hold, with the parameter's shape and dtype.
-  const torch::Tensor& like(const std::string& name, const torch::Tensor& param) const {
-    const auto* t = find(name);
-    check<CheckpointError>(t != nullptr, "{}: the training state has no tensor '{}'; the file is damaged or was "
-                           "written for other parameters: resume from another checkpoint or start afresh", path_, name);
-    check<CheckpointError>(t->sizes() == param.sizes() && t->scalar_type() == param.scalar_type(),
-                           "{}: {} is {} {}, the parameter {} {}", path_, name, c10::toString(t->scalar_type()),
-                           t->sizes(), c10::toString(param.scalar_type()), param.sizes());
-    return *t;
-  }
-  const torch::Tensor* find(const std::string& name) const {
-    const auto found = file_.tensors.find(name);
-    return found == file_.tensors.end() ? nullptr : &found->second;
-  }
-  // AdamW's step count for parameter i, or -1 where it was never stepped.
-  int64_t step(std::size_t i) const {
-    const auto* t = find(fmt::format("param.{}.step", i));
-    return t == nullptr ? -1 : t->item<int64_t>();
+  // Copies the parameters, moments and generator states into place.
+  void copy() const { match_->copy(); }
+
+  const std::vector<Moments>& moments() const { return moments_; }
+  // Sets the generators to their saved states (after copy()).
+  void restore_generators() {
+    for (auto& [generator, state] : generators_) generator.set_state(state);
   }
   const nlohmann::json& state() const { return state_; }
   const std::vector<Group>& groups() const { return groups_; }
-  const std::string& path() const { return path_; }
 
  private:
-  void check_parameter(std::size_t i, const torch::Tensor& param) const {
-    const auto p = fmt::format("param.{}", i);
-    like(p, param);
-    const auto* step = find(p + ".step");
-    if (step == nullptr) return;
-    check<CheckpointError>(step->numel() == 1 && step->scalar_type() == torch::kInt64 && step->item<int64_t>() >= 0,
-                           "{}: {}.step must be one non-negative int64 (AdamW's step count)", path_, p);
-    like(p + ".exp_avg", param);
-    like(p + ".exp_avg_sq", param);
-    if (find(p + ".max_exp_avg_sq")) like(p + ".max_exp_avg_sq", param);
+  // The file's tensor where its dtype is the target's; else it fits no slot.
+  static std::function<torch::Tensor(const torch::Tensor&)> same_dtype(const torch::Tensor& target) {
+    return [dtype = target.scalar_type()](const torch::Tensor& t) { return t.scalar_type() == dtype ? t : torch::Tensor(); };
   }
+
+  void add_parameter(std::vector<TensorSlot>& slots, const std::string& name, const torch::Tensor& param) {
+    slots.push_back({state_key("param", name), {state_key("param", name)}, param, same_dtype(param)});
+    Moments m{torch::full({}, -1, torch::kInt64)};
+    if (file_.tensors.count(state_key("step", name))) {
+      slots.push_back({state_key("step", name), {state_key("step", name)}, m.step, [](const torch::Tensor& t) {
+                         const bool ok = t.dim() == 0 && t.scalar_type() == torch::kInt64 && t.item<int64_t>() >= 0;
+                         return ok ? t : torch::Tensor();  // AdamW's step count: one non-negative int64
+                       }});
+      auto moment = [&](const char* part, torch::Tensor& target, bool optional) {
+        target = torch::zeros_like(param);
+        slots.push_back({state_key(part, name), {state_key(part, name)}, target, same_dtype(param), optional});
+      };
+      moment("exp_avg", m.exp_avg, false);
+      moment("exp_avg_sq", m.exp_avg_sq, false);
+      if (file_.tensors.count(state_key("max_exp_avg_sq", name))) moment("max_exp_avg_sq", m.max_exp_avg_sq, false);
+    }
+    moments_.push_back(std::move(m));
+  }
+
   void read_groups(std::size_t num_groups) {
     const auto groups = metadata_json("deltatune.adamw_groups");
     check<CheckpointError>(groups.is_array() && groups.size() == num_groups, "{}: the saved state has {} optimizer "
@@ -149,32 +182,33 @@ class SavedTrainState {
   SafetensorsFile file_;
   nlohmann::json state_;
   std::vector<Group> groups_;
+  std::vector<Moments> moments_;  // one per parameter, in the caller's order
+  std::vector<std::pair<at::Generator, torch::Tensor>> generators_;
+  std::unique_ptr<TensorMatch> match_;
 };
 
 }  // namespace detail
 
 // Restores what save_train_state wrote into `params` (copied in place, on their devices),
-// `optimizer` and the random generators, and returns the saved `state`. The params must match
-// the saved ones in number, shapes and dtypes; CheckpointError names the file and the tensor
-// that does not, or that is missing, before anything is changed.
-inline nlohmann::json load_train_state(const std::string& path, const std::vector<torch::Tensor>& params,
+// `optimizer` and the random generators, and returns the saved `state`. Every tensor is found
+// by its parameter's name; CheckpointError names the file and each tensor that is missing,
+// left over, or of another shape or dtype, before anything is changed.
+inline nlohmann::json load_train_state(const std::string& path, const NamedTensors& params,
                                        torch::optim::AdamW& optimizer) {
-  const detail::SavedTrainState saved(path, params, optimizer.param_groups().size());
-  torch::NoGradGuard no_grad;
+  detail::SavedTrainState saved(path, params, optimizer.param_groups().size());
+  saved.copy();
   for (std::size_t i = 0; i < params.size(); ++i) {
-    const std::string p = fmt::format("param.{}", i);
-    params[i].copy_(saved.like(p, params[i]));
-    auto* impl = params[i].unsafeGetTensorImpl();
-    if (saved.step(i) < 0) {
+    const auto& m = saved.moments()[i];
+    auto* impl = params[i].second.unsafeGetTensorImpl();
+    if (m.step.item<int64_t>() < 0) {
       optimizer.state().erase(impl);
       continue;
     }
     auto s = std::make_unique<torch::optim::AdamWParamState>();
-    const auto device = params[i].device();
-    s->step(saved.step(i));
-    s->exp_avg(saved.like(p + ".exp_avg", params[i]).to(device));
-    s->exp_avg_sq(saved.like(p + ".exp_avg_sq", params[i]).to(device));
-    if (saved.find(p + ".max_exp_avg_sq")) s->max_exp_avg_sq(saved.like(p + ".max_exp_avg_sq", params[i]).to(device));
+    s->step(m.step.item<int64_t>());
+    s->exp_avg(m.exp_avg);
+    s->exp_avg_sq(m.exp_avg_sq);
+    if (m.max_exp_avg_sq.defined()) s->max_exp_avg_sq(m.max_exp_avg_sq);
     optimizer.state()[impl] = std::move(s);
   }
   for (std::size_t g = 0; g < saved.groups().size(); ++g) {
@@ -183,8 +217,7 @@ inline nlohmann::json load_train_state(const std::string& path, const std::vecto
         .lr(saved_group.lr).betas({saved_group.beta1, saved_group.beta2}).eps(saved_group.eps)
         .weight_decay(saved_group.weight_decay).amsgrad(saved_group.amsgrad);
   }
-  for (auto& [name, generator] : detail::default_generators())
-    if (const auto* state = saved.find(name)) generator.set_state(*state);
+  saved.restore_generators();
   return saved.state();
 }
 

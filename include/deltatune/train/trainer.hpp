@@ -112,17 +112,18 @@ inline int64_t peak_rss_bytes() {
   return 0;
 }
 
-// Trains `trainable` by minimising `loss_fn` over the batches, evaluating as the options say.
-//   deltatune::Trainer<Batch> trainer(options, model->trainable_parameters(), loss_fn, source,
+// Trains `trainable` (by name: the training state is keyed by these names) by minimising
+// `loss_fn` over the batches, evaluating as the options say.
+//   deltatune::Trainer<Batch> trainer(options, model.named_trainable_parameters(), loss_fn, source,
 //                                     [&] { return dev_accuracy(); }, [&](const std::string& dir) { save(dir); });
 //   auto summary = trainer.fit();
 template <class Batch>
 class Trainer {
  public:
-  Trainer(TrainerOptions options, std::vector<torch::Tensor> trainable, std::function<torch::Tensor(const Batch&)> loss_fn,
+  Trainer(TrainerOptions options, NamedTensors trainable, std::function<torch::Tensor(const Batch&)> loss_fn,
           BatchSource<Batch> source, std::function<double()> evaluate = {},
           std::function<void(const std::string& dir)> save_best = {})
-      : options_(std::move(options)), params_(std::move(trainable)), loss_fn_(std::move(loss_fn)),
+      : options_(std::move(options)), named_(std::move(trainable)), params_(tensors_of(named_)), loss_fn_(std::move(loss_fn)),
         source_(std::move(source)), evaluate_(std::move(evaluate)), save_best_(std::move(save_best)),
         optimizer_(params_, torch::optim::AdamWOptions(options_.lr()).weight_decay(options_.weight_decay())) {
     check_options();
@@ -165,9 +166,9 @@ class Trainer {
  private:
   void check_options() const {
     detail::check<OptionError>(!params_.empty(), "Trainer: no trainable tensors; pass the delta's parameters");
-    for (std::size_t i = 0; i < params_.size(); ++i)
-      detail::check<OptionError>(params_[i].requires_grad(), "Trainer: trainable tensor {} (shape {}) does not "
-                                 "require grad", i, params_[i].sizes());
+    for (const auto& [name, param] : named_)
+      detail::check<OptionError>(param.requires_grad(), "Trainer: trainable tensor '{}' (shape {}) does not "
+                                 "require grad", name, param.sizes());
     detail::check<OptionError>(options_.max_steps() > 0 || options_.epochs() > 0,
                                "Trainer: give epochs > 0 or max_steps > 0 (epochs {}, max_steps {})",
                                options_.epochs(), options_.max_steps());
@@ -192,7 +193,7 @@ class Trainer {
   }
 
   void resume() {
-    const nlohmann::json state = load_train_state(state_path(), params_, optimizer_);
+    const nlohmann::json state = load_train_state(state_path(), named_, optimizer_);
     const auto saved = LrSchedule::from_json(state.at("schedule"));
     detail::check<CheckpointError>(saved.total == schedule_.total && saved.warmup == schedule_.warmup,
                                    "Trainer: {} was saved for {} updates ({} warm-up), these options give {} ({}); "
@@ -274,7 +275,7 @@ class Trainer {
 
   // Saved after evaluating, so that the state holds the generators as they are when training goes on.
   void save_state() {
-    save_train_state(state_path(), params_, optimizer_,
+    save_train_state(state_path(), named_, optimizer_,
                      {{"step", summary_.steps}, {"schedule", schedule_.to_json()}, {"best_step", summary_.best_step},
                       {"best_metric", summary_.best_step >= 0 ? summary_.best_metric : 0.0},
                       {"stopped_early", summary_.stopped_early},
@@ -289,8 +290,15 @@ class Trainer {
     return out;
   }
 
+  static std::vector<torch::Tensor> tensors_of(const NamedTensors& named) {
+    std::vector<torch::Tensor> out;
+    for (const auto& [name, tensor] : named) out.push_back(tensor);
+    return out;
+  }
+
   TrainerOptions options_;
-  std::vector<torch::Tensor> params_;
+  NamedTensors named_;
+  std::vector<torch::Tensor> params_;  // named_'s tensors, for the optimizer and clipping
   std::function<torch::Tensor(const Batch&)> loss_fn_;
   BatchSource<Batch> source_;
   std::function<double()> evaluate_;
