@@ -94,6 +94,20 @@ CATCH_TEST_CASE("BERT from Hugging Face folders matches transformers within 1e-5
   auto out = bert(x.at("input_ids"), x.at("attention_mask"), x.at("token_type_ids"));
   check_close(out.last_hidden_state, expected.at("last_hidden_state"), "load_bert last_hidden_state");
   check_close(out.pooler_output, expected.at("pooler_output"), "load_bert pooler_output");
+
+  // lean_dropout is ours, not config.json's: the loaders' argument reaches every dropout.
+  CATCH_CHECK(bert->config.lean_dropout());
+  auto plain = bb::load_bert_classifier((*dir / "cls").string(), std::nullopt, /*lean_dropout=*/false);
+  CATCH_CHECK_FALSE(plain->config.lean_dropout());
+  CATCH_CHECK_FALSE(bb::load_bert((*dir / "cls").string(), /*lean_dropout=*/false)->config.lean_dropout());
+  int lean = 0, plain_dropouts = 0;
+  for (const auto& m : plain->modules()) {
+    if (const auto d = std::dynamic_pointer_cast<bb::DropoutImpl>(m)) (d->lean ? lean : plain_dropouts)++;
+    if (const auto a = std::dynamic_pointer_cast<bb::BertSelfAttentionImpl>(m))
+      (a->lean_dropout ? lean : plain_dropouts)++;
+  }
+  CATCH_CHECK(lean == 0);
+  CATCH_CHECK(plain_dropouts > 0);
 }
 
 CATCH_TEST_CASE("BERT from traced TorchScript archives matches transformers within 1e-5", "[bert][golden]") {

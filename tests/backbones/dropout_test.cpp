@@ -1,10 +1,15 @@
 // Tests of backbones/dropout.hpp: each one-byte-mask operation against the same operations
-// composed from torch's with autograd, applying the mask keep_mask draws from the same seed.
+// composed from torch's with autograd, applying the mask keep_mask draws from the same seed;
+// and the backbones' lean_dropout option, per model.
+#include <deltatune/backbones/bert.hpp>
 #include <deltatune/backbones/dropout.hpp>
+
+#include <set>
 
 #include "test_support.hpp"
 
 namespace dt = deltatune;
+namespace bb = deltatune::backbones;
 using dt::testing::close;
 using dt::testing::describe_difference;
 
@@ -45,14 +50,30 @@ torch::Tensor reference_attention(const torch::Tensor& q, const torch::Tensor& k
   return (at::_safe_softmax(scores, -1) * scaled_mask).matmul(v);
 }
 
+// Whether the autograd graph behind `out` has a node whose name contains `part`: the one-byte
+// mask functions' (MaskFunction, DropoutMatmulFunction) tell the lean way from torch's, whose
+// CPU kernels draw the same masks from the same seed.
+bool has_node(const torch::Tensor& out, const std::string& part) {
+  std::set<torch::autograd::Node*> seen;
+  std::vector<torch::autograd::Node*> todo{out.grad_fn().get()};
+  while (!todo.empty()) {
+    auto* node = todo.back();
+    todo.pop_back();
+    if (node == nullptr || !seen.insert(node).second) continue;
+    if (node->name().find(part) != std::string::npos) return true;
+    for (const auto& edge : node->next_edges()) todo.push_back(edge.function.get());
+  }
+  return false;
+}
+
 }  // namespace
 
 CATCH_TEST_CASE("dropout keeps torch's distribution and is the identity when not training", "[dropout]") {
   auto x = leaf({64, 32});
-  CATCH_CHECK(dt::detail::dropout(x, kDropout, /*training=*/false).is_same(x));
-  CATCH_CHECK(dt::detail::dropout(x, 0.0, /*training=*/true).is_same(x));
+  CATCH_CHECK(dt::detail::dropout(x, kDropout, /*training=*/false, /*lean=*/true).is_same(x));
+  CATCH_CHECK(dt::detail::dropout(x, 0.0, /*training=*/true, /*lean=*/true).is_same(x));
   torch::manual_seed(5);
-  const auto ours = dt::detail::dropout(x, kDropout, true);
+  const auto ours = dt::detail::dropout(x, kDropout, true, true);
   check_same(ours, x * mask_after_seed(5, {64, 32}), {x});
   // Every element is dropped or scaled by 1 / (1 - p).
   const auto kept = ours != 0;
@@ -62,9 +83,9 @@ CATCH_TEST_CASE("dropout keeps torch's distribution and is the identity when not
 
 CATCH_TEST_CASE("relu_dropout is dropout(relu(h)) with torch's gradient", "[dropout]") {
   auto h = leaf({4, 8, 16});
-  CATCH_CHECK(torch::equal(dt::detail::relu_dropout(h, kDropout, /*training=*/false), torch::relu(h)));
+  CATCH_CHECK(torch::equal(dt::detail::relu_dropout(h, kDropout, /*training=*/false, /*lean=*/true), torch::relu(h)));
   torch::manual_seed(7);
-  const auto ours = dt::detail::relu_dropout(h, kDropout, true);
+  const auto ours = dt::detail::relu_dropout(h, kDropout, true, true);
   check_same(ours, torch::relu(h) * mask_after_seed(7, {4, 8, 16}), {h});
 }
 
@@ -72,7 +93,7 @@ CATCH_TEST_CASE("attention with dropout in training matches torch's math, additi
   auto q = leaf({2, 3, 5, 4}), k = leaf({2, 3, 6, 4}), v = leaf({2, 3, 6, 4});
   auto bias = leaf({1, 3, 5, 6});  // T5's position bias is trained in full fine-tuning
   torch::manual_seed(11);
-  const auto ours = dt::detail::attention(q, k, v, bias, kDropout, /*training=*/true, /*scale=*/1.0);
+  const auto ours = dt::detail::attention(q, k, v, bias, kDropout, /*training=*/true, /*lean=*/true, /*scale=*/1.0);
   check_same(ours, reference_attention(q, k, v, bias, 1.0, mask_after_seed(11, {2, 3, 5, 6})), {q, k, v, bias});
 }
 
@@ -81,11 +102,11 @@ CATCH_TEST_CASE("attention with a bool mask scales by 1/sqrt(d) and leaves a ful
   auto attend = torch::ones({2, 1, 1, 5}, torch::kBool);
   attend.index_put_({1, 0, 0, torch::indexing::Slice(3)}, false);
   torch::manual_seed(13);
-  const auto ours = dt::detail::attention(q, k, v, attend, kDropout, /*training=*/true);
+  const auto ours = dt::detail::attention(q, k, v, attend, kDropout, /*training=*/true, /*lean=*/true);
   check_same(ours, reference_attention(q, k, v, attend, 0.5, mask_after_seed(13, {2, 2, 3, 5})), {q, k, v});
 
   attend.index_put_({0}, false);
-  const auto masked = dt::detail::attention(q, k, v, attend, kDropout, true);
+  const auto masked = dt::detail::attention(q, k, v, attend, kDropout, true, true);
   CATCH_CHECK(torch::equal(masked[0], torch::zeros_like(masked[0])));
   CATCH_CHECK(torch::isfinite(masked).all().item<bool>());
 }
@@ -94,21 +115,54 @@ CATCH_TEST_CASE("attention outside CPU training is torch's fused kernel", "[drop
   auto q = leaf({1, 2, 3, 4}), k = leaf({1, 2, 3, 4}), v = leaf({1, 2, 3, 4});
   const auto bias = torch::randn({1, 2, 3, 3}, torch::kDouble);
   const auto expected = torch::scaled_dot_product_attention(q, k, v, bias, 0.0, false, 1.0);
-  CATCH_CHECK(torch::equal(dt::detail::attention(q, k, v, bias, kDropout, /*training=*/false, 1.0), expected));
-  CATCH_CHECK(torch::equal(dt::detail::attention(q, k, v, bias, 0.0, /*training=*/true, 1.0), expected));
+  CATCH_CHECK(torch::equal(dt::detail::attention(q, k, v, bias, kDropout, /*training=*/false, true, 1.0), expected));
+  CATCH_CHECK(torch::equal(dt::detail::attention(q, k, v, bias, 0.0, /*training=*/true, true, 1.0), expected));
 }
 
-CATCH_TEST_CASE("set_lean_dropout(false) runs torch's dropout and attention", "[dropout]") {
+CATCH_TEST_CASE("lean = false runs torch's dropout and attention", "[dropout]") {
   auto x = leaf({4, 8}), q = leaf({1, 2, 3, 4}), k = leaf({1, 2, 3, 4}), v = leaf({1, 2, 3, 4});
-  dt::backbones::set_lean_dropout(false);
-  torch::manual_seed(17);
-  const auto ours = dt::detail::relu_dropout(x, kDropout, true);
-  const auto attended = dt::detail::attention(q, k, v, std::nullopt, kDropout, true);
-  torch::manual_seed(17);
-  const auto expected = torch::dropout(torch::relu(x), kDropout, true);
-  const auto expected_attended = torch::scaled_dot_product_attention(q, k, v, std::nullopt, kDropout);
-  dt::backbones::set_lean_dropout(true);
-  CATCH_CHECK(torch::equal(ours, expected));
-  CATCH_CHECK(torch::equal(attended, expected_attended));
-  CATCH_CHECK(dt::backbones::lean_dropout());
+  for (const bool lean : {false, true}) {
+    CATCH_INFO("lean " << lean);
+    torch::manual_seed(17);
+    const auto dropped = dt::detail::dropout(x, kDropout, /*training=*/true, lean);
+    const auto relu_dropped = dt::detail::relu_dropout(x, kDropout, true, lean);
+    const auto attended = dt::detail::attention(q, k, v, std::nullopt, kDropout, true, lean);
+    CATCH_CHECK(has_node(dropped, "MaskFunction") == lean);
+    CATCH_CHECK(has_node(relu_dropped, "MaskFunction") == lean);
+    CATCH_CHECK(has_node(attended, "DropoutMatmulFunction") == lean);
+    if (lean) continue;  // the cases above check it against torch's math
+    torch::manual_seed(17);
+    CATCH_CHECK(torch::equal(dropped, torch::dropout(x, kDropout, true)));
+    CATCH_CHECK(torch::equal(relu_dropped, torch::dropout(torch::relu(x), kDropout, true)));
+    CATCH_CHECK(torch::equal(attended, torch::scaled_dot_product_attention(q, k, v, std::nullopt, kDropout)));
+  }
+}
+
+CATCH_TEST_CASE("two BERTs in one process, one lean and one not, each train their own way", "[dropout]") {
+  const auto config = bb::BertConfig().vocab_size(50).hidden_size(16).num_hidden_layers(1).num_attention_heads(2)
+                          .intermediate_size(32).max_position_embeddings(16);
+  CATCH_CHECK(config.lean_dropout());
+  torch::manual_seed(0);
+  bb::BertModel lean(config), plain(bb::BertConfig(config).lean_dropout(false));
+  const auto lean_weights = lean->named_parameters();
+  for (auto& p : plain->named_parameters()) p.value().detach().copy_(lean_weights[p.key()]);
+  const auto ids = torch::randint(1, 50, {2, 6});
+  std::vector<torch::Tensor> out, grads;
+  for (auto* model : {&lean, &plain}) {
+    (*model)->train();
+    const auto& table = (*model)->embeddings->word_embeddings->weight.set_requires_grad(true);
+    torch::manual_seed(3);
+    out.push_back((*model)(ids).last_hidden_state);
+    grads.push_back(torch::autograd::grad({(out.back() * out.back()).sum()}, {table})[0]);
+  }
+  CATCH_CHECK(has_node(out[0], "MaskFunction"));
+  CATCH_CHECK(has_node(out[0], "DropoutMatmulFunction"));
+  CATCH_CHECK_FALSE(has_node(out[1], "MaskFunction"));
+  CATCH_CHECK_FALSE(has_node(out[1], "DropoutMatmulFunction"));
+  // The same seed draws the same masks both ways, so the two agree in training, forward and
+  // backward, and dropout did act (eval mode differs).
+  CATCH_CHECK(close(out[0], out[1], {1e-4, 1e-5}));
+  CATCH_CHECK(close(grads[0], grads[1], {1e-4, 1e-5}));
+  plain->eval();
+  CATCH_CHECK_FALSE(close(plain(ids).last_hidden_state, out[1], {1e-3, 1e-3}));
 }

@@ -83,6 +83,7 @@ CATCH_TEST_CASE("T5 from Hugging Face folders and TorchScript archives matches t
       CATCH_INFO(name << "/" << form);
       auto model = bb::load_t5((*dir / name / form).string());
       CATCH_CHECK_FALSE(model->is_training());
+      CATCH_CHECK(model->config.lean_dropout());
       torch::NoGradGuard no_grad;
       const auto out = model->forward(io.at("input_ids"), io.at("attention_mask"), {}, io.at("labels"));
       check_close("encoder hidden", out.encoder_last_hidden_state, io.at(prefix + "encoder_hidden"));
@@ -94,6 +95,16 @@ CATCH_TEST_CASE("T5 from Hugging Face folders and TorchScript archives matches t
       CATCH_CHECK(torch::equal(ids, expected_ids));
     }
   }
+  // lean_dropout is ours, not config.json's: the loader's option reaches every dropout.
+  auto plain = bb::load_t5((*dir / "v1_0" / "hf").string(), bb::T5LoadOptions().lean_dropout(false));
+  CATCH_CHECK_FALSE(plain->config.lean_dropout());
+  int lean = 0, plain_dropouts = 0;
+  for (const auto& m : plain->modules()) {
+    if (const auto d = std::dynamic_pointer_cast<bb::DropoutImpl>(m)) (d->lean ? lean : plain_dropouts)++;
+    if (const auto a = std::dynamic_pointer_cast<bb::T5AttentionImpl>(m)) (a->lean_dropout ? lean : plain_dropouts)++;
+  }
+  CATCH_CHECK(lean == 0);
+  CATCH_CHECK(plain_dropouts > 0);
 }
 
 CATCH_TEST_CASE("T5 reports every checkpoint mismatch in one error, and config errors by key", "[t5][golden]") {

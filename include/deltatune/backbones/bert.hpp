@@ -48,6 +48,9 @@ struct BertConfig {
   TORCH_ARG(std::string, problem_type) = "";
   // Dropout before the classifier; none means hidden_dropout_prob.
   TORCH_ARG(std::optional<double>, classifier_dropout) = std::nullopt;
+  // Ours, not config.json's (bert_config leaves the default): whether dropout in training keeps
+  // one-byte masks (backbones/dropout.hpp) or runs as torch's, as T5Config::lean_dropout.
+  TORCH_ARG(bool, lean_dropout) = true;
 };
 
 }  // namespace deltatune::backbones
@@ -133,7 +136,7 @@ class BertEmbeddingsImpl : public torch::nn::Module, public PromptSite {
     token_type_embeddings =
         register_module("token_type_embeddings", torch::nn::Embedding(c.type_vocab_size(), c.hidden_size()));
     layer_norm = register_module("LayerNorm", detail::bert_layer_norm(c));
-    dropout = register_module("dropout", Dropout(c.hidden_dropout_prob()));
+    dropout = register_module("dropout", Dropout(c.hidden_dropout_prob(), c.lean_dropout()));
     embedding_table = word_embeddings->weight;  // prompt tuning starts from its rows
   }
 
@@ -167,7 +170,7 @@ TORCH_MODULE(BertEmbeddings);
 class BertSelfAttentionImpl : public torch::nn::Module, public AttentionSite {
  public:
   explicit BertSelfAttentionImpl(const BertConfig& c)
-      : heads(c.num_attention_heads()), dropout_p(c.attention_probs_dropout_prob()) {
+      : heads(c.num_attention_heads()), dropout_p(c.attention_probs_dropout_prob()), lean_dropout(c.lean_dropout()) {
     query = register_module("query", FrozenLinear(c.hidden_size(), c.hidden_size(), true));
     key = register_module("key", FrozenLinear(c.hidden_size(), c.hidden_size(), true));
     value = register_module("value", FrozenLinear(c.hidden_size(), c.hidden_size(), true));
@@ -189,13 +192,14 @@ class BertSelfAttentionImpl : public torch::nn::Module, public AttentionSite {
     };
     std::optional<torch::Tensor> attn_mask;
     if (attend.defined()) attn_mask = attend.view({batch, 1, 1, attend.size(1)});  // keys only
-    auto context = detail::attention(split(query(hidden)), split(k), split(v), attn_mask, dropout_p,
-                                     is_training());  // (B, H, T, d / H)
+    auto context = detail::attention(split(query(hidden)), split(k), split(v), attn_mask, dropout_p, is_training(),
+                                     lean_dropout);  // (B, H, T, d / H)
     return context.transpose(1, 2).reshape({batch, length, d});
   }
 
   int64_t heads;
   double dropout_p;
+  bool lean_dropout;
   FrozenLinear query{nullptr}, key{nullptr}, value{nullptr};
 };
 TORCH_MODULE(BertSelfAttention);
@@ -209,7 +213,7 @@ class BertSublayerOutputImpl : public torch::nn::Module, public OutputSite {
     dense = register_module("dense", FrozenLinear(in_features, c.hidden_size(), true));
     output_features = c.hidden_size();  // what an adapter is sized by
     layer_norm = register_module("LayerNorm", detail::bert_layer_norm(c));
-    dropout = register_module("dropout", Dropout(c.hidden_dropout_prob()));
+    dropout = register_module("dropout", Dropout(c.hidden_dropout_prob(), c.lean_dropout()));
   }
 
   // hidden (B, T, in), input_tensor (B, T, d) the sublayer's input -> (B, T, d).
@@ -393,7 +397,8 @@ class BertForSequenceClassificationImpl : public torch::nn::Module, public Repor
   explicit BertForSequenceClassificationImpl(BertConfig config) : config(std::move(config)) {
     bert = register_module("bert", BertModel(this->config));
     dropout = register_module("dropout", Dropout(this->config.classifier_dropout().value_or(
-                                             this->config.hidden_dropout_prob())));
+                                                     this->config.hidden_dropout_prob()),
+                                                 this->config.lean_dropout()));
     classifier = register_module("classifier", FrozenLinear(this->config.hidden_size(), this->config.num_labels(), true));
     reset_classifier();
   }
@@ -445,9 +450,9 @@ inline LoadOptions::NamePairs bert_legacy_names(torch::nn::Module& model) {
 // A BertModel from a checkpoint read by read_checkpoint (a Hugging Face folder or a
 // TorchScript archive) of a BertModel, or of a model holding one under "bert." such as
 // BertForSequenceClassification; in eval mode, frozen. Missing, unexpected or mis-shaped
-// tensors throw one CheckpointError listing them.
-inline BertModel load_bert(const Checkpoint& checkpoint) {
-  BertModel model(bert_config(checkpoint));
+// tensors throw one CheckpointError listing them. lean_dropout: BertConfig::lean_dropout.
+inline BertModel load_bert(const Checkpoint& checkpoint, bool lean_dropout = true) {
+  BertModel model(bert_config(checkpoint).lean_dropout(lean_dropout));
   auto ignored = bert_ignored_tensors();
   ignored.push_back(R"(^classifier\.)");
   load_parameters(*model, checkpoint,
@@ -457,15 +462,18 @@ inline BertModel load_bert(const Checkpoint& checkpoint) {
 }
 
 //   auto bert = deltatune::backbones::load_bert("all-MiniLM-L6-v2");  // a folder or a .pt archive
-inline BertModel load_bert(const std::string& path) { return load_bert(read_checkpoint(path)); }
+inline BertModel load_bert(const std::string& path, bool lean_dropout = true) {
+  return load_bert(read_checkpoint(path), lean_dropout);
+}
 
 // A BertForSequenceClassification from a checkpoint of one (names under "bert.") or of a
 // bare BertModel (its classifier then freshly initialised, as transformers does), in eval
 // mode with the backbone frozen and the classifier trainable. num_labels defaults to the
 // config's (its id2label); a classifier of another size in the checkpoint is an error.
 inline BertForSequenceClassification load_bert_classifier(const Checkpoint& checkpoint,
-                                                          std::optional<int64_t> num_labels = std::nullopt) {
-  auto config = bert_config(checkpoint);
+                                                          std::optional<int64_t> num_labels = std::nullopt,
+                                                          bool lean_dropout = true) {
+  auto config = bert_config(checkpoint).lean_dropout(lean_dropout);
   if (num_labels) config.num_labels(*num_labels);
   BertForSequenceClassification model(config);
   auto options = LoadOptions()
@@ -479,8 +487,9 @@ inline BertForSequenceClassification load_bert_classifier(const Checkpoint& chec
 }
 
 inline BertForSequenceClassification load_bert_classifier(const std::string& path,
-                                                          std::optional<int64_t> num_labels = std::nullopt) {
-  return load_bert_classifier(read_checkpoint(path), num_labels);
+                                                          std::optional<int64_t> num_labels = std::nullopt,
+                                                          bool lean_dropout = true) {
+  return load_bert_classifier(read_checkpoint(path), num_labels, lean_dropout);
 }
 
 }  // namespace deltatune::backbones

@@ -6,17 +6,11 @@
 
 #include <torch/torch.h>
 
-#include <atomic>
 #include <cmath>
 #include <limits>
 #include <optional>
 
 namespace deltatune::detail {
-
-inline std::atomic<bool>& lean_dropout_setting() {
-  static std::atomic<bool> on{true};
-  return on;
-}
 
 // One draw of dropout's mask: true, with probability 1 - p, where an element is kept.
 inline torch::Tensor keep_mask(const torch::Tensor& like, double p) {
@@ -45,17 +39,18 @@ struct MaskFunction : torch::autograd::Function<MaskFunction> {
   }
 };
 
-// dropout(x) as torch's. Off the CPU torch's own dropout already keeps a bool mask, in one kernel.
-inline torch::Tensor dropout(const torch::Tensor& x, double p, bool training) {
+// dropout(x) as torch's; `lean` keeps the one-byte mask (the backbone config's lean_dropout).
+// Off the CPU torch's own dropout already keeps a bool mask, in one kernel.
+inline torch::Tensor dropout(const torch::Tensor& x, double p, bool training, bool lean) {
   if (!training || p == 0.0) return x;
-  if (!x.device().is_cpu() || !lean_dropout_setting()) return torch::dropout(x, p, /*train=*/true);
+  if (!x.device().is_cpu() || !lean) return torch::dropout(x, p, /*train=*/true);
   return MaskFunction::apply(x, keep_mask(x, p), p);
 }
 
 // dropout(relu(h)) with one mask, where ReLU and dropout would keep a float tensor and a mask.
-inline torch::Tensor relu_dropout(const torch::Tensor& h, double p, bool training) {
+inline torch::Tensor relu_dropout(const torch::Tensor& h, double p, bool training, bool lean) {
   if (!training || p == 0.0) return torch::relu(h);
-  if (!lean_dropout_setting()) return torch::dropout(torch::relu(h), p, /*train=*/true);
+  if (!lean) return torch::dropout(torch::relu(h), p, /*train=*/true);
   return MaskFunction::apply(h, keep_mask(h, p).logical_and_(h > 0), p);
 }
 
@@ -86,11 +81,12 @@ struct DropoutMatmulFunction : torch::autograd::Function<DropoutMatmulFunction> 
 
 // Scaled dot-product attention: q (B, H, Tq, d), k and v (B, H, Tk, d), mask additive (float)
 // or where to attend (bool), broadcast to (B, H, Tq, Tk). Training with dropout on the CPU,
-// where torch's fused kernels take no dropout, the math with the masks above; otherwise torch's.
+// where torch's fused kernels take no dropout, the math with the masks above when `lean`;
+// otherwise torch's.
 inline torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const std::optional<torch::Tensor>& mask, double p, bool training,
+                               const std::optional<torch::Tensor>& mask, double p, bool training, bool lean,
                                std::optional<double> scale = std::nullopt) {
-  if (!training || p == 0.0 || !q.device().is_cpu() || !lean_dropout_setting())
+  if (!training || p == 0.0 || !q.device().is_cpu() || !lean)
     return torch::scaled_dot_product_attention(q, k, v, mask, training ? p : 0.0, /*is_causal=*/false, scale);
   const double s = scale.value_or(1.0 / std::sqrt(double(q.size(-1))));
   auto scores = (s == 1.0 ? q : q * s).matmul(k.transpose(-2, -1));  // (B, H, Tq, Tk)
@@ -106,22 +102,19 @@ inline torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, c
 
 namespace deltatune::backbones {
 
-// Whether the backbones' dropout keeps one-byte masks in training (the default) or runs as
-// torch's. On the CPU the lean way holds 10 to 30 % less memory in a frozen-backbone step and
-// takes 10 to 20 % longer (BENCHMARKS.md); on CUDA it differs only in fusing ReLU with dropout.
-// For every model in the process, as torch's global switches are.
-inline void set_lean_dropout(bool on) { detail::lean_dropout_setting() = on; }
-inline bool lean_dropout() { return detail::lean_dropout_setting(); }
-
-// The backbones' dropout layers: torch's, keeping the one-byte mask above.
+// The backbones' dropout layers: torch's, keeping the one-byte mask above when `lean` (the
+// backbone config's lean_dropout).
 class DropoutImpl : public torch::nn::Cloneable<DropoutImpl> {
  public:
-  explicit DropoutImpl(double p) : p(p) {}
+  DropoutImpl(double p, bool lean) : p(p), lean(lean) {}
   void reset() override {}
-  torch::Tensor forward(const torch::Tensor& x) { return detail::dropout(x, p, is_training()); }
-  void pretty_print(std::ostream& stream) const override { stream << "deltatune::backbones::Dropout(p=" << p << ")"; }
+  torch::Tensor forward(const torch::Tensor& x) { return detail::dropout(x, p, is_training(), lean); }
+  void pretty_print(std::ostream& stream) const override {
+    stream << "deltatune::backbones::Dropout(p=" << p << ", lean=" << (lean ? "true" : "false") << ")";
+  }
 
   double p;
+  bool lean;
 };
 TORCH_MODULE(Dropout);
 

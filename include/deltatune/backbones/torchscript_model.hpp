@@ -97,7 +97,7 @@ inline std::optional<SublayerEnd> find_sublayer_end(jit::Graph& graph) {
     if (!alpha || !alpha->isInt() || alpha->toInt() != 1) continue;
     auto *a = node->input(0), *b = node->input(1);
     if (from_call(a) == from_call(b)) continue;
-    SublayerEnd end{node, from_call(a) ? a : b, from_call(a) ? b : a};
+    SublayerEnd end{node, from_call(a) ? a : b, from_call(a) ? b : a, /*norm_call=*/nullptr, /*norm_child=*/""};
     if (returned(graph, node->output())) return end;
     const auto& uses = node->output()->uses();
     if (uses.size() != 1 || uses[0].user->kind() != c10::prim::CallMethod || uses[0].offset != 1) continue;

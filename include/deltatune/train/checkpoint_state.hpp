@@ -139,7 +139,8 @@ class SavedTrainState {
 
   void add_parameter(std::vector<TensorSlot>& slots, const std::string& name, const torch::Tensor& param) {
     slots.push_back({state_key("param", name), {state_key("param", name)}, param, same_dtype(param)});
-    Moments m{torch::full({}, -1, torch::kInt64)};
+    Moments m;
+    m.step = torch::full({}, -1, torch::kInt64);
     if (file_.tensors.count(state_key("step", name))) {
       slots.push_back({state_key("step", name), {state_key("step", name)}, m.step, [](const torch::Tensor& t) {
                          const bool ok = t.dim() == 0 && t.scalar_type() == torch::kInt64 && t.item<int64_t>() >= 0;

@@ -74,7 +74,8 @@ struct TrainerOptions {
   TORCH_ARG(int64_t, eval_every) = 0;            // evaluate every this many updates; 0: after each epoch
   TORCH_ARG(int64_t, patience) = 0;              // stop after this many evaluations without improvement; 0: never
   TORCH_ARG(bool, greater_is_better) = true;     // the dev metric's direction (false for a loss)
-  TORCH_ARG(uint64_t, seed) = 42;                // torch::manual_seed at the start of a fresh run
+  // torch::manual_seed at the start of a fresh run; unset, the global generator stays as the caller left it.
+  TORCH_ARG(std::optional<uint64_t>, seed) = std::nullopt;
   TORCH_ARG(bool, bf16) = false;                 // bf16 autocast around loss_fn on the parameters' device
   TORCH_ARG(std::string, output_dir) = "";       // log.jsonl, curves.png, best/, last/; "" writes nothing
   TORCH_ARG(bool, resume) = true;                // continue from output_dir/last/ when it holds a state
@@ -189,7 +190,7 @@ class Trainer {
       if (options_.resume() && ::stat(state_path().c_str(), &st) == 0) return resume();
       log_.emplace(path("log.jsonl"), /*append=*/false);
     }
-    torch::manual_seed(options_.seed());
+    if (options_.seed()) torch::manual_seed(*options_.seed());
   }
 
   void resume() {
