@@ -55,7 +55,7 @@ double proc_status_mb(const std::string& field) {
 // Resets VmHWM to the current RSS (Linux >= 4.0), so the next reading is the peak from now on.
 void reset_peak_rss() { std::ofstream("/proc/self/clear_refs") << "5"; }
 
-double peak_mb(const torch::Device& device) {
+double peak_mb([[maybe_unused]] const torch::Device& device) {
 #ifdef DELTATUNE_BENCH_CUDA
   namespace allocator = c10::cuda::CUDACachingAllocator;
   if (device.is_cuda())
@@ -64,7 +64,7 @@ double peak_mb(const torch::Device& device) {
   return proc_status_mb("VmHWM");
 }
 
-void reset_peak(const torch::Device& device) {
+void reset_peak([[maybe_unused]] const torch::Device& device) {
 #ifdef DELTATUNE_BENCH_CUDA
   if (device.is_cuda()) return c10::cuda::CUDACachingAllocator::resetPeakStats(device.has_index() ? device.index() : 0);
 #endif

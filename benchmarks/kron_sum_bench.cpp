@@ -192,7 +192,8 @@ int main(int argc, char** argv) {
                                                          {{4, 1024, 4096}, 1}, {{4, 4096, 1024}, 1},
                                                          {{12, 768, 24}, 1}, {{4, 768, 24}, 0},
                                                          {{4, 1024, 4096}, 0}};
-  for (const auto& [s, rank] : layers) {
+  for (const auto& [s, layer_rank] : layers) {
+    const int64_t rank = layer_rank;  // a copy the lambdas can capture (C++17 lambdas cannot capture a binding)
     const int64_t p = s.in / s.n, q = s.out / s.n;
     auto x = torch::randn({1024, s.in}, options).requires_grad_();
     auto A = torch::randn({s.n, s.n, s.n}, options).requires_grad_();

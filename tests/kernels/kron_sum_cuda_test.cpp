@@ -12,6 +12,8 @@
 
 namespace dt = deltatune;
 
+// The CUDA cases' helpers, left out without CUDA, where they would go unused (-Wunused-function).
+#ifdef DELTATUNE_TESTS_HAVE_CUDA
 namespace {
 
 struct Shape {
@@ -96,6 +98,7 @@ bool gpu_visible() {
 }
 
 }  // namespace
+#endif
 
 CATCH_TEST_CASE("the CUDA kron_sum kernels are registered by linking deltatune::cuda", "[kron_sum][cuda]") {
 #ifdef DELTATUNE_TESTS_HAVE_CUDA
