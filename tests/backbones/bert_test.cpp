@@ -216,6 +216,31 @@ CATCH_TEST_CASE("a BERT config lacking a key or holding a bad value names config
   bad["hidden_act"] = "swish";
   CATCH_REQUIRE_THROWS_WITH(bb::bert_config({"m.pt", bad, {}}), Contains("config.json") && Contains("swish"));
   CATCH_REQUIRE_THROWS_AS(bb::BertModel(bb::BertConfig().hidden_size(10).num_attention_heads(3)), dt::OptionError);
+
+  // Values no model can take, refused by key before anything is allocated; none truncated.
+  const std::vector<std::pair<nlohmann::json, std::vector<std::string>>> refused = {
+      {{{"layer_norm_eps", -1}}, {"layer_norm_eps -1 is not positive"}},
+      {{{"hidden_size", 16.7}}, {"\"hidden_size\" is 16.7, expected an integer"}},
+      {{{"hidden_dropout_prob", 2.0}}, {"hidden_dropout_prob", "not a probability in [0, 1)"}},
+      {{{"classifier_dropout", -0.5}}, {"classifier_dropout -0.5 is not a probability"}},
+      {{{"vocab_size", -1}}, {"vocab_size -1 is below 1"}},
+      {{{"intermediate_size", 0}}, {"intermediate_size 0 is below 1"}},
+      {{{"vocab_size", 1e12}}, {"\"vocab_size\"", "expected an integer"}},
+      {{{"vocab_size", int64_t(1) << 50}}, {"the model needs", "GiB of memory"}},
+      {{{"hidden_act", nullptr}}, {"the field \"hidden_act\" is missing"}},
+  };
+  for (const auto& [change, parts] : refused) {
+    auto c = good;
+    c.update(change);
+    CATCH_INFO(change.dump());
+    try {
+      bb::bert_config({"m.pt", c, {}});
+      CATCH_FAIL("accepted");
+    } catch (const dt::CheckpointError& e) {
+      CATCH_CHECK_THAT(e.what(), Contains("m.pt (extra file config.json)"));
+      for (const auto& part : parts) CATCH_CHECK_THAT(e.what(), Contains(part));
+    }
+  }
 }
 
 CATCH_TEST_CASE("BERT is frozen when built, dropout runs in train mode only", "[bert]") {

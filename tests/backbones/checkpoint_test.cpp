@@ -166,17 +166,21 @@ CATCH_TEST_CASE("a TorchScript archive gives its parameters by name and its conf
   CATCH_CHECK(checkpoint.config["hidden_size"] == 2);
   CATCH_CHECK(torch::equal(checkpoint.tensors.at("proj.weight"), tensors.at("proj.weight")));
   CATCH_CHECK(torch::equal(checkpoint.tensors.at("position_ids"), torch::arange(4)));
-  CATCH_CHECK(bb::config_value<int64_t>(checkpoint, "hidden_size") == 2);
-  CATCH_CHECK(bb::config_value<double>(checkpoint, "layer_norm_eps", 1e-12) == 1e-12);
-  CATCH_REQUIRE_THROWS_WITH(bb::config_value<int64_t>(checkpoint, "vocab_size"),
+  const auto config = bb::config_fields(checkpoint);
+  CATCH_CHECK(config.get<int64_t>("hidden_size") == 2);
+  CATCH_CHECK(config.get<double>("layer_norm_eps", 1e-12) == 1e-12);
+  CATCH_REQUIRE_THROWS_WITH(config.get<int64_t>("vocab_size"),
                             Contains("model.pt (extra file config.json)") && Contains("\"vocab_size\""));
-  CATCH_REQUIRE_THROWS_WITH(bb::config_value<std::string>(checkpoint, "hidden_size"),
-                            Contains("\"hidden_size\" is 2"));
+  CATCH_REQUIRE_THROWS_WITH(config.get<std::string>("hidden_size"), Contains("\"hidden_size\" is 2"));
 
   // Saved without the extra file: the error says how to add it.
   outer.save(dir.file("bare.pt"));
-  CATCH_REQUIRE_THROWS_WITH(bb::config_value<int64_t>(bb::read_checkpoint(dir.file("bare.pt")), "hidden_size"),
+  CATCH_REQUIRE_THROWS_WITH(bb::config_fields(bb::read_checkpoint(dir.file("bare.pt"))),
                             Contains("bare.pt") && Contains("_extra_files"));
+  // With one that is no object: the error says what is wrong with it.
+  outer.save(dir.file("list.pt"), {{"config.json", "[]"}});
+  CATCH_REQUIRE_THROWS_WITH(bb::read_checkpoint(dir.file("list.pt")),
+                            Contains("list.pt") && Contains("config.json is a JSON array, not an object"));
 }
 
 CATCH_TEST_CASE("a file that is not a TorchScript archive is refused, naming it", "[checkpoint]") {

@@ -135,6 +135,31 @@ CATCH_TEST_CASE("T5 reports every checkpoint mismatch in one error, and config e
   CATCH_REQUIRE_THROWS_AS(bb::T5Config::from_json(config, "x/config.json"), dt::CheckpointError);
 }
 
+CATCH_TEST_CASE("T5 configs holding values no model can take are refused by key, before allocating", "[t5]") {
+  const nlohmann::json good = {{"vocab_size", 64}, {"d_model", 16}, {"d_kv", 4}, {"d_ff", 32}, {"num_layers", 2},
+                               {"num_heads", 4}};
+  CATCH_CHECK(bb::T5Config::from_json(good, "x/config.json").d_model() == 16);
+  const std::vector<std::pair<nlohmann::json, std::string>> refused = {
+      {{{"layer_norm_epsilon", -1}}, "layer_norm_epsilon = -1 (must be positive)"},
+      {{{"decoder_start_token_id", 999}}, "decoder_start_token_id = 999 (must be a token id, in [0, vocab_size = 64))"},
+      {{{"pad_token_id", -7}}, "pad_token_id = -7 (must be a token id"},
+      {{{"d_model", 16.5}}, "\"d_model\" is 16.5, expected an integer"},
+      {{{"dropout_rate", "0.1"}}, "\"dropout_rate\" is \"0.1\", expected a finite number"},
+      {{{"vocab_size", int64_t(1) << 50}}, "GiB of memory"},
+  };
+  for (const auto& [change, part] : refused) {
+    auto c = good;
+    c.update(change);
+    CATCH_CHECK_THROWS_WITH(bb::T5Config::from_json(c, "x/config.json"),
+                            Catch::Contains("x/config.json") && Catch::Contains(part));
+  }
+  // A config.json that is valid JSON but no object says so (not "holds no config.json").
+  dt::testing::TempDir dir;
+  dir.write("config.json", "[]");
+  CATCH_CHECK_THROWS_WITH(bb::load_t5(dir.path.string()),
+                          Catch::Contains("config.json: expected a JSON object of the model's configuration, got array"));
+}
+
 CATCH_TEST_CASE("T5 is frozen, trains its deltas only, and drops out in training mode only", "[t5]") {
   bb::T5Model model(tiny_config());
   for (const auto& p : model->named_parameters()) {

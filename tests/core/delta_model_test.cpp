@@ -43,7 +43,7 @@ struct RankOneRecipe : dt::DeltaRecipe {
 // A method table that knows rank_one, as a program adds its own method.
 dt::MethodTable rank_one_table() {
   return dt::MethodTable({{{"rank_one"},
-                           [](const nlohmann::json& j) { return std::make_shared<RankOneRecipe>(j.at("r").get<int64_t>()); },
+                           [](const dt::JsonFields& j) { return std::make_shared<RankOneRecipe>(j.get<int64_t>("r")); },
                            {}}});
 }
 

@@ -207,6 +207,60 @@ CATCH_TEST_CASE("read_safetensors rejects malformed files with messages that nam
   CATCH_CHECK_THROWS_AS(dt::read_safetensors(dir.path.string()), dt::CheckpointError);  // a directory
 }
 
+// Python's safetensors 0.8 gives these verdicts (the differential test compares both readers on the fuzz corpus):
+// the tensors tile the data buffer exactly, a second "__metadata__" or a byte-order mark is refused, a tensor
+// named twice keeps its last entry, and a shape without elements may overflow strides.
+CATCH_TEST_CASE("read_safetensors accepts and refuses what Python's safetensors does", "[core][safetensors][errors]") {
+  dt::testing::TempDir dir;
+  auto u8 = [](const std::string& name, int begin, int end) {
+    return fmt::format(R"("{}":{{"dtype":"U8","shape":[{}],"data_offsets":[{},{}]}})", name, end - begin, begin, end);
+  };
+  // Bytes no tensor covers, before, between and after the tensors: the issue's "x=[100]" case first.
+  expect_rejected(dir, make_file("{" + u8("x", 3, 4) + "}", "abcd"), {"bytes [0, 3)", "before tensor 'x'", "no tensor"});
+  expect_rejected(dir, make_file("{" + u8("x", 0, 1) + "}", "abcd"), {"bytes [1, 4) at the end", "no tensor"});
+  expect_rejected(dir, make_file("{" + u8("x", 0, 1) + "," + u8("y", 2, 3) + "}", "abc"), {"bytes [1, 2)", "'y'"});
+  // An empty tensor inside another's bytes overlaps it.
+  expect_rejected(dir, make_file("{" + u8("y", 0, 2) + "," + u8("x", 1, 1) + "}", "ab"), {"'y' [0, 2]", "overlap"});
+  expect_rejected(dir, make_file(R"({"__metadata__":{"a":"1"},"__metadata__":{"b":"2"}})"), {"\"__metadata__\" 2 times"});
+  expect_rejected(dir, make_file("\xEF\xBB\xBF{}"), {"byte-order mark"});
+
+  auto read = [&](const std::string& bytes) {
+    const std::string path = dir.file("ok.safetensors");
+    write_bytes(path, bytes);
+    return dt::read_safetensors(path);
+  };
+  // A tensor named twice: the last entry holds.
+  auto twice = read(make_file(R"({"x":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},)" + u8("x", 0, 1) + "}", "a"));
+  CATCH_CHECK(twice.tensors.at("x").sizes() == std::vector<int64_t>{1});
+  CATCH_CHECK(twice.tensors.at("x").item<uint8_t>() == 'a');
+  // [0, 2^32, 2^32] holds no element; its contiguous strides would overflow.
+  auto empty = read(make_file(R"({"x":{"dtype":"F32","shape":[0,4294967296,4294967296],"data_offsets":[0,0]}})"));
+  CATCH_CHECK(empty.tensors.at("x").sizes() == std::vector<int64_t>{0, int64_t(1) << 32, int64_t(1) << 32});
+  CATCH_CHECK(read(make_file(R"({"__metadata__":null})")).metadata.empty());
+  // Empty tensors where the tiling allows them, and header padding of spaces either side.
+  auto edges = read(make_file(" {" + u8("e", 0, 0) + "," + u8("y", 0, 1) + "," + u8("z", 1, 1) + "}  ", "a"));
+  CATCH_CHECK(edges.tensors.size() == 3);
+}
+
+// The dtypes torch and safetensors share beyond the common ten: unsigned and 8-bit floats, compared by their bytes.
+CATCH_TEST_CASE("safetensors round-trips unsigned and float8 tensors byte for byte", "[core][safetensors]") {
+  dt::testing::TempDir dir;
+  std::map<std::string, torch::Tensor> tensors;
+  using T = c10::ScalarType;
+  const std::vector<std::pair<std::string, T>> dtypes = {
+      {"u16", T::UInt16}, {"u32", T::UInt32}, {"u64", T::UInt64}, {"e4m3", T::Float8_e4m3fn}, {"e5m2", T::Float8_e5m2}};
+  for (const auto& [name, dtype] : dtypes)
+    tensors[name] = torch::randint(0, 127, {3, 8}, torch::kUInt8).view(dtype);
+  dt::write_safetensors(dir.file("x.safetensors"), tensors);
+  const auto file = dt::read_safetensors(dir.file("x.safetensors"));
+  for (const auto& [name, expected] : tensors) {
+    CATCH_INFO(name);
+    const auto& got = file.tensors.at(name);
+    CATCH_CHECK(got.scalar_type() == expected.scalar_type());
+    CATCH_CHECK(torch::equal(got.view(torch::kUInt8), expected.view(torch::kUInt8)));
+  }
+}
+
 CATCH_TEST_CASE("write_safetensors replaces the file atomically and leaves nothing behind on failure",
                 "[core][safetensors][errors]") {
   dt::testing::TempDir dir;

@@ -101,19 +101,19 @@ CATCH_TEST_CASE("adapters' configs become the matching AdapterOptions and back",
   CATCH_CHECK(config.at("phm_layer") == true);
   CATCH_CHECK(config.at("factorized_phm_W") == true);
   CATCH_CHECK(config.at("shared_phm_rule") == true);
-  const auto back = dt::adapter_options_from_adapters(config, 768, "test");
+  const auto back = dt::adapter_options_from_adapters({config, "test"}, 768);
   CATCH_CHECK(back.phm_n() == 4);
   CATCH_CHECK(back.phm_rank() == 1);
   CATCH_CHECK(back.reduction_factor() == 32);
   CATCH_CHECK(back.non_linearity() == "gelu");
   const auto pfeiffer = dt::adapter_options_from_adapters(
-      dt::adapters_bn_config(dt::pfeiffer_options().bottleneck(48), 768), 768, "test");
+      {dt::adapters_bn_config(dt::pfeiffer_options().bottleneck(48), 768), "test"}, 768);
   CATCH_CHECK(pfeiffer.placement() == dt::AdapterPlacement::pfeiffer);
   CATCH_CHECK(pfeiffer.reduction_factor() == 16);
   // A float reduction factor sizes the bottleneck as adapters does: int(d // rf).
   auto float_rf = config;
   float_rf["reduction_factor"] = 10.5;
-  CATCH_CHECK(dt::adapter_options_from_adapters(float_rf, 768, "test").bottleneck() == 73);
+  CATCH_CHECK(dt::adapter_options_from_adapters({float_rf, "test"}, 768).bottleneck() == 73);
   CATCH_REQUIRE_THROWS_WITH(dt::adapters_bn_config(dt::houlsby_options().bottleneck(7), 768),
                             Catch::Contains("bottleneck 7 does not divide the width 768"));
 }
@@ -144,6 +144,17 @@ CATCH_TEST_CASE("adapters-format errors name the key, the tensor and the file", 
     CATCH_REQUIRE_THROWS_WITH(dt::load_adapters(model, dir), Catch::Contains("is_parallel = true is not supported"));
     const auto ln = edited("ln", [](auto& c) { c["config"]["original_ln_before"] = true; });
     CATCH_REQUIRE_THROWS_WITH(dt::load_adapters(model, ln), Catch::Contains("original_ln_before = true"));
+  }
+  CATCH_SECTION("fields of the wrong type or past any size") {
+    const auto rf = edited("rf", [](auto& c) { c["config"]["reduction_factor"] = 1e-300; });
+    CATCH_REQUIRE_THROWS_WITH(dt::load_adapters(model, rf),
+                              Catch::Contains("\"reduction_factor\" is 1e-300") && Catch::Contains("bottleneck between 1"));
+    const auto ln = edited("ln_text", [](auto& c) { c["config"]["original_ln_before"] = "yes"; });
+    CATCH_REQUIRE_THROWS_WITH(dt::load_adapters(model, ln),
+                              Catch::Contains("\"original_ln_before\" is \"yes\", expected true or false"));
+    const auto hidden = edited("hidden", [](auto& c) { c.erase("hidden_size"); });
+    CATCH_REQUIRE_THROWS_WITH(dt::load_adapters(model, hidden), Catch::Contains("the field \"hidden_size\" is missing"));
+    CATCH_CHECK(model.deltas().empty());
   }
   CATCH_SECTION("another model type") {
     const auto dir = edited("t5", [](auto& c) { c["model_type"] = "t5"; });

@@ -66,7 +66,7 @@ void check_outputs_and_gradients(Loaded& l) {
   check_matches(output, l.io.at(l.output_name()), l.output_name());
   check_matches(loss.reshape(1), l.io.at("loss"), "loss");
   loss.backward();
-  const auto targets = dt::detail::peft_slots(l.model->deltas().at("default"), l.config);
+  const auto targets = dt::detail::peft_slots(l.model->deltas().at("default"), {l.config, "adapter_config.json"});
   size_t grads = 0;
   for (const auto& [key, t] : l.io) grads += key.rfind("grad.", 0) == 0;
   CATCH_CHECK(targets.size() == grads);
@@ -105,7 +105,7 @@ CATCH_TEST_CASE("peft adapters load with peft's outputs and gradients, and save 
     auto ours = dt::read_safetensors(out.file("adapter_model.safetensors")).tensors;
     auto theirs = dt::read_safetensors((*dir / c / "adapter_model.safetensors").string()).tensors;
     CATCH_REQUIRE(ours.size() == theirs.size());
-    const auto targets = dt::detail::peft_slots(l.model->deltas().at("default"), l.config);
+    const auto targets = dt::detail::peft_slots(l.model->deltas().at("default"), {l.config, "adapter_config.json"});
     CATCH_REQUIRE(targets.size() == theirs.size());
     for (const auto& target : targets) {
       CATCH_INFO("tensor " << target.name);
@@ -202,6 +202,22 @@ CATCH_TEST_CASE("peft files that do not fit are refused with the file and key na
   c["rank_pattern"] = {{"q", 4}};
   dir.write("adapter_config.json", c.dump());
   expect_error({config_path, "use_dora = true", "rank_pattern = {\"q\":4}"});
+
+  // Fields of the wrong type, missing or sized past any memory: named, nothing truncated.
+  const std::vector<std::pair<std::function<void(nlohmann::json&)>, std::string>> refused = {
+      {[](auto& j) { j["r"] = 2.7; }, "\"r\" is 2.7, expected an integer"},
+      {[](auto& j) { j["use_rslora"] = "yes"; }, "\"use_rslora\" is \"yes\", expected true or false"},
+      {[](auto& j) { j.erase("target_modules"); }, "the field \"target_modules\" is missing"},
+      {[](auto& j) { j["r"] = int64_t(1) << 50; }, "GiB of memory"},
+  };
+  for (const auto& [change, part] : refused) {
+    c = config;
+    change(c);
+    dir.write("adapter_config.json", c.dump());
+    expect_error({config_path, part});
+  }
+  dir.write("adapter_config.json", "[]");
+  expect_error({config_path, "expected a JSON object, got array"});
 
   dir.write("adapter_config.json", config.dump());
   auto w = weights;

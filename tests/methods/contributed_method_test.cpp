@@ -60,7 +60,7 @@ std::shared_ptr<dt::DeltaRecipe> make_recipe(const OuterOptions& o) { return std
 // 5. The table row: saved name, JSON back to a recipe, command-line preset with its learning rates.
 dt::MethodInfo outer_method_info() {
   return {{"outer"},
-          [](const nlohmann::json& j) { return make_recipe(OuterOptions().scale(j.at("scale").get<double>())); },
+          [](const dt::JsonFields& j) { return make_recipe(OuterOptions().scale(j.get<double>("scale"))); },
           {{"outer", "rank-one outer product on attention outputs", {{"t5", 1e-3}, {"bert", 2e-3}},
             [](const dt::PresetSizes&) { return make_recipe(OuterOptions()); }}}};
 }

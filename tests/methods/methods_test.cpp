@@ -364,25 +364,52 @@ CATCH_TEST_CASE("bad options are refused with the option and value named", "[met
 
 CATCH_TEST_CASE("options_json round-trips for every method", "[methods][options]") {
   auto lora = dt::LoRA(dt::LoRAOptions(8, 4).r(2).alpha(16).dropout(0.1).use_rslora(true));
-  CATCH_CHECK(dt::LoRA(dt::lora_options_from_json(lora->options_json()))->options_json() == lora->options_json());
+  CATCH_CHECK(dt::LoRA(dt::lora_options_from_json({lora->options_json(), "test"}))->options_json() == lora->options_json());
   auto ia3 = dt::IA3(dt::IA3Options(8).feedforward(true));
-  CATCH_CHECK(dt::IA3(dt::ia3_options_from_json(ia3->options_json()))->options_json() == ia3->options_json());
+  CATCH_CHECK(dt::IA3(dt::ia3_options_from_json({ia3->options_json(), "test"}))->options_json() == ia3->options_json());
   auto bitfit = dt::BitFit(dt::BitFitOptions(3));
-  CATCH_CHECK(dt::BitFit(dt::bitfit_options_from_json(bitfit->options_json()))->options_json() == bitfit->options_json());
+  CATCH_CHECK(dt::BitFit(dt::bitfit_options_from_json({bitfit->options_json(), "test"}))->options_json() == bitfit->options_json());
   auto phm = dt::PHMLinear(dt::PHMLinearOptions(8, 4).n(2).rank(1).path(dt::KronSumPath::factored));
-  CATCH_CHECK(dt::PHMLinear(dt::phm_linear_options_from_json(phm->options_json()))->options_json() == phm->options_json());
+  CATCH_CHECK(dt::PHMLinear(dt::phm_linear_options_from_json({phm->options_json(), "test"}))->options_json() == phm->options_json());
   auto adapter = dt::Adapter(dt::pfeiffer_options(32).bottleneck(8).phm_n(2));
-  CATCH_CHECK(dt::Adapter(dt::adapter_options_from_json(adapter->options_json()))->options_json() == adapter->options_json());
+  CATCH_CHECK(dt::Adapter(dt::adapter_options_from_json({adapter->options_json(), "test"}))->options_json() == adapter->options_json());
   auto prompt = dt::PromptTuning(dt::PromptTuningOptions(3, 4).init(dt::PromptInit::token_ids).init_token_ids({1, 2}),
                                  torch::randn({5, 4}));
-  const auto prompt_options = dt::prompt_tuning_options_from_json(prompt->options_json());
+  const auto prompt_options = dt::prompt_tuning_options_from_json({prompt->options_json(), "test"});
   CATCH_CHECK(dt::PromptTuning(prompt_options, torch::randn({5, 4}))->options_json() == prompt->options_json());
   auto prefix = dt::PrefixTuning(dt::PrefixTuningOptions(2, 8, {"a", "b"}).inner(4).hidden(6));
-  CATCH_CHECK(dt::PrefixTuning(dt::prefix_tuning_options_from_json(prefix->options_json()))->options_json() ==
+  CATCH_CHECK(dt::PrefixTuning(dt::prefix_tuning_options_from_json({prefix->options_json(), "test"}))->options_json() ==
               prefix->options_json());
   auto spec = dt::SpecTuningOptions().last_layers(2).modules({"*.q.weight"}).layer_norms(true);
-  CATCH_CHECK(dt::spec_tuning_options_json(dt::spec_tuning_options_from_json(dt::spec_tuning_options_json(spec))) ==
+  CATCH_CHECK(dt::spec_tuning_options_json(dt::spec_tuning_options_from_json({dt::spec_tuning_options_json(spec), "test"})) ==
               dt::spec_tuning_options_json(spec));
+
+  // Each field's JSON type is checked, naming the file and the field: nothing truncated, no nlohmann exception.
+  auto edited = [&](const std::string& field, const nlohmann::json& value) {
+    auto j = lora->options_json();
+    j[field] = value;
+    return dt::JsonFields(j, "saved.json");
+  };
+  CATCH_CHECK_THROWS_WITH(dt::lora_options_from_json(edited("r", 2.7)), "saved.json: \"r\" is 2.7, expected an integer");
+  CATCH_CHECK_THROWS_WITH(dt::lora_options_from_json(edited("use_rslora", "yes")),
+                          "saved.json: \"use_rslora\" is \"yes\", expected true or false");
+  CATCH_CHECK_THROWS_WITH(dt::lora_options_from_json(edited("r", nullptr)), "saved.json: the field \"r\" is missing");
+  CATCH_CHECK_THROWS_WITH(dt::lora_options_from_json(edited("alpha", std::numeric_limits<double>::infinity())), Catch::Contains("expected a finite number"));
+  CATCH_CHECK_THROWS_WITH(dt::lora_options_from_json(edited("r", 9223372036854775808u)),
+                          Catch::Contains("expected an integer"));
+  CATCH_CHECK_THROWS_AS(dt::lora_options_from_json({nlohmann::json::array(), "saved.json"}), dt::CheckpointError);
+}
+
+CATCH_TEST_CASE("delta modules refuse sizes past the machine's memory before allocating", "[methods][options]") {
+  const int64_t huge = int64_t(1) << 50;
+  auto refused = [](const std::function<void()>& make, const std::string& what) {
+    CATCH_CHECK_THROWS_WITH(make(), Catch::Contains(what) && Catch::Contains("GiB of memory"));
+  };
+  refused([&] { dt::LoRA(dt::LoRAOptions(512, 512).r(huge)); }, "LoRA: r = 1125899906842624 on a 512 x 512 layer needs");
+  refused([&] { dt::Adapter(dt::houlsby_options(512).bottleneck(huge)); }, "Adapter: a bottleneck of 1125899906842624");
+  refused([&] { dt::PromptTuning(dt::PromptTuningOptions(huge, 512)); }, "PromptTuning: 1125899906842624 prompts");
+  refused([&] { dt::PrefixTuning(dt::PrefixTuningOptions(huge, 512, {"a"}).inner(64)); }, "PrefixTuning:");
+  refused([&] { dt::PHMLinear(dt::PHMLinearOptions(512, 512).n(4).rank(huge)); }, "PHMLinear: n = 4");
 }
 
 CATCH_TEST_CASE("prompt tuning: P embeddings from the vocabulary or uniform", "[methods][prompt]") {

@@ -221,8 +221,17 @@ CATCH_TEST_CASE("DeltaModel::load refuses a config edited against its tensors or
                                                            Catch::Contains("lora_A"));
   CATCH_CHECK(rebuilt.deltas().empty());
   edit("r", "seven");
-  CATCH_REQUIRE_THROWS_WITH(rebuilt.load("task", dir), Catch::Contains("field 'options' does not fit method \"lora\""));
+  CATCH_REQUIRE_THROWS_WITH(rebuilt.load("task", dir),
+                            Catch::Contains("delta_config.json: \"options\": \"r\" is \"seven\", expected an integer"));
+  edit("r", 2.7);  // not truncated to 2
+  CATCH_REQUIRE_THROWS_WITH(rebuilt.load("task", dir), Catch::Contains("\"r\" is 2.7, expected an integer"));
+  edit("r", -2);  // of the right type, but no LoRA's
+  CATCH_REQUIRE_THROWS_WITH(rebuilt.load("task", dir), Catch::Contains("delta_config.json: the saved \"options\" make "
+                                                                       "no lora: LoRA: option r (rank) must be positive"));
   CATCH_CHECK(rebuilt.deltas().empty());
+  std::ofstream(dir + "/delta_config.json") << "[]";
+  CATCH_REQUIRE_THROWS_WITH(rebuilt.load("task", dir),
+                            Catch::Contains("delta_config.json: expected a JSON object, got array"));
 }
 
 CATCH_TEST_CASE("DeltaModel combines deltas at once and in stages, and a pattern naming nothing lists close sites",
@@ -300,7 +309,7 @@ CATCH_TEST_CASE("add() with no pattern adapts peft's default sites, with peft's 
     CATCH_CHECK(model.num_trainable_parameters() == info.at("read").get<int64_t>());
 
     // peft's delta values, through load_peft's own mapping of its file to our parameters.
-    const auto config = dt::read_json_file(*dir / row.name / "adapter_config.json");
+    const dt::JsonFields config(dt::read_json_file(*dir / row.name / "adapter_config.json"), row.name);
     dt::detail::copy_peft_tensors(entry, config, (*dir / row.name / "adapter_model.safetensors").string());
     const auto io = dt::read_safetensors((*dir / (row.name + ".safetensors")).string()).tensors;
     torch::Tensor output, loss;

@@ -21,6 +21,8 @@
 #include <deltatune/backbones/checkpoint.hpp>
 #include <deltatune/backbones/dropout.hpp>
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/json_file.hpp>
+#include <deltatune/core/memory.hpp>
 #include <deltatune/core/site.hpp>
 
 namespace deltatune::backbones {
@@ -74,11 +76,32 @@ inline std::string bert_config_problem(const backbones::BertConfig& c) {
   if (c.hidden_size() <= 0 || c.num_attention_heads() <= 0 || c.hidden_size() % c.num_attention_heads() != 0)
     return fmt::format("hidden_size {} is not a positive multiple of num_attention_heads {}", c.hidden_size(),
                        c.num_attention_heads());
-  if (c.num_labels() < 1) return fmt::format("num_labels {} is below 1", c.num_labels());
+  const std::pair<const char*, int64_t> sizes[] = {
+      {"vocab_size", c.vocab_size()}, {"num_hidden_layers", c.num_hidden_layers()},
+      {"intermediate_size", c.intermediate_size()}, {"max_position_embeddings", c.max_position_embeddings()},
+      {"type_vocab_size", c.type_vocab_size()}, {"num_labels", c.num_labels()}};
+  for (const auto& [key, size] : sizes)
+    if (size < 1) return fmt::format("{} {} is below 1", key, size);
+  const std::pair<const char*, double> dropouts[] = {
+      {"hidden_dropout_prob", c.hidden_dropout_prob()},
+      {"attention_probs_dropout_prob", c.attention_probs_dropout_prob()},
+      {"classifier_dropout", c.classifier_dropout().value_or(0)}};
+  for (const auto& [key, p] : dropouts)
+    if (!(p >= 0 && p < 1)) return fmt::format("{} {} is not a probability in [0, 1)", key, p);
+  if (!(c.layer_norm_eps() > 0)) return fmt::format("layer_norm_eps {} is not positive", c.layer_norm_eps());
+  if (!(c.initializer_range() >= 0)) return fmt::format("initializer_range {} is negative", c.initializer_range());
+  bool known_problem_type = false;
   for (const char* p : {"", "regression", "single_label_classification", "multi_label_classification"})
-    if (c.problem_type() == p) return "";
-  return fmt::format("problem_type \"{}\" is not regression, single_label_classification or "
-                     "multi_label_classification", c.problem_type());
+    known_problem_type |= c.problem_type() == p;
+  if (!known_problem_type)
+    return fmt::format("problem_type \"{}\" is not regression, single_label_classification or "
+                       "multi_label_classification", c.problem_type());
+  const double h = double(c.hidden_size());
+  const double parameters =
+      h * double(c.vocab_size() + c.max_position_embeddings() + c.type_vocab_size()) +
+      double(c.num_hidden_layers()) * (4 * h * h + 2 * h * double(c.intermediate_size())) + h * (h + double(c.num_labels()));
+  const auto memory = memory_problem(parameters);
+  return memory.empty() ? "" : fmt::format("the model {}", memory);
 }
 
 // transformers' nn.LayerNorm with the config's eps.
@@ -93,32 +116,31 @@ namespace deltatune::backbones {
 // Reads the architecture from a checkpoint's config.json; a missing key or a value the
 // model cannot take throws CheckpointError naming the file and the key.
 inline BertConfig bert_config(const Checkpoint& checkpoint) {
-  const auto& ck = checkpoint;
-  const auto position_type = config_value<std::string>(ck, "position_embedding_type", "absolute");
+  const auto f = config_fields(checkpoint);
+  const auto position_type = f.get<std::string>("position_embedding_type", "absolute");
   detail::check<CheckpointError>(position_type == "absolute",
                                  "{}: position_embedding_type \"{}\" is not supported (only \"absolute\")",
-                                 config_file(ck), position_type);
+                                 f.where(), position_type);
   // transformers writes id2label, not num_labels, into config.json.
-  const auto labels = config_value<nlohmann::json>(ck, "id2label", nlohmann::json::object());
+  const auto labels = f.get<nlohmann::json>("id2label", nlohmann::json::object());
   auto config = BertConfig()
-                    .vocab_size(config_value<int64_t>(ck, "vocab_size"))
-                    .hidden_size(config_value<int64_t>(ck, "hidden_size"))
-                    .num_hidden_layers(config_value<int64_t>(ck, "num_hidden_layers"))
-                    .num_attention_heads(config_value<int64_t>(ck, "num_attention_heads"))
-                    .intermediate_size(config_value<int64_t>(ck, "intermediate_size"))
-                    .hidden_act(config_value<std::string>(ck, "hidden_act"))
-                    .hidden_dropout_prob(config_value<double>(ck, "hidden_dropout_prob"))
-                    .attention_probs_dropout_prob(config_value<double>(ck, "attention_probs_dropout_prob"))
-                    .max_position_embeddings(config_value<int64_t>(ck, "max_position_embeddings"))
-                    .type_vocab_size(config_value<int64_t>(ck, "type_vocab_size"))
-                    .layer_norm_eps(config_value<double>(ck, "layer_norm_eps"))
-                    .initializer_range(config_value<double>(ck, "initializer_range", 0.02))
-                    .num_labels(config_value<int64_t>(ck, "num_labels", labels.empty() ? 2 : labels.size()))
-                    .problem_type(config_value<std::string>(ck, "problem_type", ""));
-  if (ck.config.contains("classifier_dropout") && !ck.config["classifier_dropout"].is_null())
-    config.classifier_dropout(config_value<double>(ck, "classifier_dropout"));
+                    .vocab_size(f.get<int64_t>("vocab_size"))
+                    .hidden_size(f.get<int64_t>("hidden_size"))
+                    .num_hidden_layers(f.get<int64_t>("num_hidden_layers"))
+                    .num_attention_heads(f.get<int64_t>("num_attention_heads"))
+                    .intermediate_size(f.get<int64_t>("intermediate_size"))
+                    .hidden_act(f.get<std::string>("hidden_act"))
+                    .hidden_dropout_prob(f.get<double>("hidden_dropout_prob"))
+                    .attention_probs_dropout_prob(f.get<double>("attention_probs_dropout_prob"))
+                    .max_position_embeddings(f.get<int64_t>("max_position_embeddings"))
+                    .type_vocab_size(f.get<int64_t>("type_vocab_size"))
+                    .layer_norm_eps(f.get<double>("layer_norm_eps"))
+                    .initializer_range(f.get<double>("initializer_range", 0.02))
+                    .num_labels(f.get<int64_t>("num_labels", labels.is_object() && !labels.empty() ? labels.size() : 2))
+                    .problem_type(f.get<std::string>("problem_type", ""))
+                    .classifier_dropout(f.get_optional<double>("classifier_dropout"));
   const auto problem = detail::bert_config_problem(config);
-  detail::check<CheckpointError>(problem.empty(), "{}: {}", config_file(ck), problem);
+  detail::check<CheckpointError>(problem.empty(), "{}: {}", f.where(), problem);
   return config;
 }
 

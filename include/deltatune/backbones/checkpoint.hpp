@@ -25,7 +25,7 @@ namespace deltatune::backbones {
 // Named tensors and the model's configuration, with where they came from for messages.
 struct Checkpoint {
   std::string source;      // the folder or archive
-  nlohmann::json config;   // config.json; for a TorchScript archive, its extra file config.json if it has one
+  nlohmann::json config;   // config.json, an object; for a TorchScript archive its extra file config.json, or null
   std::map<std::string, torch::Tensor> tensors;
 };
 
@@ -84,6 +84,8 @@ inline Checkpoint read_hf_directory(const std::string& dir) {
   detail::check<CheckpointError>(fs::is_directory(root), "{}: not a folder (expected a Hugging Face "
                                                                     "checkpoint: config.json + model.safetensors)", dir);
   Checkpoint out{dir, read_json_file(root / "config.json"), {}};
+  detail::check<CheckpointError>(out.config.is_object(), "{}: expected a JSON object of the model's configuration, "
+                                 "got {}", (root / "config.json").string(), out.config.type_name());
   if (fs::exists(root / "model.safetensors")) {
     out.tensors = read_safetensors((root / "model.safetensors").string()).tensors;
   } else if (fs::exists(root / "model.safetensors.index.json")) {
@@ -100,13 +102,15 @@ inline Checkpoint read_hf_directory(const std::string& dir) {
 inline Checkpoint read_torchscript(const std::string& path) {
   torch::jit::ExtraFilesMap extra{{"config.json", ""}};
   auto archive = detail::load_script_archive(path, extra);
-  Checkpoint out{path, nlohmann::json::object(), {}};
+  Checkpoint out{path, nullptr, {}};
   if (!extra["config.json"].empty()) {
     try {
       out.config = nlohmann::json::parse(extra["config.json"]);
     } catch (const nlohmann::json::exception& e) {
       throw CheckpointError(fmt::format("{}: its config.json is not valid JSON ({})", path, e.what()));
     }
+    detail::check<CheckpointError>(out.config.is_object(), "{}: its config.json is a JSON {}, not an object of the "
+                                   "model's configuration", path, out.config.type_name());
   }
   for (const auto& p : archive.named_parameters(/*recurse=*/true)) out.tensors[p.name] = p.value.detach();
   for (const auto& b : archive.named_buffers(/*recurse=*/true)) out.tensors[b.name] = b.value.detach();
@@ -120,31 +124,13 @@ inline std::string config_file(const Checkpoint& checkpoint) {
              : fmt::format("{} (extra file config.json)", checkpoint.source);
 }
 
-// config[key] as T; a missing key, a null or a value of another type throws CheckpointError
-// naming the config file and the key. An archive saved without the config says how to add it.
-template <class T>
-T config_value(const Checkpoint& checkpoint, const std::string& key) {
-  detail::check<CheckpointError>(!checkpoint.config.empty() || std::filesystem::is_directory(checkpoint.source),
-                                 "{}: the archive holds no config.json; save it with torch.jit.save(module, path, "
-                                 "_extra_files={{\"config.json\": model.config.to_json_string()}})",
-                                 checkpoint.source);
-  const auto it = checkpoint.config.find(key);
-  detail::check<CheckpointError>(it != checkpoint.config.end() && !it->is_null(), "{}: no \"{}\" key",
-                                 config_file(checkpoint), key);
-  try {
-    return it->get<T>();
-  } catch (const nlohmann::json::exception&) {
-    throw CheckpointError(fmt::format("{}: \"{}\" is {}, not of the expected type", config_file(checkpoint), key,
-                                      it->dump()));
-  }
-}
-
-// config[key] as T, or `fallback` where the key is absent or null (transformers' defaults).
-template <class T>
-T config_value(const Checkpoint& checkpoint, const std::string& key, T fallback) {
-  const auto it = checkpoint.config.find(key);
-  if (it == checkpoint.config.end() || it->is_null()) return fallback;
-  return config_value<T>(checkpoint, key);
+// The checkpoint's config, read field by field (JsonFields: errors name the config file and the
+// key). An archive saved without the config says how to add it.
+inline JsonFields config_fields(const Checkpoint& checkpoint) {
+  detail::check<CheckpointError>(!checkpoint.config.is_null(), "{}: the archive holds no config.json; save it with "
+                                 "torch.jit.save(module, path, _extra_files={{\"config.json\": "
+                                 "model.config.to_json_string()}})", checkpoint.source);
+  return JsonFields(checkpoint.config, config_file(checkpoint));
 }
 
 // A folder is read as a Hugging Face checkpoint, a file as a TorchScript archive.

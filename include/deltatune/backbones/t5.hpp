@@ -22,6 +22,8 @@
 #include <deltatune/backbones/checkpoint.hpp>
 #include <deltatune/backbones/dropout.hpp>
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/json_file.hpp>
+#include <deltatune/core/memory.hpp>
 #include <deltatune/core/site.hpp>
 
 namespace deltatune::backbones {
@@ -113,34 +115,30 @@ inline std::string t5_config_problems(const backbones::T5Config& c) {
                                    c.relative_attention_max_distance(), c.relative_attention_num_buckets() / 2));
   if (c.dropout_rate() < 0 || c.dropout_rate() >= 1)
     problems.push_back(fmt::format("dropout_rate = {} (must be in [0, 1))", c.dropout_rate()));
-  if (!parse_feed_forward_proj(c.feed_forward_proj()))
+  if (!(c.layer_norm_epsilon() > 0))
+    problems.push_back(fmt::format("layer_norm_epsilon = {} (must be positive)", c.layer_norm_epsilon()));
+  const auto ff = parse_feed_forward_proj(c.feed_forward_proj());
+  if (!ff)
     problems.push_back(fmt::format("feed_forward_proj = \"{}\" (expected relu, gelu, gelu_new or silu, "
                                    "optionally gated-: \"gated-gelu\")", c.feed_forward_proj()));
+  // The embedding looks these up: an id past the vocabulary would index out of range.
+  const std::pair<const char*, int64_t> token_ids[] = {
+      {"pad_token_id", c.pad_token_id()}, {"eos_token_id", c.eos_token_id()},
+      {"decoder_start_token_id", c.decoder_start_token_id()}};
+  for (const auto& [key, id] : token_ids)
+    if (id < 0 || id >= c.vocab_size())
+      problems.push_back(fmt::format("{} = {} (must be a token id, in [0, vocab_size = {}))", key, id, c.vocab_size()));
+  if (problems.empty()) {
+    const double d = double(c.d_model()), inner = double(c.num_heads()) * double(c.d_kv()),
+                 ffn = d * double(c.d_ff()) * (ff->gated ? 3 : 2), vocab = double(c.vocab_size());
+    const double parameters = vocab * d * (c.tie_word_embeddings() ? 1 : 2) +
+                              double(c.num_layers()) * (4 * d * inner + ffn + 2 * d) +
+                              double(c.decoder_layers()) * (8 * d * inner + ffn + 3 * d) +
+                              2 * double(c.relative_attention_num_buckets() * c.num_heads()) + 2 * d;
+    const auto memory = memory_problem(parameters);
+    if (!memory.empty()) problems.push_back(fmt::format("the model {}", memory));
+  }
   return fmt::format("{}", fmt::join(problems, "; "));
-}
-
-// json[key] as T, `fallback` when absent (or null, as transformers writes unset values);
-// CheckpointError when required and absent or of the wrong type.
-template <class T>
-T config_value(const nlohmann::json& json, const std::string& where, const char* key, std::optional<T> fallback) {
-  const auto it = json.find(key);
-  if (it == json.end() || it->is_null()) {
-    check<CheckpointError>(fallback.has_value(), "{}: the key \"{}\" is missing; is this a T5 config?", where, key);
-    return *fallback;
-  }
-  auto expect = [&](bool ok, const char* expected) {
-    check<CheckpointError>(ok, "{}: \"{}\" is {}, expected {}", where, key, it->dump(), expected);
-  };
-  if constexpr (std::is_same_v<T, bool>) {
-    expect(it->is_boolean(), "true or false");
-  } else if constexpr (std::is_integral_v<T>) {
-    expect(it->is_number_integer(), "an integer");
-  } else if constexpr (std::is_floating_point_v<T>) {
-    expect(it->is_number(), "a number");
-  } else {
-    expect(it->is_string(), "a string");
-  }
-  return it->get<T>();
 }
 
 // Hugging Face T5's bucket of each relative position (key minus query): half the buckets for
@@ -186,32 +184,28 @@ inline torch::Tensor clamp_float16(const torch::Tensor& h) {
 namespace deltatune::backbones {
 
 inline T5Config T5Config::from_json(const nlohmann::json& json, const std::string& where) {
-  using detail::config_value;
-  using I = std::optional<int64_t>;
-  detail::check<CheckpointError>(json.is_object(), "{}: expected a JSON object", where);
-  const auto model_type = config_value<std::string>(json, where, "model_type", std::string("t5"));
+  const JsonFields f(json, where);
+  const auto model_type = f.get<std::string>("model_type", "t5");
   detail::check<CheckpointError>(model_type == "t5" || model_type == "mt5",
                                  "{}: model_type is \"{}\"; load_t5 reads T5 (or mT5) checkpoints", where, model_type);
   T5Config c;
-  c.vocab_size(config_value<int64_t>(json, where, "vocab_size", I()))
-      .d_model(config_value<int64_t>(json, where, "d_model", I()))
-      .d_kv(config_value<int64_t>(json, where, "d_kv", I()))
-      .d_ff(config_value<int64_t>(json, where, "d_ff", I()))
-      .num_layers(config_value<int64_t>(json, where, "num_layers", I()))
-      .num_heads(config_value<int64_t>(json, where, "num_heads", I()));
-  c.num_decoder_layers(config_value<int64_t>(json, where, "num_decoder_layers", c.num_layers()))
-      .relative_attention_num_buckets(
-          config_value<int64_t>(json, where, "relative_attention_num_buckets", c.relative_attention_num_buckets()))
+  c.vocab_size(f.get<int64_t>("vocab_size"))
+      .d_model(f.get<int64_t>("d_model"))
+      .d_kv(f.get<int64_t>("d_kv"))
+      .d_ff(f.get<int64_t>("d_ff"))
+      .num_layers(f.get<int64_t>("num_layers"))
+      .num_heads(f.get<int64_t>("num_heads"));
+  c.num_decoder_layers(f.get<int64_t>("num_decoder_layers", c.num_layers()))
+      .relative_attention_num_buckets(f.get<int64_t>("relative_attention_num_buckets", c.relative_attention_num_buckets()))
       .relative_attention_max_distance(
-          config_value<int64_t>(json, where, "relative_attention_max_distance", c.relative_attention_max_distance()))
-      .dropout_rate(config_value<double>(json, where, "dropout_rate", c.dropout_rate()))
-      .layer_norm_epsilon(config_value<double>(json, where, "layer_norm_epsilon", c.layer_norm_epsilon()))
-      .feed_forward_proj(config_value<std::string>(json, where, "feed_forward_proj", c.feed_forward_proj()))
-      .tie_word_embeddings(config_value<bool>(json, where, "tie_word_embeddings", c.tie_word_embeddings()))
-      .pad_token_id(config_value<int64_t>(json, where, "pad_token_id", c.pad_token_id()))
-      .eos_token_id(config_value<int64_t>(json, where, "eos_token_id", c.eos_token_id()))
-      .decoder_start_token_id(
-          config_value<int64_t>(json, where, "decoder_start_token_id", c.pad_token_id()));  // T5 starts from pad
+          f.get<int64_t>("relative_attention_max_distance", c.relative_attention_max_distance()))
+      .dropout_rate(f.get<double>("dropout_rate", c.dropout_rate()))
+      .layer_norm_epsilon(f.get<double>("layer_norm_epsilon", c.layer_norm_epsilon()))
+      .feed_forward_proj(f.get<std::string>("feed_forward_proj", c.feed_forward_proj()))
+      .tie_word_embeddings(f.get<bool>("tie_word_embeddings", c.tie_word_embeddings()))
+      .pad_token_id(f.get<int64_t>("pad_token_id", c.pad_token_id()))
+      .eos_token_id(f.get<int64_t>("eos_token_id", c.eos_token_id()))
+      .decoder_start_token_id(f.get<int64_t>("decoder_start_token_id", c.pad_token_id()));  // T5 starts from pad
   const auto problems = detail::t5_config_problems(c);
   detail::check<CheckpointError>(problems.empty(), "{}: {}", where, problems);
   return c;
@@ -775,9 +769,9 @@ inline T5Model load_t5(const std::string& path, const T5LoadOptions& options = {
   const auto checkpoint = read_checkpoint(path);
   const bool given = options.config().has_value();
   const auto& json = given ? *options.config() : checkpoint.config;
-  detail::check<CheckpointError>(!json.empty(), "{}: the archive holds no config.json; save it with "
-                                                "torch.jit.save(..., _extra_files={{\"config.json\": "
-                                                "config.to_json_string()}}) or pass T5LoadOptions().config(...)", path);
+  detail::check<CheckpointError>(!json.is_null(), "{}: the archive holds no config.json; save it with "
+                                                   "torch.jit.save(..., _extra_files={{\"config.json\": "
+                                                   "config.to_json_string()}}) or pass T5LoadOptions().config(...)", path);
   const auto where = given ? std::string("T5LoadOptions::config")
                      : std::filesystem::is_directory(path) ? (std::filesystem::path(path) / "config.json").string()
                                                            : path + ": config.json";

@@ -439,72 +439,70 @@ class DeltaModel {
     return out;
   }
 
-  // delta_config.json, its fields checked: a file from another backbone is refused here.
-  nlohmann::json read_delta_config(const std::string& path) const {
+  // delta_config.json's fields, their types checked: what save() wrote.
+  struct SavedDelta {
+    std::string method;
+    JsonFields options;
+    std::vector<std::string> sites;
+  };
+
+  // delta_config.json, read field by field: a file from another backbone is refused here.
+  SavedDelta read_delta_config(const std::string& path) const {
     detail::check<CheckpointError>(std::filesystem::exists(path), "{}: cannot open the delta's config (was it "
                                    "written by DeltaModel::save?)", path);
-    const auto config = read_json_file(path);
-    auto has = [&](const char* field, bool ok) {
-      detail::check<CheckpointError>(config.contains(field) && ok, "{}: field '{}' is missing or malformed; the file "
-                                     "was not written by DeltaModel::save, or was edited", path, field);
-    };
-    has("method", config.contains("method") && config["method"].is_string());
-    has("options", config.contains("options") && config["options"].is_object());
-    has("sites", config.contains("sites") && config["sites"].is_array() &&
-                     std::all_of(config["sites"].begin(), config["sites"].end(), [](const auto& s) { return s.is_string(); }));
-    detail::check<CheckpointError>(config.value("backbone_fingerprint", "") == fingerprint_,
-                                   "{}: the delta was trained on another backbone (fingerprint {} here, {} there); "
-                                   "load it onto the model it was trained with", path, fingerprint_,
-                                   config.value("backbone_fingerprint", "none"));
-    return config;
+    const JsonFields config(read_json_file(path), path);
+    const auto fingerprint = config.get<std::string>("backbone_fingerprint", "none");
+    detail::check<CheckpointError>(fingerprint == fingerprint_, "{}: the delta was trained on another backbone "
+                                   "(fingerprint {} here, {} there); load it onto the model it was trained with",
+                                   path, fingerprint_, fingerprint);
+    return {config.get<std::string>("method"), config.object("options"),
+            config.get<std::vector<std::string>>("sites")};
   }
 
   // A delta rebuilt from its config alone: the method table's recipe, at the saved sites.
-  void add_saved(const std::string& name, const nlohmann::json& config, const std::string& path,
+  void add_saved(const std::string& name, const SavedDelta& saved, const std::string& path,
                  const MethodTable& methods) {
     check_new_name(name);
-    const auto& method = methods.method(config["method"].get<std::string>(), path);
-    std::shared_ptr<DeltaRecipe> recipe;
-    try {
-      recipe = method.recipe_from_json(config["options"]);
-    } catch (const nlohmann::json::exception& e) {
-      throw CheckpointError(fmt::format("{}: field 'options' does not fit method {}: {}", path, config["method"].dump(),
-                                        e.what()));
-    }
+    const auto recipe = methods.method(saved.method, path).recipe_from_json(saved.options);
     std::vector<const Site*> matched;
-    for (const auto& saved : config["sites"]) {
+    for (const auto& site_name : saved.sites) {
       const auto it = std::find_if(sites_.begin(), sites_.end(), [&](const Site& site) {
-        return site.name == saved.get<std::string>() && recipe->accepts(site.kind);
+        return site.name == site_name && recipe->accepts(site.kind);
       });
       detail::check<CheckpointError>(it != sites_.end(), "{}: site '{}' is not a site this backbone has for {}", path,
-                                     saved.get<std::string>(), recipe->method());
+                                     site_name, recipe->method());
       matched.push_back(&*it);
     }
     detail::check<CheckpointError>(!recipe->uses_sites() || !matched.empty(), "{}: field 'sites' is empty", path);
-    add_at(name, std::move(recipe), matched);
+    try {
+      add_at(name, recipe, matched);
+    } catch (const OptionError& e) {  // options of the right types, but values no delta takes
+      throw CheckpointError(fmt::format("{}: the saved \"options\" make no {}: {}", path, saved.method, e.what()));
+    }
   }
 
   // The delta here and the saved one: the same method, options and sites, or an error naming
   // every field and site that differs.
-  void check_agrees(const std::string& name, const Entry& entry, const nlohmann::json& config,
+  void check_agrees(const std::string& name, const Entry& entry, const SavedDelta& saved,
                     const std::string& path) const {
-    detail::check<CheckpointError>(config["method"] == entry.recipe->method(), "{}: the delta is a {}, but '{}' here "
-                                   "is a {}", path, config["method"].get<std::string>(), name, entry.recipe->method());
+    detail::check<CheckpointError>(saved.method == entry.recipe->method(), "{}: the delta is a {}, but '{}' here "
+                                   "is a {}", path, saved.method, name, entry.recipe->method());
     std::vector<std::string> problems;
-    const auto here = entry.recipe->options_json(), saved = config["options"];
+    const auto here = entry.recipe->options_json();
+    const auto& there = saved.options.json();
     std::set<std::string> fields;
     for (const auto& [key, value] : here.items()) fields.insert(key);
-    for (const auto& [key, value] : saved.items()) fields.insert(key);
+    for (const auto& [key, value] : there.items()) fields.insert(key);
     for (const auto& field : fields) {
-      const auto a = here.value(field, nlohmann::json()), b = saved.value(field, nlohmann::json());
+      const auto a = here.value(field, nlohmann::json()), b = there.value(field, nlohmann::json());
       if (a != b) problems.push_back(fmt::format("option '{}' is {} here, {} in the file", field, a.dump(), b.dump()));
     }
     std::vector<std::string> attached;
     for (const auto& a : entry.attachments) attached.push_back(a.site.name);
-    if (attached != config["sites"].get<std::vector<std::string>>())
+    if (attached != saved.sites)
       problems.push_back(fmt::format("sites differ: {} here, {} in the file (first here: {}; first in the file: {})",
-                                     attached.size(), config["sites"].size(), attached.empty() ? "none" : attached[0],
-                                     config["sites"].empty() ? "none" : config["sites"][0].get<std::string>()));
+                                     attached.size(), saved.sites.size(), attached.empty() ? "none" : attached[0],
+                                     saved.sites.empty() ? "none" : saved.sites[0]));
     detail::check<CheckpointError>(problems.empty(), "{}: delta '{}' here is not the saved one: {}", path, name,
                                    fmt::join(problems, "; "));
   }

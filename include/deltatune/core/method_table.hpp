@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/json_file.hpp>
 #include <deltatune/core/format.hpp>
 #include <deltatune/core/recipe.hpp>
 
@@ -54,7 +55,7 @@ struct MethodPreset {
 // it saved, and its command-line presets.
 struct MethodInfo {
   std::vector<std::string> names;  // DeltaRecipe::method() values ("adapter", "compacter", ...)
-  std::function<std::shared_ptr<DeltaRecipe>(const nlohmann::json& options)> recipe_from_json;
+  std::function<std::shared_ptr<DeltaRecipe>(const JsonFields& options)> recipe_from_json;  // as options_json() wrote them
   std::vector<MethodPreset> presets;
 };
 

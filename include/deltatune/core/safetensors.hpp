@@ -53,11 +53,12 @@ struct SafetensorsDtype {
 // In the order the Python library lays tensors out (its Dtype enum, largest first), so that
 // a tensor's position here is its sort key when writing.
 inline const std::vector<SafetensorsDtype>& safetensors_dtypes() {
+  using T = c10::ScalarType;
   static const std::vector<SafetensorsDtype> table = {
-      {"I64", torch::kInt64, 8},    {"F64", torch::kFloat64, 8}, {"F32", torch::kFloat32, 4},
-      {"I32", torch::kInt32, 4},    {"BF16", torch::kBFloat16, 2}, {"F16", torch::kFloat16, 2},
-      {"I16", torch::kInt16, 2},    {"I8", torch::kInt8, 1},     {"U8", torch::kUInt8, 1},
-      {"BOOL", torch::kBool, 1}};
+      {"U64", T::UInt64, 8},  {"I64", T::Long, 8},     {"F64", T::Double, 8},          {"F32", T::Float, 4},
+      {"U32", T::UInt32, 4},  {"I32", T::Int, 4},      {"BF16", T::BFloat16, 2},       {"F16", T::Half, 2},
+      {"U16", T::UInt16, 2},  {"I16", T::Short, 2},    {"F8_E4M3", T::Float8_e4m3fn, 1}, {"F8_E5M2", T::Float8_e5m2, 1},
+      {"I8", T::Char, 1},     {"U8", T::Byte, 1},      {"BOOL", T::Bool, 1}};
   return table;
 }
 
@@ -156,10 +157,71 @@ inline SafetensorsEntry parse_safetensors_entry(const std::string& path, const s
   return out;
 }
 
+// The header's JSON, refused where Python's safetensors refuses it: a byte-order mark (which
+// nlohmann would skip) or "__metadata__" twice. A tensor named twice keeps its last entry, as there.
+inline nlohmann::json parse_safetensors_header(const std::string& path, const std::string& text) {
+  check<CheckpointError>(text.rfind("\xEF\xBB\xBF", 0) != 0, "{}: header starts with a byte-order mark; not a "
+                         "safetensors file?", path);
+  int metadata_keys = 0;
+  const auto count_metadata = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+    if (depth == 1 && event == nlohmann::json::parse_event_t::key && parsed == "__metadata__") ++metadata_keys;
+    return true;
+  };
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(text, count_metadata);
+  } catch (const nlohmann::json::exception& e) {
+    throw CheckpointError(fmt::format("{}: header is not valid JSON: {}", path, e.what()));
+  }
+  check<CheckpointError>(header.is_object(), "{}: header must be a JSON object, got {}", path, header.type_name());
+  check<CheckpointError>(metadata_keys <= 1, "{}: header holds \"__metadata__\" {} times", path, metadata_keys);
+  return header;
+}
+
+// "__metadata__": an object of strings, or null (none).
+inline std::map<std::string, std::string> parse_safetensors_metadata(const std::string& path,
+                                                                     const nlohmann::json& value) {
+  std::map<std::string, std::string> out;
+  if (value.is_null()) return out;
+  check<CheckpointError>(value.is_object(), "{}: \"__metadata__\" must be an object of strings, got {}", path,
+                         value.type_name());
+  for (const auto& [key, item] : value.items()) {
+    check<CheckpointError>(item.is_string(), "{}: \"__metadata__\" entry '{}' must be a string, got {}", path, key,
+                           item.type_name());
+    out[key] = item.get<std::string>();
+  }
+  return out;
+}
+
+// As Python's safetensors: the tensors, in the order of their offsets, tile the data buffer
+// exactly, each beginning where the one before ends and the last ending at the file's end.
+// No byte is shared by two tensors or hidden outside every tensor.
+inline void check_safetensors_coverage(const std::string& path, const std::vector<SafetensorsEntry>& entries,
+                                       std::uint64_t data_bytes) {
+  std::vector<const SafetensorsEntry*> by_offset;
+  for (const auto& e : entries) by_offset.push_back(&e);
+  std::sort(by_offset.begin(), by_offset.end(),
+            [](const auto* a, const auto* b) { return std::tie(a->begin, a->end) < std::tie(b->begin, b->end); });
+  std::uint64_t covered = 0;
+  const SafetensorsEntry* previous = nullptr;
+  for (const auto* e : by_offset) {
+    check<CheckpointError>(e->begin <= covered, "{}: bytes [{}, {}) of the data buffer, before tensor '{}', belong to "
+                           "no tensor", path, covered, e->begin, e->name);
+    check<CheckpointError>(e->begin == covered, "{}: tensors '{}' [{}, {}] and '{}' [{}, {}] overlap in the data "
+                           "buffer", path, previous ? previous->name : "", previous ? previous->begin : 0, covered,
+                           e->name, e->begin, e->end);
+    covered = e->end;
+    previous = e;
+  }
+  check<CheckpointError>(covered == data_bytes, "{}: bytes [{}, {}) at the end of the data buffer belong to no tensor",
+                         path, covered, data_bytes);
+}
+
 }  // namespace detail
 
-// Reads a safetensors file into CPU tensors that own their memory; every entry is checked
-// against the file before anything is allocated. Throws CheckpointError naming the file.
+// Reads a safetensors file into CPU tensors that own their memory. The file is checked whole
+// before anything is allocated, by Python safetensors' rules (a file one of them refuses, the
+// other refuses too); CheckpointError names the file and what is wrong.
 //   auto file = deltatune::read_safetensors("adapter.safetensors");
 //   torch::Tensor w = file.tensors.at("lora_A");
 inline SafetensorsFile read_safetensors(const std::string& path) {
@@ -190,50 +252,27 @@ inline SafetensorsFile read_safetensors(const std::string& path) {
   std::string text(static_cast<std::size_t>(header_bytes), '\0');
   in.read(text.data(), static_cast<std::streamsize>(header_bytes));
   detail::check<CheckpointError>(bool(in), "{}: cannot read the {}-byte header", path, header_bytes);
-  nlohmann::json header;
-  try {
-    header = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    throw CheckpointError(fmt::format("{}: header is not valid JSON: {}", path, e.what()));
-  }
-  detail::check<CheckpointError>(header.is_object(), "{}: header must be a JSON object, got {}", path,
-                                 header.type_name());
+  const auto header = detail::parse_safetensors_header(path, text);
 
   SafetensorsFile out;
   std::vector<detail::SafetensorsEntry> entries;
   for (const auto& [name, value] : header.items()) {
     if (name == "__metadata__") {
-      detail::check<CheckpointError>(value.is_object(), "{}: \"__metadata__\" must be an object of strings, got {}",
-                                     path, value.type_name());
-      for (const auto& [key, item] : value.items()) {
-        detail::check<CheckpointError>(item.is_string(), "{}: \"__metadata__\" entry '{}' must be a string, got {}",
-                                       path, key, item.type_name());
-        out.metadata[key] = item.get<std::string>();
-      }
+      out.metadata = detail::parse_safetensors_metadata(path, value);
       continue;
     }
     entries.push_back(detail::parse_safetensors_entry(path, name, value, data_bytes));
   }
-
-  // Ranges sorted by where they begin overlap exactly when one begins before its predecessor ends.
-  // Empty tensors hold no bytes and cannot overlap anything.
-  std::vector<const detail::SafetensorsEntry*> by_begin;
-  for (const auto& e : entries)
-    if (e.begin != e.end) by_begin.push_back(&e);
-  std::sort(by_begin.begin(), by_begin.end(),
-            [](const auto* a, const auto* b) { return std::tie(a->begin, a->end) < std::tie(b->begin, b->end); });
-  for (std::size_t i = 1; i < by_begin.size(); ++i) {
-    const auto& prev = *by_begin[i - 1];
-    const auto& cur = *by_begin[i];
-    detail::check<CheckpointError>(cur.begin >= prev.end,
-                                   "{}: tensors '{}' [{}, {}] and '{}' [{}, {}] overlap in the data buffer", path,
-                                   prev.name, prev.begin, prev.end, cur.name, cur.begin, cur.end);
-  }
+  detail::check_safetensors_coverage(path, entries, data_bytes);
 
   // Each tensor is read straight into its own storage: no second copy of the file in memory.
   for (const auto& e : entries) {
-    torch::Tensor t = torch::empty(e.shape, torch::dtype(detail::safetensors_dtypes()[e.dtype].type));
+    const auto dtype = torch::dtype(detail::safetensors_dtypes()[e.dtype].type);
     const std::uint64_t bytes = e.end - e.begin;
+    // Without elements, a shape may still overflow contiguous strides ([0, 2^32, 2^32]), which
+    // torch::empty refuses; any strides describe an empty tensor.
+    torch::Tensor t = bytes == 0 ? torch::empty_strided(e.shape, std::vector<std::int64_t>(e.shape.size(), 1), dtype)
+                                 : torch::empty(e.shape, dtype);
     if (bytes > 0) {
       in.seekg(static_cast<std::streamoff>(data_start + e.begin));
       in.read(static_cast<char*>(t.data_ptr()), static_cast<std::streamsize>(bytes));

@@ -126,17 +126,6 @@ inline nlohmann::json reduction_factor_json(const AdapterOptions& o, int64_t d) 
   return d / o.bottleneck();
 }
 
-// Reads key `key` of `config` as T, or throws OptionError naming the file and key.
-template <class T>
-T config_value(const nlohmann::json& config, const std::string& key, const std::string& where) {
-  check<OptionError>(config.contains(key), "{}: config has no \"{}\"", where, key);
-  try {
-    return config.at(key).get<T>();
-  } catch (const nlohmann::json::exception&) {
-    throw OptionError(fmt::format("{}: config \"{}\" is {}, not of the expected type", where, key, config.at(key).dump()));
-  }
-}
-
 }  // namespace detail
 
 // adapters' BnConfig dict for these options on a model of width `hidden_size`, with every
@@ -163,49 +152,66 @@ inline nlohmann::json adapters_bn_config(const AdapterOptions& o, int64_t hidden
   return config;
 }
 
+namespace detail {
+
+// adapters' reduction_factor: an integer, or a number whose bottleneck hidden_size / factor
+// (rounded down, as adapters) is a size.
+inline void read_reduction_factor(const JsonFields& config, int64_t hidden_size, AdapterOptions& o) {
+  const auto rf = config.get<nlohmann::json>("reduction_factor");
+  config.check(rf.is_number(), "reduction_factor", "expected a number (per-layer mappings are not supported)");
+  if (rf.is_number_integer()) {
+    const auto factor = config.get<int64_t>("reduction_factor");
+    config.check(factor >= 1, "reduction_factor", "must be at least 1");
+    o.reduction_factor(factor);
+    return;
+  }
+  const double bottleneck = std::floor(double(hidden_size) / config.get<double>("reduction_factor"));
+  // 2^53: the largest size a double holds exactly; the adapter's own memory check bounds it further.
+  config.check(bottleneck >= 1 && bottleneck <= 9007199254740992.0, "reduction_factor",
+               fmt::format("hidden_size {} / reduction_factor must give a bottleneck between 1 and 2^53", hidden_size));
+  o.bottleneck(static_cast<int64_t>(bottleneck));
+}
+
+}  // namespace detail
+
 // The AdapterOptions an adapters BnConfig dict describes for a model of width
-// `hidden_size`. Refuses, with an OptionError naming `where`, the key and its value, what
-// deltatune does not implement.
-inline AdapterOptions adapter_options_from_adapters(const nlohmann::json& config, int64_t hidden_size,
-                                                    const std::string& where) {
+// `hidden_size`. Refuses, naming the file, the key and its value, a field of the wrong type
+// (CheckpointError) and what deltatune does not implement (OptionError).
+inline AdapterOptions adapter_options_from_adapters(const JsonFields& config, int64_t hidden_size) {
   using detail::check;
-  check<OptionError>(config.is_object(), "{}: \"config\" is {}, not a bottleneck adapter's config", where, config.dump());
-  const auto architecture = config.value("architecture", nlohmann::json());
+  const auto& where = config.where();
+  const auto architecture = config.get<nlohmann::json>("architecture", nullptr);
   check<OptionError>(architecture.is_null(), "{}: architecture {} is not a bottleneck adapter (adapters writes no "
                      "architecture for those); deltatune reads Houlsby, Pfeiffer, PHM and Compacter adapters here",
                      where, architecture.dump());
   for (const auto& [key, value] : detail::adapters_fixed_fields().items())
-    check<OptionError>(!config.contains(key) || config.at(key) == value,
+    check<OptionError>(!config.json().contains(key) || config.json().at(key) == value,
                        "{}: {} = {} is not supported (deltatune implements {} = {} only)", where, key,
-                       config.at(key).dump(), key, value.dump());
-  const bool mh = detail::config_value<bool>(config, "mh_adapter", where);
-  const bool output = detail::config_value<bool>(config, "output_adapter", where);
-  const bool ln_before = config.value("original_ln_before", false);
+                       config.json().at(key).dump(), key, value.dump());
+  const bool mh = config.get<bool>("mh_adapter");
+  const bool output = config.get<bool>("output_adapter");
+  const bool ln_before = config.get<bool>("original_ln_before", false);
   check<OptionError>(output && (mh != ln_before), "{}: mh_adapter = {}, output_adapter = {}, original_ln_before = {} "
                      "is not a supported placement: Houlsby (true, true, false) or Pfeiffer (false, true, true)",
                      where, mh, output, ln_before);
 
   AdapterOptions o;
   o.placement(mh ? AdapterPlacement::houlsby : AdapterPlacement::pfeiffer);
-  const auto& rf = config.value("reduction_factor", nlohmann::json());
-  check<OptionError>(rf.is_number() && rf.get<double>() > 0, "{}: reduction_factor = {} is not supported (a positive "
-                     "number; per-layer mappings are not)", where, rf.dump());
-  if (rf.is_number_integer()) o.reduction_factor(rf.get<int64_t>());
-  else o.bottleneck(std::max<int64_t>(1, static_cast<int64_t>(std::floor(double(hidden_size) / rf.get<double>()))));
+  detail::read_reduction_factor(config, hidden_size, o);
 
-  auto activation = detail::config_value<std::string>(config, "non_linearity", where);
+  auto activation = config.get<std::string>("non_linearity");
   std::transform(activation.begin(), activation.end(), activation.begin(), [](unsigned char c) { return std::tolower(c); });
   const bool known = std::any_of(std::begin(detail::kAdaptersActivations), std::end(detail::kAdaptersActivations),
                                  [&](const char* a) { return activation == a; });
   check<OptionError>(known, "{}: non_linearity = \"{}\" is not supported (relu, gelu, gelu_new, swish, silu, tanh)",
                      where, activation);
   o.non_linearity(activation);
-  if (config.value("init_weights", "bert") == "bert") o.init_std(0.02);
+  if (config.get<std::string>("init_weights", "bert") == "bert") o.init_std(0.02);
 
-  if (config.value("phm_layer", false)) {
-    o.phm_n(config.value("phm_dim", int64_t{4}));
-    o.phm_rank(config.value("factorized_phm_W", true) ? config.value("phm_rank", int64_t{1}) : 0);
-    o.shared_phm_rule(config.value("shared_phm_rule", true));
+  if (config.get<bool>("phm_layer", false)) {
+    o.phm_n(config.get<int64_t>("phm_dim", 4));
+    o.phm_rank(config.get<bool>("factorized_phm_W", true) ? config.get<int64_t>("phm_rank", 1) : 0);
+    o.shared_phm_rule(config.get<bool>("shared_phm_rule", true));
   }
   return o;
 }
@@ -278,17 +284,17 @@ inline const DeltaModel::Entry& load_adapters(DeltaModel& model, const std::stri
   using deltatune::detail::check;
   const auto config_path = dir + "/" + kAdaptersConfigFile;
   const auto weights_path = dir + "/" + kAdaptersWeightsFile;
-  const auto file = read_json_file(config_path);
+  const JsonFields file(read_json_file(config_path), config_path);
   check<CheckpointError>(std::filesystem::exists(weights_path), "{}: no such file{}; adapters writes it with "
                          "model.save_adapter(dir, name, use_safetensors=True)", weights_path,
                          std::filesystem::exists(dir + "/pytorch_adapter.bin") ? " (pytorch_adapter.bin, pickle, is "
                          "there but is not read)" : "");
-  const auto model_type = detail::family_of_model_type(file.value("model_type", model.model_type()));
-  check<CheckpointError>(model_type == model.model_type(), "{}: model_type is \"{}\", but this model is \"{}\"",
-                         config_path, file.value("model_type", ""), model.model_type());
-  const auto hidden = detail::config_value<int64_t>(file, "hidden_size", config_path);
-  const auto options = adapter_options_from_adapters(file.value("config", nlohmann::json()), hidden, config_path);
-  if (name.empty()) name = detail::config_value<std::string>(file, "name", config_path);
+  const auto saved_type = file.get<std::string>("model_type", model.model_type());
+  check<CheckpointError>(detail::family_of_model_type(saved_type) == model.model_type(), "{}: model_type is \"{}\", "
+                         "but this model is \"{}\"", config_path, saved_type, model.model_type());
+  const auto hidden = file.get<int64_t>("hidden_size");
+  const auto options = adapter_options_from_adapters(file.object("config"), hidden);
+  if (name.empty()) name = file.get<std::string>("name");
   const auto tensors = read_safetensors(weights_path).tensors;
   const auto backbone_path = dir + "/" + kAdaptersBackboneFile;
   const bool has_backbone = std::filesystem::exists(backbone_path);

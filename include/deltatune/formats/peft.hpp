@@ -171,16 +171,6 @@ inline void check_peft_options(const nlohmann::json& config, const std::set<std:
                      where, fmt::join(problems, ", "));
 }
 
-template <class T>
-T peft_value(const nlohmann::json& config, const std::string& key, const std::string& where) {
-  check<OptionError>(config.contains(key) && !config.at(key).is_null(), "{}: the peft config has no '{}'", where, key);
-  try {
-    return config.at(key).get<T>();
-  } catch (const nlohmann::json::exception&) {
-    throw OptionError(fmt::format("{}: '{}' = {} has the wrong type", where, key, config.at(key).dump()));
-  }
-}
-
 // What T5 prompt and prefix tuning need from the backbone.
 inline backbones::T5ModelImpl& peft_t5(DeltaModel& model, const std::string& method, const std::string& where) {
   auto* t5 = dynamic_cast<backbones::T5ModelImpl*>(&model.backbone());
@@ -385,50 +375,54 @@ struct PeftPlan {
   std::string pattern;
 };
 
-inline PeftPlan peft_plan(DeltaModel& model, const nlohmann::json& c, const std::string& where) {
-  const auto type = peft_value<std::string>(c, "peft_type", where);
+inline PeftPlan peft_plan(DeltaModel& model, const JsonFields& c) {
+  const auto& where = c.where();
+  const auto type = c.get<std::string>("peft_type");
+  const auto target_modules = [&] {
+    return site_pattern_from_peft(c.get<nlohmann::json>("target_modules"), "target_modules", where);
+  };
   if (type == "LORA") {
-    check_peft_options(c, {"r", "lora_alpha", "use_rslora", "target_modules", "init_lora_weights"}, where);
-    auto options = LoRAOptions().r(peft_value<int64_t>(c, "r", where)).alpha(peft_value<double>(c, "lora_alpha", where))
-                       .use_rslora(c.value("use_rslora", false)).dropout(c.value("lora_dropout", 0.0));
-    return {make_recipe(options), site_pattern_from_peft(c.at("target_modules"), "target_modules", where)};
+    check_peft_options(c.json(), {"r", "lora_alpha", "use_rslora", "target_modules", "init_lora_weights"}, where);
+    auto options = LoRAOptions().r(c.get<int64_t>("r")).alpha(c.get<double>("lora_alpha"))
+                       .use_rslora(c.get<bool>("use_rslora", false)).dropout(c.get<double>("lora_dropout", 0.0));
+    return {make_recipe(options), target_modules()};
   }
   if (type == "IA3") {
-    check_peft_options(c, {"target_modules", "feedforward_modules"}, where);
+    check_peft_options(c.json(), {"target_modules", "feedforward_modules"}, where);
     // As peft: no feedforward_modules means its default for the backbone, an empty list none.
-    const auto ff = c.value("feedforward_modules", nlohmann::json(nullptr));
+    const auto ff = c.get<nlohmann::json>("feedforward_modules", nullptr);
     auto options = IA3Options();
     if (!ff.is_null())
       options.feedforward_modules(ff.is_array() && ff.empty() ? "" : site_pattern_from_peft(ff, "feedforward_modules", where));
-    return {make_recipe(options), site_pattern_from_peft(c.at("target_modules"), "target_modules", where)};
+    return {make_recipe(options), target_modules()};
   }
   const std::set<std::string> prompt_keys = {"num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                              "num_attention_heads", "num_layers"};
   if (type == "PROMPT_TUNING") {
-    check_peft_options(c, prompt_keys, where);
+    check_peft_options(c.json(), prompt_keys, where);
     auto& t5 = peft_t5(model, "prompt tuning", where);
-    check<OptionError>(peft_value<int64_t>(c, "token_dim", where) == t5.config.d_model(),
-                       "{}: token_dim = {} but the T5's d_model is {}", where, c.at("token_dim").dump(), t5.config.d_model());
-    return {make_recipe(PromptTuningOptions(peft_value<int64_t>(c, "num_virtual_tokens", where))), "encoder"};
+    const auto dim = c.get<int64_t>("token_dim");
+    check<OptionError>(dim == t5.config.d_model(), "{}: token_dim = {} but the T5's d_model is {}", where, dim,
+                       t5.config.d_model());
+    return {make_recipe(PromptTuningOptions(c.get<int64_t>("num_virtual_tokens"))), "encoder"};
   }
   if (type == "PREFIX_TUNING") {
     auto keys = prompt_keys;
     keys.insert({"encoder_hidden_size", "prefix_projection"});  // the MLP's: the file holds its output
-    check_peft_options(c, keys, where);
+    check_peft_options(c.json(), keys, where);
     auto& t5 = peft_t5(model, "prefix tuning", where);
     const auto& tc = t5.config;
-    check<OptionError>(c.value("task_type", nlohmann::json(nullptr)) == "SEQ_2_SEQ_LM" &&
-                           c.value("num_transformer_submodules", 2) == 2,
-                       "{}: a T5 prefix needs task_type SEQ_2_SEQ_LM with num_transformer_submodules 2, got {} and {}",
-                       where, c.value("task_type", nlohmann::json(nullptr)).dump(),
-                       c.value("num_transformer_submodules", nlohmann::json(nullptr)).dump());
-    const auto L = peft_value<int64_t>(c, "num_layers", where), heads = peft_value<int64_t>(c, "num_attention_heads", where),
-               dim = peft_value<int64_t>(c, "token_dim", where);
+    const auto task = c.get<nlohmann::json>("task_type", nullptr);
+    const auto submodules = c.get<int64_t>("num_transformer_submodules", 2);
+    check<OptionError>(task == "SEQ_2_SEQ_LM" && submodules == 2, "{}: a T5 prefix needs task_type SEQ_2_SEQ_LM with "
+                       "num_transformer_submodules 2, got {} and {}", where, task.dump(), submodules);
+    const auto L = c.get<int64_t>("num_layers"), heads = c.get<int64_t>("num_attention_heads"),
+               dim = c.get<int64_t>("token_dim");
     check<OptionError>(L >= tc.decoder_layers() && heads == tc.num_heads() && dim == tc.num_heads() * tc.d_kv(),
                        "{}: num_layers = {}, num_attention_heads = {}, token_dim = {} do not fit this T5 (at least {} "
                        "decoder layers, {} heads, {} = heads x d_kv)", where, L, heads, dim, tc.decoder_layers(),
                        tc.num_heads(), tc.num_heads() * tc.d_kv());
-    return {make_recipe(PrefixTuningOptions(peft_value<int64_t>(c, "num_virtual_tokens", where)).prefix_projection(false)),
+    return {make_recipe(PrefixTuningOptions(c.get<int64_t>("num_virtual_tokens")).prefix_projection(false)),
             t5_prefix_pattern()};
   }
   throw OptionError(fmt::format("{}: peft_type \"{}\" is not supported; deltatune reads LORA, IA3, PROMPT_TUNING and "
@@ -437,7 +431,7 @@ inline PeftPlan peft_plan(DeltaModel& model, const nlohmann::json& c, const std:
 
 // Each parameter of the new delta with its file key and the file tensor's conversion from
 // peft's layout; a tensor that is not floating point fits none.
-inline std::vector<TensorSlot> peft_slots(const DeltaModel::Entry& entry, const nlohmann::json& c) {
+inline std::vector<TensorSlot> peft_slots(const DeltaModel::Entry& entry, const JsonFields& c) {
   std::vector<TensorSlot> out;
   using Convert = std::function<torch::Tensor(const torch::Tensor&)>;
   auto add = [&](const std::string& key, const torch::Tensor& parameter, const Convert& convert) {
@@ -462,7 +456,7 @@ inline std::vector<TensorSlot> peft_slots(const DeltaModel::Entry& entry, const 
     add("prompt_embeddings", prompt->embedding, [P](const torch::Tensor& t) { return t.narrow(0, 0, P); });
   } else if (method == "prefix_tuning") {
     auto* prefix = dynamic_cast<PrefixTuningImpl*>(entry.attachments.front().delta.get());
-    const int64_t L = c.at("num_layers"), M = c.value("num_transformer_submodules", 2),
+    const int64_t L = c.get<int64_t>("num_layers"), M = c.get<int64_t>("num_transformer_submodules", 2),
                   S = int64_t(entry.attachments.size());
     add("prompt_embeddings", prefix->embedding,
         [L, M, S](const torch::Tensor& t) { return prefix_table_from_peft(t, L, M, S); });
@@ -471,7 +465,7 @@ inline std::vector<TensorSlot> peft_slots(const DeltaModel::Entry& entry, const 
 }
 
 // The file's tensors into the delta's parameters, or one error listing every mismatch.
-inline void copy_peft_tensors(const DeltaModel::Entry& entry, const nlohmann::json& c, const std::string& path) {
+inline void copy_peft_tensors(const DeltaModel::Entry& entry, const JsonFields& c, const std::string& path) {
   const TensorMatch match(peft_slots(entry, c), read_safetensors(path).tensors);
   check<CheckpointError>(match.fits(), "{} does not fit the peft config beside it on this model (shapes as peft "
                          "stores them; an unexpected tensor names no site of this delta):{}", path, match.problems());
@@ -489,8 +483,8 @@ inline DeltaModel::Entry& load_peft(DeltaModel& model, const std::string& dir, c
   detail::check<CheckpointError>(std::filesystem::exists(config_path), "{}: no peft adapter config there (peft's "
                                  "save_pretrained writes {} and {})", config_path, detail::kPeftConfigFile,
                                  detail::kPeftWeightsFile);
-  const auto config = read_json_file(config_path);
-  auto plan = detail::peft_plan(model, config, config_path);
+  const JsonFields config(read_json_file(config_path), config_path);
+  auto plan = detail::peft_plan(model, config);
   DeltaModel::Entry* entry = nullptr;
   try {
     entry = &model.add(name, plan.recipe, plan.pattern);

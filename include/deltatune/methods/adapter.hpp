@@ -22,6 +22,7 @@
 
 #include <deltatune/core/delta.hpp>
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/memory.hpp>
 #include <deltatune/core/method_table.hpp>
 #include <deltatune/core/recipe.hpp>
 #include <deltatune/methods/phm.hpp>
@@ -132,6 +133,7 @@ class AdapterImpl : public torch::nn::Cloneable<AdapterImpl>, public ActivationD
     detail::check<OptionError>(o.phm_n() >= 0, "Adapter: option phm_n must be 0 (Linear) or positive, got {}", o.phm_n());
     detail::adapter_activation(o.non_linearity(), torch::zeros({1}));  // rejects an unknown name now
     const int64_t d = o.d_model(), m = bottleneck();
+    detail::check_parameters_fit(2 * double(d) * double(m), fmt::format("Adapter: a bottleneck of {} on width {}", m, d));
     if (o.phm_n() > 0) {
       adapter_down = register_module("adapter_down", PHMLinear(phm(d, m), shared));
       adapter_up = register_module("adapter_up", PHMLinear(phm(m, d), shared));
@@ -189,19 +191,20 @@ class AdapterImpl : public torch::nn::Cloneable<AdapterImpl>, public ActivationD
 };
 TORCH_MODULE(Adapter);
 
-inline AdapterOptions adapter_options_from_json(const nlohmann::json& j) {
-  const std::string placement = j.at("placement");
-  detail::check<OptionError>(placement == "houlsby" || placement == "pfeiffer",
-                             "Adapter: option placement must be houlsby or pfeiffer, got '{}'", placement);
-  return AdapterOptions(j.at("d_model"))
-      .reduction_factor(j.at("reduction_factor"))
-      .bottleneck(j.at("bottleneck"))
-      .non_linearity(j.at("non_linearity"))
-      .init_std(j.at("init_std"))
+// d_model is absent from a recipe's options (0: DeltaModel takes it from each site).
+inline AdapterOptions adapter_options_from_json(const JsonFields& j) {
+  const auto placement = j.get<std::string>("placement");
+  j.check(placement == "houlsby" || placement == "pfeiffer", "placement", "must be houlsby or pfeiffer");
+  const auto phm_rank = j.get<int64_t>("phm_rank");
+  return AdapterOptions(j.get<int64_t>("d_model", 0))
+      .reduction_factor(j.get<int64_t>("reduction_factor"))
+      .bottleneck(j.get<int64_t>("bottleneck"))
+      .non_linearity(j.get<std::string>("non_linearity"))
+      .init_std(j.get<double>("init_std"))
       .placement(placement == "pfeiffer" ? AdapterPlacement::pfeiffer : AdapterPlacement::houlsby)
-      .phm_n(j.at("phm_n"))
-      .phm_rank(j.at("phm_rank"))
-      .shared_phm_rule(j.value("shared_phm_rule", j.at("phm_rank").get<int64_t>() > 0));  // files before the option: Compacter shared
+      .phm_n(j.get<int64_t>("phm_n"))
+      .phm_rank(phm_rank)
+      .shared_phm_rule(j.get<bool>("shared_phm_rule", phm_rank > 0));  // files before the option: Compacter shared
 }
 
 // Houlsby's places: after self-attention and after the feed-forward block (not after T5's
@@ -258,7 +261,7 @@ inline MethodInfo adapter_method_info() {
                         }};
   };
   return {{"adapter", "phm_adapter", "compacter", "compacter++"},
-          [](const nlohmann::json& j) { return make_recipe(adapter_options_from_json(j)); },
+          [](const JsonFields& j) { return make_recipe(adapter_options_from_json(j)); },
           {preset("adapter", "Houlsby adapters after attention and feed-forward", 1e-3, [] { return houlsby_options(); }),
            preset("pfeiffer", "Pfeiffer adapters after feed-forward", 1e-3, [] { return pfeiffer_options(); }),
            preset("phm", "PHM-Adapter, n 4, at Houlsby's places", 3e-3, [] { return phm_adapter_options(0, 4); }),

@@ -65,7 +65,7 @@ class BitFitImpl : public torch::nn::Cloneable<BitFitImpl>, public WeightDelta {
 };
 TORCH_MODULE(BitFit);
 
-inline BitFitOptions bitfit_options_from_json(const nlohmann::json& j) { return BitFitOptions(j.at("features")); }
+inline BitFitOptions bitfit_options_from_json(const JsonFields& j) { return BitFitOptions(j.get<int64_t>("features")); }
 
 // BitFit: a trained bias on every Linear (added where the backbone has none, an offset
 // to the frozen one where it has), and the backbone's LayerNorm biases where they exist.
@@ -88,7 +88,7 @@ inline std::shared_ptr<DeltaRecipe> make_recipe(const BitFitOptions& o) { return
 // The method table's row: BitFit's learning rate (1e-3).
 inline MethodInfo bitfit_method_info() {
   return {{"bitfit"},
-          [](const nlohmann::json&) { return make_recipe(BitFitOptions()); },
+          [](const JsonFields&) { return make_recipe(BitFitOptions()); },
           {{"bitfit", "BitFit: every bias, added where the backbone has none", {{"t5", 1e-3}, {"bert", 1e-3}},
             [](const PresetSizes&) { return make_recipe(BitFitOptions()); }}}};
 }

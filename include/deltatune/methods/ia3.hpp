@@ -97,8 +97,8 @@ class IA3Impl : public torch::nn::Cloneable<IA3Impl>, public WeightDelta {
 };
 TORCH_MODULE(IA3);
 
-inline IA3Options ia3_options_from_json(const nlohmann::json& j) {
-  return IA3Options(j.at("features")).feedforward(j.at("feedforward"));
+inline IA3Options ia3_options_from_json(const JsonFields& j) {
+  return IA3Options(j.get<int64_t>("features")).feedforward(j.get<bool>("feedforward"));
 }
 
 // IA3 on Linear sites (default, as peft: k, v, wo on T5; key, value, output.dense on BERT).
@@ -136,10 +136,8 @@ inline std::shared_ptr<DeltaRecipe> make_recipe(const IA3Options& o) { return st
 // The method table's row: peft's defaults, T-Few's learning rate (3e-3).
 inline MethodInfo ia3_method_info() {
   return {{"ia3"},
-          [](const nlohmann::json& j) {
-            auto options = IA3Options();
-            if (!j.at("feedforward_modules").is_null()) options.feedforward_modules(j.at("feedforward_modules").get<std::string>());
-            return make_recipe(options);
+          [](const JsonFields& j) {
+            return make_recipe(IA3Options().feedforward_modules(j.get_optional<std::string>("feedforward_modules")));
           },
           {{"ia3", "IA3 on k, v, wo / key, value, output.dense (peft's sites)", {{"t5", 3e-3}, {"bert", 3e-3}},
             [](const PresetSizes&) { return make_recipe(IA3Options()); }}}};

@@ -12,6 +12,7 @@
 
 #include <deltatune/core/delta.hpp>
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/memory.hpp>
 #include <deltatune/core/method_table.hpp>
 #include <deltatune/core/recipe.hpp>
 
@@ -41,6 +42,8 @@ class LoRAImpl : public torch::nn::Cloneable<LoRAImpl>, public WeightDelta {
                                o.in_features(), o.out_features());
     detail::check<OptionError>(o.dropout() >= 0 && o.dropout() < 1, "LoRA: option dropout must be in [0, 1), got {}",
                                o.dropout());
+    detail::check_parameters_fit(double(o.r()) * double(o.in_features() + o.out_features()),
+                                 fmt::format("LoRA: r = {} on a {} x {} layer", o.r(), o.out_features(), o.in_features()));
     lora_A = register_parameter("lora_A", torch::empty({o.r(), o.in_features()}));
     lora_B = register_parameter("lora_B", torch::zeros({o.out_features(), o.r()}));
     torch::NoGradGuard no_grad;
@@ -83,12 +86,13 @@ class LoRAImpl : public torch::nn::Cloneable<LoRAImpl>, public WeightDelta {
 };
 TORCH_MODULE(LoRA);
 
-inline LoRAOptions lora_options_from_json(const nlohmann::json& j) {
-  return LoRAOptions(j.at("in_features"), j.at("out_features"))
-      .r(j.at("r"))
-      .alpha(j.at("alpha"))
-      .dropout(j.at("dropout"))
-      .use_rslora(j.at("use_rslora"));
+// The shapes are absent from a recipe's options (0: DeltaModel takes them from each site).
+inline LoRAOptions lora_options_from_json(const JsonFields& j) {
+  return LoRAOptions(j.get<int64_t>("in_features", 0), j.get<int64_t>("out_features", 0))
+      .r(j.get<int64_t>("r"))
+      .alpha(j.get<double>("alpha"))
+      .dropout(j.get<double>("dropout"))
+      .use_rslora(j.get<bool>("use_rslora"));
 }
 
 // LoRA on Linear sites (default, as peft: q, v on T5; query, value on BERT).
@@ -112,10 +116,7 @@ inline std::shared_ptr<DeltaRecipe> make_recipe(const LoRAOptions& o) { return s
 // learning rate (RoBERTa-base, 5e-4) on either backbone.
 inline MethodInfo lora_method_info() {
   return {{"lora"},
-          [](const nlohmann::json& j) {
-            return make_recipe(LoRAOptions().r(j.at("r")).alpha(j.at("alpha")).dropout(j.at("dropout"))
-                                   .use_rslora(j.at("use_rslora")));
-          },
+          [](const JsonFields& j) { return make_recipe(lora_options_from_json(j)); },
           {{"lora", "LoRA, r 8 (alpha = r) on q, v / query, value", {{"t5", 5e-4}, {"bert", 5e-4}},
             [](const PresetSizes& s) {
               const int64_t r = s.rank > 0 ? s.rank : 8;

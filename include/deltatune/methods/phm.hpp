@@ -18,6 +18,7 @@
 
 #include <deltatune/core/delta.hpp>
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/memory.hpp>
 #include <deltatune/kernels/kron_sum.hpp>
 
 namespace deltatune {
@@ -86,13 +87,13 @@ inline KronSumPath kron_path_from_json(const std::string& name) {
 }  // namespace detail
 
 // The options options_json() wrote (its shared_rule says whether to pass shared factors).
-inline PHMLinearOptions phm_linear_options_from_json(const nlohmann::json& j) {
-  return PHMLinearOptions(j.at("in_features"), j.at("out_features"))
-      .n(j.at("n"))
-      .rank(j.at("rank"))
-      .bias(j.at("bias"))
-      .rule_init_std(j.at("rule_init_std"))
-      .path(detail::kron_path_from_json(j.at("path")));
+inline PHMLinearOptions phm_linear_options_from_json(const JsonFields& j) {
+  return PHMLinearOptions(j.get<int64_t>("in_features"), j.get<int64_t>("out_features"))
+      .n(j.get<int64_t>("n"))
+      .rank(j.get<int64_t>("rank"))
+      .bias(j.get<bool>("bias"))
+      .rule_init_std(j.get<double>("rule_init_std"))
+      .path(detail::kron_path_from_json(j.get<std::string>("path")));
 }
 
 // A PHM (or low-rank PHM) Linear. As a module: forward(x) = x W + b. As a weight delta on a
@@ -117,6 +118,9 @@ class PHMLinearImpl : public torch::nn::Cloneable<PHMLinearImpl>, public WeightD
                                "PHMLinear: option n = {} differs from the shared factors' n = {}", o.n(),
                                shared ? shared->options.n() : 0);
     const int64_t n = o.n(), p = o.in_features() / n, q = o.out_features() / n;
+    detail::check_parameters_fit(double(n) * (o.rank() == 0 ? double(p) * double(q) : double(o.rank()) * double(p + q)),
+                                 fmt::format("PHMLinear: n = {}, rank = {} on a {} x {} layer", n, o.rank(),
+                                             o.out_features(), o.in_features()));
     if (o.rank() == 0) {
       W = register_parameter("W", torch::empty({n, p, q}));
       detail::glorot_uniform_slices_(W);

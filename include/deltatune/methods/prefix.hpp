@@ -22,6 +22,7 @@
 
 #include <deltatune/core/delta.hpp>
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/memory.hpp>
 #include <deltatune/core/method_table.hpp>
 #include <deltatune/core/recipe.hpp>
 
@@ -54,6 +55,10 @@ class PrefixTuningImpl : public torch::nn::Cloneable<PrefixTuningImpl>, public I
                                o.d_model(), o.hidden(), o.inner());
     detail::check<OptionError>(!o.sites().empty(), "PrefixTuning: option sites is empty; name the attention sites");
     const int64_t P = o.num_virtual_tokens(), out = int64_t(o.sites().size()) * 2 * inner();
+    const double table = double(P) * double(out),
+                 mlp = double(P) * double(o.d_model()) + double(o.hidden()) * double(o.d_model() + out);
+    detail::check_parameters_fit(o.prefix_projection() ? mlp : table,
+                                 fmt::format("PrefixTuning: {} positions over {} sites", P, o.sites().size()));
     if (!o.prefix_projection()) {
       embedding = register_parameter("embedding", torch::randn({P, out}));  // nn.Embedding's N(0, 1)
       return;
@@ -130,11 +135,13 @@ class PrefixTuningImpl : public torch::nn::Cloneable<PrefixTuningImpl>, public I
 };
 TORCH_MODULE(PrefixTuning);
 
-inline PrefixTuningOptions prefix_tuning_options_from_json(const nlohmann::json& j) {
-  return PrefixTuningOptions(j.at("num_virtual_tokens"), j.at("d_model"), j.at("sites").get<std::vector<std::string>>())
-      .inner(j.at("inner"))
-      .prefix_projection(j.at("prefix_projection"))
-      .hidden(j.at("hidden"));
+// d_model, sites and inner are absent from a recipe's options (DeltaModel takes them from the backbone).
+inline PrefixTuningOptions prefix_tuning_options_from_json(const JsonFields& j) {
+  return PrefixTuningOptions(j.get<int64_t>("num_virtual_tokens"), j.get<int64_t>("d_model", 0),
+                             j.get<std::vector<std::string>>("sites", {}))
+      .inner(j.get<int64_t>("inner", 0))
+      .prefix_projection(j.get<bool>("prefix_projection"))
+      .hidden(j.get<int64_t>("hidden"));
 }
 
 // Prefix tuning: one table of keys and values for every matched attention site (default:
@@ -174,10 +181,7 @@ inline std::shared_ptr<DeltaRecipe> make_recipe(const PrefixTuningOptions& o) {
 // paper's 5e-4 on T5, P-tuning v2's 1e-2 on BERT-sized models.
 inline MethodInfo prefix_tuning_method_info() {
   return {{"prefix_tuning"},
-          [](const nlohmann::json& j) {
-            return make_recipe(PrefixTuningOptions(j.at("num_virtual_tokens")).prefix_projection(j.at("prefix_projection"))
-                                   .hidden(j.at("hidden")));
-          },
+          [](const JsonFields& j) { return make_recipe(prefix_tuning_options_from_json(j)); },
           {{"prefix", "prefix tuning, 30 positions through the MLP, at peft's sites", {{"t5", 5e-4}, {"bert", 1e-2}},
             [](const PresetSizes& s) { return make_recipe(PrefixTuningOptions(s.virtual_tokens > 0 ? s.virtual_tokens : 30)); }}}};
 }

@@ -16,6 +16,7 @@
 
 #include <deltatune/core/delta.hpp>
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/memory.hpp>
 #include <deltatune/core/method_table.hpp>
 #include <deltatune/core/recipe.hpp>
 
@@ -92,6 +93,8 @@ class PromptTuningImpl : public torch::nn::Cloneable<PromptTuningImpl>, public I
     detail::check<OptionError>(o.num_virtual_tokens() > 0, "PromptTuning: option num_virtual_tokens must be positive, got {}",
                                o.num_virtual_tokens());
     detail::check<OptionError>(o.d_model() > 0, "PromptTuning: option d_model must be positive, got {}", o.d_model());
+    detail::check_parameters_fit(double(o.num_virtual_tokens()) * double(o.d_model()),
+                                 fmt::format("PromptTuning: {} prompts of width {}", o.num_virtual_tokens(), o.d_model()));
     if (o.init() == PromptInit::uniform) {
       embedding = register_parameter("embedding", torch::empty({o.num_virtual_tokens(), o.d_model()}));
       torch::NoGradGuard no_grad;
@@ -121,16 +124,16 @@ class PromptTuningImpl : public torch::nn::Cloneable<PromptTuningImpl>, public I
 };
 TORCH_MODULE(PromptTuning);
 
-inline PromptTuningOptions prompt_tuning_options_from_json(const nlohmann::json& j) {
-  const std::string init = j.at("init");
-  detail::check<OptionError>(init == "uniform" || init == "sampled_vocabulary" || init == "token_ids",
-                             "PromptTuning: option init must be uniform, sampled_vocabulary or token_ids, got '{}'", init);
-  return PromptTuningOptions(j.at("num_virtual_tokens"), j.at("d_model"))
+inline PromptTuningOptions prompt_tuning_options_from_json(const JsonFields& j) {
+  const auto init = j.get<std::string>("init");
+  j.check(init == "uniform" || init == "sampled_vocabulary" || init == "token_ids", "init",
+          "must be uniform, sampled_vocabulary or token_ids");
+  return PromptTuningOptions(j.get<int64_t>("num_virtual_tokens"), j.get<int64_t>("d_model"))
       .init(init == "uniform" ? PromptInit::uniform
                               : init == "token_ids" ? PromptInit::token_ids : PromptInit::sampled_vocabulary)
-      .init_range(j.at("init_range"))
-      .sample_top_k(j.at("sample_top_k"))
-      .init_token_ids(j.at("init_token_ids").get<std::vector<int64_t>>());
+      .init_range(j.get<double>("init_range"))
+      .sample_top_k(j.get<int64_t>("sample_top_k"))
+      .init_token_ids(j.get<std::vector<int64_t>>("init_token_ids"));
 }
 
 // Prompt tuning at the encoder's input (default: T5's encoder, BERT's embeddings); rows
@@ -155,7 +158,7 @@ inline std::shared_ptr<DeltaRecipe> make_recipe(const PromptTuningOptions& o) {
 // learning rate 0.3.
 inline MethodInfo prompt_tuning_method_info() {
   return {{"prompt_tuning"},
-          [](const nlohmann::json& j) { return make_recipe(prompt_tuning_options_from_json(j)); },
+          [](const JsonFields& j) { return make_recipe(prompt_tuning_options_from_json(j)); },
           {{"prompt", "prompt tuning, 100 prompts from vocabulary rows", {{"t5", 3e-1}, {"bert", 3e-1}},
             [](const PresetSizes& s) {
               return make_recipe(PromptTuningOptions(s.virtual_tokens > 0 ? s.virtual_tokens : 100)

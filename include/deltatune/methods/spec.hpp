@@ -82,13 +82,13 @@ inline nlohmann::json spec_tuning_options_json(const SpecTuningOptions& o) {
           {"layer_norms", o.layer_norms()}, {"layer_norm_pattern", o.layer_norm_pattern()}};
 }
 
-inline SpecTuningOptions spec_tuning_options_from_json(const nlohmann::json& j) {
+inline SpecTuningOptions spec_tuning_options_from_json(const JsonFields& j) {
   return SpecTuningOptions()
-      .last_layers(j.at("last_layers"))
-      .layer_pattern(j.at("layer_pattern"))
-      .modules(j.at("modules").get<std::vector<std::string>>())
-      .layer_norms(j.at("layer_norms"))
-      .layer_norm_pattern(j.at("layer_norm_pattern"));
+      .last_layers(j.get<int64_t>("last_layers"))
+      .layer_pattern(j.get<std::string>("layer_pattern"))
+      .modules(j.get<std::vector<std::string>>("modules"))
+      .layer_norms(j.get<bool>("layer_norms"))
+      .layer_norm_pattern(j.get<std::string>("layer_norm_pattern"));
 }
 
 // Spec-based tuning: backbone parameters chosen by name (the last k layers, chosen
@@ -115,7 +115,7 @@ inline std::shared_ptr<DeltaRecipe> make_recipe(const SpecTuningOptions& o) { re
 // 1e-4 in AdamW form, 3e-4; BERT's fine-tuning range top, 5e-5).
 inline MethodInfo spec_tuning_method_info() {
   return {{"spec"},
-          [](const nlohmann::json& j) { return make_recipe(spec_tuning_options_from_json(j)); },
+          [](const JsonFields& j) { return make_recipe(spec_tuning_options_from_json(j)); },
           {{"full", "every backbone weight trained", {{"t5", 3e-4}, {"bert", 5e-5}},
             [](const PresetSizes&) { return make_recipe(SpecTuningOptions().modules({"*"})); }}}};
 }

@@ -15,6 +15,7 @@
 #include <torch/torch.h>
 
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/json_file.hpp>
 #include <deltatune/core/safetensors.hpp>
 #include <deltatune/core/tensor_match.hpp>
 
@@ -161,12 +162,10 @@ class SavedTrainState {
     const auto groups = metadata_json("deltatune.adamw_groups");
     check<CheckpointError>(groups.is_array() && groups.size() == num_groups, "{}: the saved state has {} optimizer "
                            "param groups, the optimizer {}", path_, groups.is_array() ? groups.size() : 0, num_groups);
-    try {
-      for (const auto& j : groups)
-        groups_.push_back({j.at("lr").get<double>(), j.at("beta1").get<double>(), j.at("beta2").get<double>(),
-                           j.at("eps").get<double>(), j.at("weight_decay").get<double>(), j.at("amsgrad").get<bool>()});
-    } catch (const nlohmann::json::exception& e) {
-      throw CheckpointError(fmt::format("{}: metadata deltatune.adamw_groups: {}", path_, e.what()));
+    for (std::size_t g = 0; g < groups.size(); ++g) {
+      const JsonFields j(groups[g], fmt::format("{}: metadata deltatune.adamw_groups[{}]", path_, g));
+      groups_.push_back({j.get<double>("lr"), j.get<double>("beta1"), j.get<double>("beta2"), j.get<double>("eps"),
+                         j.get<double>("weight_decay"), j.get<bool>("amsgrad")});
     }
   }
   nlohmann::json metadata_json(const std::string& key) const {
