@@ -15,7 +15,6 @@
 #include "finetune_common.hpp"
 
 #include <cctype>
-#include <fstream>
 #include <iostream>
 #include <numeric>
 #include <set>
@@ -104,10 +103,11 @@ std::string write_builtin_vocabulary(const std::vector<dt::GlueExample>& corpus,
       if (!std::isspace(static_cast<unsigned char>(c))) words.insert(std::string(1, c));
     }
   }
+  std::string text;
+  for (const char* special : {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}) text += std::string(special) + "\n";
+  for (const auto& w : words) text += w + "\n";
   const auto path = dir + "/vocab.txt";
-  std::ofstream out(path);
-  for (const char* special : {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}) out << special << "\n";
-  for (const auto& w : words) out << w << "\n";
+  dt::detail::write_text_atomically(path, text, "finetune_bert's vocab.txt");
   return path;
 }
 
@@ -164,6 +164,7 @@ int run(const Flags& flags) {
                            train_ids.labels.front());
 
   auto bert = load_backbone(flags, task, tok.vocab_size(), train_ids);
+  finetune::check_delta_sizes(flags, *bert);
   if (splits.builtin)
     std::cout << fmt::format("backbone: a tiny BERT with RANDOM weights (vocabulary {} words, hidden {}, {} layers); "
                              "no pretrained model is used, so expect far less than a real BERT gets\n",

@@ -7,8 +7,8 @@
 #include <deltatune/deltatune.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <iostream>
 #include <limits>
@@ -59,9 +59,9 @@ inline const char* const kCommonUsage = R"(  --data DIR           GLUE task fold
   --seed N             (default 42)
   --max-length N       tokens per example (default 128); batches are padded to their longest
   --max-train N        train on a seeded random N of the train examples (default: all)
-  --reduction-factor N adapters' d / m (default: the method's)
-  --lora-r N           LoRA rank (default 8)
-  --virtual-tokens N   prompt / prefix length (default 100 / 30)
+  --reduction-factor N adapters' d / m (default: the method's; at most the model's width)
+  --lora-r N           LoRA rank (default 8; at most the model's width)
+  --virtual-tokens N   prompt / prefix length (default 100 / 30; at most 1024)
   --threads N          CPU threads (default 1 on the built-in task, else LibTorch's)
   --train-size N, --dev-size N   the built-in task's size (default 3000, 400)
   --out DIR            log.jsonl, curves.png, best/, last/, delta/, results.json
@@ -84,6 +84,32 @@ T to_number(const std::string& flag, const std::string& v) {
   } catch (const std::exception&) {
   }
   throw UsageError(fmt::format("{} expects {}, got '{}'", flag, std::is_integral_v<T> ? "an integer" : "a number", v));
+}
+
+// The values a whole-number flag may take when given. The lower bounds refuse what Flags'
+// defaults would otherwise silently stand in for (0 or -1 there means "the default"); the
+// upper ones refuse sizes no run can hold before anything allocates them. Bounds that depend
+// on the model (--lora-r, --reduction-factor) are check_delta_sizes's.
+struct Range {
+  int64_t min, max;
+};
+
+inline const std::map<std::string, Range>& int_ranges() {
+  constexpr int64_t kAny = std::numeric_limits<int64_t>::max();
+  static const std::map<std::string, Range> ranges{
+      {"--epochs", {1, 1'000'000}},         {"--batch-size", {1, 1'000'000}},   {"--max-steps", {1, 1'000'000'000}},
+      {"--seed", {0, kAny}},                {"--max-length", {4, 1'000'000}},   {"--max-train", {0, kAny}},
+      {"--train-size", {1, 10'000'000}},    {"--dev-size", {1, 10'000'000}},    {"--pretrain-steps", {0, 1'000'000'000}},
+      {"--reduction-factor", {1, kAny}},    {"--lora-r", {1, kAny}},
+      {"--virtual-tokens", {1, 1024}},  // prompt and prefix tuning's papers use 10 to 200
+      {"--threads", {1, 1024}}};
+  return ranges;
+}
+
+inline void check_range(const std::string& flag, int64_t value) {
+  const auto range = int_ranges().at(flag);
+  if (value < range.min) throw UsageError(fmt::format("{} {}: must be at least {}", flag, value, range.min));
+  if (value > range.max) throw UsageError(fmt::format("{} {}: must be at most {}", flag, value, range.max));
 }
 
 // The flags over `defaults`; nullopt for --help.
@@ -109,17 +135,45 @@ inline std::optional<Flags> parse_flags(int argc, char** argv, Flags f) {
     if (i + 1 >= argc) throw UsageError(fmt::format("{} needs a value (see --help)", flag));
     const std::string value = argv[++i];
     if (strings.count(flag)) *strings[flag] = value;
-    else if (ints.count(flag)) *ints[flag] = to_number<int64_t>(flag, value);
+    else if (ints.count(flag)) check_range(flag, *ints[flag] = to_number<int64_t>(flag, value));
     else if (flag == "--lr") f.lr = to_number<double>(flag, value);
     else throw UsageError(fmt::format("unknown flag '{}' (see --help)", flag));
+    // 0 stands for the method's rate in Flags; stod also reads "nan" and "inf".
+    if (flag == "--lr" && !(std::isfinite(f.lr) && f.lr > 0))
+      throw UsageError(fmt::format("--lr {}: must be a positive number", value));
   }
-  if (f.batch_size < 1 || f.train_size < 1 || f.dev_size < 1 || f.max_length < 4 || f.max_train < 0)
-    throw UsageError("--batch-size, --train-size, --dev-size must be positive, --max-length at least 4, "
-                     "--max-train at least 0");
   if (f.data.empty() != f.model.empty())
     throw UsageError("give --model and --data together (a GLUE folder needs a pretrained model and its tokenizer), "
                      "or neither for the built-in task");
   return f;
+}
+
+// The backbone's width: the largest smaller side of its weight matrices (d_model for T5 and
+// BERT), the most a LoRA rank can use and the most an adapter's d can be divided by.
+inline int64_t backbone_width(const torch::nn::Module& backbone) {
+  int64_t width = 0;
+  for (const auto& p : backbone.named_parameters())
+    if (p.value().dim() == 2) width = std::max(width, std::min(p.value().size(0), p.value().size(1)));
+  return width;
+}
+
+// Refuses delta sizes the backbone cannot hold, before any delta allocates them (a rank of a
+// billion ended in an allocator error).
+inline void check_delta_sizes(const Flags& flags, const torch::nn::Module& backbone) {
+  const int64_t width = backbone_width(backbone);
+  if (flags.lora_r > width)
+    throw UsageError(fmt::format("--lora-r {}: must be at most {}, the backbone's width (a rank above a layer's width "
+                                 "adds nothing)", flags.lora_r, width));
+  if (flags.reduction_factor > width)
+    throw UsageError(fmt::format("--reduction-factor {}: must be at most {}, the backbone's width (a larger factor "
+                                 "leaves an adapter bottleneck under one unit)", flags.reduction_factor, width));
+}
+
+// Refuses a --model that is not there: otherwise the first complaint is a tokenizer's.
+inline void check_model_exists(const Flags& flags) {
+  if (!flags.model.empty() && !std::filesystem::exists(flags.model))
+    throw dt::Error(fmt::format("--model {}: the model folder is missing (give a Hugging Face model folder or a "
+                                "TorchScript archive)", flags.model));
 }
 
 inline std::vector<std::string> split(const std::string& s, char sep) {
@@ -369,7 +423,7 @@ inline void report(const Flags& flags, const dt::GlueTask& task, dt::DeltaModel&
       {"share_percent", share}, {"seconds_per_epoch", per_epoch}, {"epochs_timed", summary.seconds_per_epoch.size()},
       {"peak_rss_mb", summary.peak_rss_bytes / (1024 * 1024)}, {"train_examples", train_examples}, {"epochs", epochs},
       {"lr", lr}, {"steps", summary.steps}, {"reload_ok", reload_ok}, {"command", flags.command}};
-  std::ofstream(flags.out + "/results.json") << results.dump(2) << "\n";
+  dt::detail::write_text_atomically(flags.out + "/results.json", results.dump(2) + "\n", "results.json");
 }
 
 // Trains the job's deltas, saves them, reloads them into a fresh backbone and compares the
@@ -442,6 +496,7 @@ inline int run_main(int argc, char** argv, const std::string& program, const std
       for (const auto& name : method_names()) std::cout << name << "\n";
       return 0;
     }
+    check_model_exists(*flags);
     return run(*flags);
   } catch (const UsageError& e) {
     std::cerr << program << ": " << e.what() << "\n";

@@ -242,10 +242,11 @@ int run(const Flags& flags) {
 
   const auto backbone_path = flags.out + "/backbone.safetensors";
   bb::T5Model t5{nullptr};
+  const bool pretrain_here = builtin && !(flags.resume && std::filesystem::exists(backbone_path));
   if (!builtin) {
     t5 = bb::load_t5(flags.model);
     std::cout << fmt::format("backbone: {} (pretrained, {})\n", flags.model, finetune::backbone_role(methods));
-  } else if (flags.resume && std::filesystem::exists(backbone_path)) {
+  } else if (!pretrain_here) {
     t5 = load_backbone(backbone_path, tok->vocab_size());
     std::cout << fmt::format("backbone: the small T5 pretrained earlier, from {}\n", backbone_path);
   } else {
@@ -254,6 +255,9 @@ int run(const Flags& flags) {
                              "layers); no pretrained model is used.\n  Stand-in for pretraining: all its weights "
                              "train for {} updates on denoising the train sentences (masked words, no labels).\n",
                              tok->vocab_size(), t5->config.d_model(), t5->config.num_layers(), pretrain_steps(flags));
+  }
+  finetune::check_delta_sizes(flags, *t5);  // before the pretraining a refused size would waste
+  if (pretrain_here) {
     if (pretrain_steps(flags) > 0)
       pretrain_small_t5(t5, denoising_data(train_ids, tok->mask_id(), uint64_t(flags.seed)), flags);
     save_backbone(t5, backbone_path);

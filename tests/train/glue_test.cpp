@@ -34,7 +34,7 @@ CATCH_TEST_CASE("GLUE readers parse each task's layout from small files", "[glue
   CATCH_CHECK(examples[1].label == 0);
 
   TempTsv cola_test("cola_test.tsv", "index\tsentence\n0\tBill whistled past the house.\n");
-  CATCH_CHECK(dt::read_glue_tsv(dt::glue_task("cola"), cola_test.path).at(0).label == -1);
+  CATCH_CHECK(dt::read_glue_tsv(dt::glue_task("cola"), cola_test.path, /*labelled=*/false).at(0).label == -1);
 
   // MRPC: byte order mark, header with spaces and '#', quotes that are text, CRLF endings.
   TempTsv mrpc("mrpc.tsv", "\xEF\xBB\xBFQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\r\n1\t1\t2\t\"A\" b\tc \"d\r\n");
@@ -82,6 +82,26 @@ CATCH_TEST_CASE("GLUE readers name the file, line and fix in their errors", "[gl
   TempTsv blank("blank.tsv", "");
   CATCH_REQUIRE_THROWS_WITH(dt::read_glue_tsv(dt::glue_task("cola"), blank.path),
                             Catch::Contains(blank.path + ": holds no examples"));
+  // A misnamed label column read as a test split's: every label -1, T5 trained on "<unk>".
+  TempTsv misnamed("misnamed.tsv", "sentence\tlabels\ngood\t1\n");
+  CATCH_REQUIRE_THROWS_WITH(dt::read_glue_tsv(sst2, misnamed.path),
+                            Catch::Contains(misnamed.path + ":1: the header has no label column 'label'") &&
+                                Catch::Contains("the columns are sentence, labels"));
+  CATCH_CHECK(dt::read_glue_tsv(sst2, misnamed.path, /*labelled=*/false).at(0).label == -1);
+  dt::testing::TempDir folder;  // read_glue: only a test split may lack labels
+  folder.write("test.tsv", "index\tsentence\n0\tgood\n");
+  folder.write("dev.tsv", "index\tsentence\n0\tgood\n");
+  CATCH_CHECK(dt::read_glue(folder.path.string(), "sst2", "test").at(0).label == -1);
+  CATCH_REQUIRE_THROWS_WITH(dt::read_glue(folder.path.string(), "sst2", "dev"),
+                            Catch::Contains(folder.file("dev.tsv") + ":1: the header has no label column"));
+  // STS-B's similarity is a finite number in [0, 5]; strtod alone read these.
+  for (const char* score : {"nan", "1e999", "-3", "inf", "5.2"}) {
+    TempTsv stsb("stsb_bad.tsv", std::string("sentence1\tsentence2\tscore\nA.\tB.\t2.5\nC.\tD.\t") + score + "\n");
+    CATCH_REQUIRE_THROWS_WITH(dt::read_glue_tsv(dt::glue_task("stsb"), stsb.path),
+                              Catch::Contains(stsb.path + ":3: score '" + score + "' in column 'score' is not within [0, 5]"));
+  }
+  TempTsv stsb_edges("stsb_edges.tsv", "sentence1\tsentence2\tscore\nA.\tB.\t0\nC.\tD.\t5.000\n");
+  CATCH_CHECK(dt::read_glue_tsv(dt::glue_task("stsb"), stsb_edges.path).at(1).score == 5.0);
   CATCH_REQUIRE_THROWS_WITH(dt::glue_task("wnli"), Catch::Contains("unknown GLUE task 'wnli'"));
   CATCH_REQUIRE_THROWS_AS(dt::glue_task("wnli"), dt::OptionError);
 }

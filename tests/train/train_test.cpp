@@ -8,6 +8,8 @@
 #include <deltatune/train/trainer.hpp>
 
 #include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <optional>
 #include <sstream>
@@ -22,6 +24,20 @@ uint32_t read_u32_be(const std::string& s, std::size_t at) {
   uint32_t v = 0;
   for (int i = 0; i < 4; ++i) v = v << 8 | static_cast<uint8_t>(s[at + i]);
   return v;
+}
+
+// The pid of a process that has exited: a temporary named after it is stale.
+pid_t dead_pid() {
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  return child;
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
 // A batch of the synthetic logistic-regression problem: x (B, 4), y (B,).
@@ -354,9 +370,11 @@ CATCH_TEST_CASE("Trainer seeds the global generator only when given a seed", "[t
 }
 
 CATCH_TEST_CASE("Trainer resumes an interrupted run to the same result", "[trainer]") {
+  // Losses are logged every 4 updates and the state saved every 5: the state of update 10 holds
+  // a window of two losses, and the crash in update 13 comes after the log line of update 12.
   const auto options = [](const std::string& dir) {
-    return dt::TrainerOptions().max_steps(20).eval_every(5).lr(0.05).warmup_steps(3).accumulation_steps(2)
-        .seed(7).output_dir(dir).progress(false);
+    return dt::TrainerOptions().max_steps(20).eval_every(5).log_every(4).lr(0.05).warmup_steps(3)
+        .accumulation_steps(2).seed(7).output_dir(dir).progress(false);
   };
   dt::testing::TempDir whole, parts;
   Logistic a;
@@ -372,6 +390,9 @@ CATCH_TEST_CASE("Trainer resumes an interrupted run to the same result", "[train
                               },
                               logistic_source(b.x, b.y), [&] { return b.accuracy(); });
   CATCH_REQUIRE_THROWS_WITH(crashing.fit(), "killed");
+  // What a kill leaves besides: a torn last log line and a temporary of the next state.
+  std::ofstream(parts.file("log.jsonl"), std::ios::app) << R"({"step": 13, "lo)";
+  parts.write("last/train_state.safetensors.tmp-" + std::to_string(dead_pid()), "half-written");
 
   Logistic c;  // a new process: fresh tensors, the state comes from the file
   torch::manual_seed(12345);
@@ -382,8 +403,45 @@ CATCH_TEST_CASE("Trainer resumes an interrupted run to the same result", "[train
   CATCH_CHECK(torch::equal(c.b, a.b));
   CATCH_CHECK(resumed.best_metric == full.best_metric);
   CATCH_CHECK(resumed.best_step == full.best_step);
+  // The log and curves too: the records after update 10 are not repeated, and the loss logged
+  // at update 12 averages updates 9 to 12, as the uninterrupted run's does.
+  const auto records = [](const std::string& dir, const char* field) {
+    std::vector<nlohmann::json> out;
+    for (const auto& r : dt::read_jsonl(dir + "/log.jsonl"))
+      if (r.contains(field)) out.push_back(r);
+    return out;
+  };
+  const auto losses = records(parts.path, "loss");
+  CATCH_CHECK(losses.size() == 5);  // updates 4, 8, 12, 16, 20, each once
+  CATCH_CHECK(losses == records(whole.path, "loss"));
+  CATCH_CHECK(records(parts.path, "eval") == records(whole.path, "eval"));
+  CATCH_CHECK((slurp(parts.file("curves.png")) == slurp(whole.file("curves.png"))));
+  for (const auto& entry : std::filesystem::directory_iterator(parts.file("last")))
+    CATCH_CHECK(entry.path().filename().string().find(".tmp-") == std::string::npos);
 
   // Changed options cannot continue the saved run.
   Logistic d;
   CATCH_REQUIRE_THROWS_WITH(d.trainer(options(parts.path).max_steps(30)).fit(), Catch::Contains("resume with the same options"));
+}
+
+CATCH_TEST_CASE("Trainer removes stale temporaries of atomic writes, and only those, when it starts",
+                "[trainer][atomic_file]") {
+  CATCH_CHECK(dt::detail::temporary_file_pid("log.jsonl.tmp-123") == 123);
+  for (const char* name : {"log.jsonl", ".tmp-123", "log.jsonl.tmp-", "log.jsonl.tmp-12a", "x.tmp-99999999999"})
+    CATCH_CHECK(dt::detail::temporary_file_pid(name) == -1);
+
+  dt::testing::TempDir dir;
+  for (const char* sub : {"last", "best", "best/head"}) std::filesystem::create_directory(dir.file(sub));
+  const auto dead = std::to_string(dead_pid()), own = std::to_string(::getpid()), live = std::to_string(::getppid());
+  const std::vector<std::string> stale{"log.jsonl.tmp-" + dead, "last/train_state.safetensors.tmp-" + dead,
+                                       "best/head/adapter_model.safetensors.tmp-" + own};
+  const std::vector<std::string> kept{"curves.png.tmp-" + live, "notes.tmp-12ab", ".tmp-" + dead, "data.tmp-",
+                                      "best/x.tmp-99999999999"};
+  for (const auto& name : stale) dir.write(name, "half-written");
+  for (const auto& name : kept) dir.write(name, "not ours to remove");
+  Logistic problem;
+  problem.trainer(dt::TrainerOptions().max_steps(2).output_dir(dir.path.string()).progress(false)).fit();
+  for (const auto& name : stale) CATCH_CHECK_FALSE(std::filesystem::exists(dir.file(name)));
+  for (const auto& name : kept) CATCH_CHECK(std::filesystem::exists(dir.file(name)));
+  CATCH_CHECK(std::filesystem::exists(dir.file("last/train_state.safetensors")));
 }

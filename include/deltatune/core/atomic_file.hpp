@@ -2,7 +2,11 @@
 // appears whole or not at all.
 #pragma once
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/types.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -10,6 +14,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <limits>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -52,9 +58,29 @@ inline void write_all(TemporaryFile& file, const std::string& target, const char
   }
 }
 
-// Writes `pieces` one after another to `path.tmp-<pid>`, fsyncs, then renames it over
-// `path`. On any failure the temporary file is removed and CheckpointError names `path`
-// (`who` says which writer failed).
+// The folder that holds `path` ("." for a bare name).
+inline std::string parent_folder(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
+// fsyncs the folder holding `path`: a rename is durable only once its directory entry is on disk.
+inline void sync_parent_folder(const std::string& path, const char* who) {
+  const auto folder = parent_folder(path);
+  const int fd = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  check<CheckpointError>(fd >= 0, "{}: wrote {}, but cannot open its folder {} to fsync it: {}", who, path, folder,
+                         std::strerror(errno));
+  const bool synced = ::fsync(fd) == 0;
+  const int fsync_errno = errno;
+  ::close(fd);
+  check<CheckpointError>(synced, "{}: wrote {}, but fsync of its folder {} failed: {}", who, path, folder,
+                         std::strerror(fsync_errno));
+}
+
+// Writes `pieces` one after another to `path.tmp-<pid>`, fsyncs, renames it over `path` and
+// fsyncs the folder. On any failure the temporary file is removed and CheckpointError names
+// `path` (`who` says which writer failed).
 inline void write_file_atomically(const std::string& path, const std::vector<Bytes>& pieces, const char* who) {
   TemporaryFile tmp(path + ".tmp-" + std::to_string(::getpid()));
   tmp.fd = ::open(tmp.path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
@@ -70,10 +96,49 @@ inline void write_file_atomically(const std::string& path, const std::vector<Byt
   check<CheckpointError>(std::rename(tmp.path.c_str(), path.c_str()) == 0, "{}: cannot write {}: rename from {} failed: {}",
                          who, path, tmp.path, std::strerror(errno));
   tmp.committed = true;
+  sync_parent_folder(path, who);
 }
 
 inline void write_text_atomically(const std::string& path, const std::string& text, const char* who) {
   write_file_atomically(path, {{text.data(), text.size()}}, who);
+}
+
+// The pid in a name of write_file_atomically's temporaries, `<name>.tmp-<pid>`; -1 for any other name.
+inline long temporary_file_pid(const std::string& name) {
+  const auto at = name.rfind(".tmp-");
+  if (at == std::string::npos || at == 0 || at + 5 == name.size()) return -1;
+  long pid = 0;
+  for (std::size_t i = at + 5; i < name.size(); ++i) {
+    const char c = name[i];
+    if (c < '0' || c > '9' || pid > (std::numeric_limits<int>::max() - (c - '0')) / 10) return -1;
+    pid = pid * 10 + (c - '0');
+  }
+  return pid;
+}
+
+// Removes the temporaries that write_file_atomically left in `folder` when its process was
+// killed between write and rename: files named `<name>.tmp-<pid>` whose pid is this process's
+// or no live process's (another live process may be writing its own). Call it while this
+// process writes nothing in `folder`. Returns the paths removed; a missing folder has none.
+inline std::vector<std::string> remove_stale_temporaries(const std::string& folder) {
+  std::vector<std::string> removed;
+  const std::unique_ptr<DIR, int (*)(DIR*)> dir(::opendir(folder.c_str()), &::closedir);
+  if (!dir) return removed;
+  for (const dirent* entry; (entry = ::readdir(dir.get())) != nullptr;) {
+    const long pid = temporary_file_pid(entry->d_name);
+    if (pid <= 0) continue;
+    const bool ours = pid == ::getpid(), dead = ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH;
+    const auto path = folder + "/" + entry->d_name;
+    struct stat st {};
+    if ((!ours && !dead) || ::lstat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+    const bool unlinked = ::unlink(path.c_str()) == 0;
+    const int unlink_errno = errno;
+    // ENOENT: another process removed it first.
+    check<CheckpointError>(unlinked || unlink_errno == ENOENT, "cannot remove the stale temporary file {}: {}", path,
+                           std::strerror(unlink_errno));
+    if (unlinked) removed.push_back(path);
+  }
+  return removed;
 }
 
 }  // namespace deltatune::detail

@@ -107,6 +107,9 @@ inline void parse_glue_label(const GlueTask& task, const std::string& value, Glu
     char* end = nullptr;
     example.score = std::strtod(value.c_str(), &end);
     check(!value.empty() && *end == '\0', "{}: score '{}' in column '{}' is not a number", where, value, task.label);
+    // strtod reads "nan", "inf" and "1e999" (as inf) too: none is a similarity.
+    check(std::isfinite(example.score) && example.score >= 0 && example.score <= 5, "{}: score '{}' in column '{}' "
+          "is not within [0, 5], {}'s similarity range", where, value, task.label, task.name);
     return;
   }
   example.label = column_index(task.file_labels, value);
@@ -116,11 +119,12 @@ inline void parse_glue_label(const GlueTask& task, const std::string& value, Glu
 
 }  // namespace detail
 
-// Reads one GLUE TSV file of `task`. A file without the label column (a test split) gives
-// unlabelled examples. Throws Error naming the file and line: missing file, missing column,
-// a line with the wrong number of fields, an unknown label, a file with no examples.
+// Reads one GLUE TSV file of `task`. `labelled` (train and dev) requires the label column;
+// otherwise (a test split) a file without it gives unlabelled examples. Throws Error naming
+// the file and line: missing file, missing column, a line with the wrong number of fields, an
+// unknown label or a score outside [0, 5], a file with no examples.
 //   auto dev = deltatune::read_glue_tsv(deltatune::glue_task("rte"), "glue/RTE/dev.tsv");
-inline std::vector<GlueExample> read_glue_tsv(const GlueTask& task, const std::string& path) {
+inline std::vector<GlueExample> read_glue_tsv(const GlueTask& task, const std::string& path, bool labelled = true) {
   std::ifstream in(path, std::ios::binary);
   detail::check(in.is_open(), "read_glue_tsv: cannot open {} (the {} task's TSV; download GLUE with its "
                 "download_glue_data.py)", path, task.name);
@@ -139,6 +143,10 @@ inline std::vector<GlueExample> read_glue_tsv(const GlueTask& task, const std::s
   const int b = task.text_b.empty() ? -1 : detail::column_index(columns, task.text_b);
   const int label = detail::column_index(columns, task.label);
   detail::check(task.text_b.empty() || b >= 0, "{}:1: the header has no column '{}'", path, task.text_b);
+  // Without it every example would be unlabelled: T5 would learn "<unk>", BERT's loss would fail.
+  detail::check(!labelled || label >= 0, "{}:1: the header has no label column '{}' (the columns are {}); {} train "
+                "and dev files label every example (a test split reads with labelled = false)", path, task.label,
+                fmt::join(columns, ", "), task.name);
   std::vector<GlueExample> examples;
   int64_t number = 1;
   auto add = [&](const std::string& text) {
@@ -166,10 +174,10 @@ inline std::vector<GlueExample> read_glue_tsv(const GlueTask& task, const std::s
 }
 
 // Reads `folder/<split>.tsv`: "train", "dev", "test" ("dev_matched", "dev_mismatched",
-// "test_matched", "test_mismatched" for MNLI).
+// "test_matched", "test_mismatched" for MNLI); only the test splits may lack labels.
 //   auto train = deltatune::read_glue("glue/SST-2", "sst2", "train");
 inline std::vector<GlueExample> read_glue(const std::string& folder, const std::string& task, const std::string& split) {
-  return read_glue_tsv(glue_task(task), folder + "/" + split + ".tsv");
+  return read_glue_tsv(glue_task(task), folder + "/" + split + ".tsv", /*labelled=*/split.rfind("test", 0) != 0);
 }
 
 // An example as T5 reads and writes it: "rte sentence1: ... sentence2: ..." -> "entailment".

@@ -13,6 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <deltatune/core/atomic_file.hpp>
 #include <deltatune/core/error.hpp>
 
 namespace deltatune {
@@ -56,6 +57,24 @@ inline std::vector<nlohmann::json> read_jsonl(const std::string& path) {
     records.push_back(std::move(record));
   }
   return records;
+}
+
+// Cuts a run's log back to what a training state saved at `step` had seen: drops the records
+// of later steps, which a resumed run logs again, and a line torn by a kill; keeps the rest in
+// order. Rewritten atomically; a missing log is left missing.
+inline void truncate_jsonl_after_step(const std::string& path, int64_t step) {
+  std::ifstream in(path);
+  if (!in.is_open()) return;
+  std::string kept, line;
+  while (std::getline(in, line)) {
+    const auto record = nlohmann::json::parse(line, nullptr, false);
+    if (record.is_discarded() || !record.is_object()) continue;
+    const auto found = record.find("step");
+    if (found == record.end() || !found->is_number() || found->get<double>() <= static_cast<double>(step))
+      kept += line + '\n';
+  }
+  detail::check(!in.bad(), "truncate_jsonl_after_step: reading {} failed: {}", path, std::strerror(errno));
+  detail::write_text_atomically(path, kept, "truncate_jsonl_after_step");
 }
 
 }  // namespace deltatune

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -23,6 +24,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
+#include <deltatune/core/atomic_file.hpp>
 #include <deltatune/core/error.hpp>
 #include <deltatune/train/checkpoint_state.hpp>
 #include <deltatune/train/log.hpp>
@@ -186,11 +188,22 @@ class Trainer {
   void start_or_resume() {
     if (!options_.output_dir().empty()) {
       for (const auto& dir : {options_.output_dir(), path("last"), path("best")}) ::mkdir(dir.c_str(), 0755);
+      remove_stale_temporaries();
       struct stat st {};
       if (options_.resume() && ::stat(state_path().c_str(), &st) == 0) return resume();
       log_.emplace(path("log.jsonl"), /*append=*/false);
     }
     if (options_.seed()) torch::manual_seed(*options_.seed());
+  }
+
+  // A kill between an atomic write and its rename leaves a temporary file that nothing else
+  // removes: in the output folder, last/, best/ and the folders save_best writes in best/.
+  void remove_stale_temporaries() const {
+    std::vector<std::string> dirs{options_.output_dir(), path("last"), path("best")};
+    std::error_code error;
+    for (const auto& entry : std::filesystem::directory_iterator(path("best"), error))
+      if (entry.is_directory(error)) dirs.push_back(entry.path().string());
+    for (const auto& dir : dirs) detail::remove_stale_temporaries(dir);
   }
 
   void resume() {
@@ -208,6 +221,12 @@ class Trainer {
     loss_curve_ = {state.at("loss_x").get<std::vector<double>>(), state.at("loss_y").get<std::vector<double>>()};
     metric_curve_.x = state.at("metric_x").get<std::vector<double>>();
     for (const auto& y : state.at("metric_y")) metric_curve_.y.push_back(y.is_null() ? NAN : y.get<double>());
+    // The losses since the last log line, so that the next one averages what an uninterrupted
+    // run's would; a state saved without them starts an empty window.
+    window_sum_ = state.value("window_sum", 0.0);
+    window_count_ = state.value("window_count", int64_t{0});
+    // The steps after the saved one run again: their records must not appear twice.
+    truncate_jsonl_after_step(path("log.jsonl"), summary_.steps);
     log_.emplace(path("log.jsonl"), /*append=*/true);
     log_->log({{"event", "resume"}, {"step", summary_.steps}});
   }
@@ -282,7 +301,8 @@ class Trainer {
                       {"stopped_early", summary_.stopped_early},
                       {"evals_without_improvement", evals_without_improvement_},
                       {"loss_x", loss_curve_.x}, {"loss_y", loss_curve_.y},
-                      {"metric_x", metric_curve_.x}, {"metric_y", nan_to_null(metric_curve_.y)}});
+                      {"metric_x", metric_curve_.x}, {"metric_y", nan_to_null(metric_curve_.y)},
+                      {"window_sum", window_sum_}, {"window_count", window_count_}});
   }
 
   static nlohmann::json nan_to_null(const std::vector<double>& v) {
