@@ -210,7 +210,7 @@ CATCH_TEST_CASE("a restored training state continues bit-identically", "[checkpo
     if (resume_steps < 0) {  // a resumed run: load instead of starting over
       step = dt::load_train_state(save_at, {{"w", w}}, optimizer).at("step");
       schedule.apply(optimizer, 0);  // the lr is restored anyway; show the state wins
-      CATCH_CHECK(dt::LrSchedule::from_json(dt::load_train_state(save_at, {{"w", w}}, optimizer).at("schedule")).total == 10);
+      CATCH_CHECK(dt::LrSchedule::from_json({dt::load_train_state(save_at, {{"w", w}}, optimizer).at("schedule"), "schedule"}).total == 10);
     }
     for (; step < steps; ++step) {
       optimizer.zero_grad();
@@ -281,6 +281,12 @@ CATCH_TEST_CASE("a damaged training state is refused by tensor name, before anyt
   refuses(forged("rng.cpu", torch::zeros({5}, torch::kUInt8)), "rng.cpu (file Byte [5], model Byte [");
   refuses(forged("param/a", saved.tensors.at("param/a"), "deltatune.adamw_groups"),
           "no deltatune.adamw_groups metadata");
+  auto groups = nlohmann::json::parse(saved.metadata.at("deltatune.adamw_groups"));
+  groups[0]["lr"] = "0.001";
+  auto metadata = saved.metadata;
+  metadata["deltatune.adamw_groups"] = groups.dump();
+  dt::write_safetensors(dir.file("groups.safetensors"), saved.tensors, metadata);
+  refuses(dir.file("groups.safetensors"), "metadata deltatune.adamw_groups[0]: \"lr\" is \"0.001\", expected a finite number");
   // By name, not by position: the parameters in another order restore the same values.
   CATCH_CHECK_NOTHROW(dt::load_train_state(path, {{"b", fresh_b}, {"a", fresh_a}}, fresh));
   CATCH_CHECK(torch::equal(fresh_a, a));
@@ -422,6 +428,18 @@ CATCH_TEST_CASE("Trainer resumes an interrupted run to the same result", "[train
   // Changed options cannot continue the saved run.
   Logistic d;
   CATCH_REQUIRE_THROWS_WITH(d.trainer(options(parts.path).max_steps(30)).fit(), Catch::Contains("resume with the same options"));
+
+  // Nor can a state whose JSON was edited: refused by field, not with nlohmann's exception.
+  const auto state_path = parts.file("last/train_state.safetensors");
+  auto state = dt::read_safetensors(state_path);
+  auto json = nlohmann::json::parse(state.metadata.at("deltatune.train_state"));
+  json["step"] = "10";
+  state.metadata["deltatune.train_state"] = json.dump();
+  dt::write_safetensors(state_path, state.tensors, state.metadata);
+  Logistic e;
+  CATCH_REQUIRE_THROWS_WITH(e.trainer(options(parts.path)).fit(),
+                            Catch::Contains(state_path + ": metadata deltatune.train_state: \"step\" is \"10\", "
+                                            "expected an integer"));
 }
 
 CATCH_TEST_CASE("Trainer removes stale temporaries of atomic writes, and only those, when it starts",

@@ -14,6 +14,7 @@
 #include <torch/torch.h>
 
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/json_file.hpp>
 
 namespace deltatune {
 
@@ -47,12 +48,11 @@ struct LrSchedule {
     return {{"kind", kind == ScheduleKind::kLinear ? "linear" : "constant"},
             {"warmup", warmup}, {"total", total}, {"base_lr", base_lr}};
   }
-  static LrSchedule from_json(const nlohmann::json& j) {
-    const std::string kind = j.at("kind");
-    detail::check<CheckpointError>(kind == "linear" || kind == "constant",
-                                   "LrSchedule: unknown schedule kind '{}' in the saved state", kind);
-    return {kind == "linear" ? ScheduleKind::kLinear : ScheduleKind::kConstant, j.at("warmup"), j.at("total"),
-            j.at("base_lr")};
+  static LrSchedule from_json(const JsonFields& j) {
+    const auto kind = j.get<std::string>("kind");
+    j.check(kind == "linear" || kind == "constant", "kind", "must be linear or constant");
+    return {kind == "linear" ? ScheduleKind::kLinear : ScheduleKind::kConstant, j.get<int64_t>("warmup"),
+            j.get<int64_t>("total"), j.get<double>("base_lr")};
   }
 };
 

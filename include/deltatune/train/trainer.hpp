@@ -207,24 +207,29 @@ class Trainer {
   }
 
   void resume() {
-    const nlohmann::json state = load_train_state(state_path(), named_, optimizer_);
-    const auto saved = LrSchedule::from_json(state.at("schedule"));
+    const JsonFields state(load_train_state(state_path(), named_, optimizer_),
+                           state_path() + ": metadata deltatune.train_state");
+    const auto saved = LrSchedule::from_json(state.object("schedule"));
     detail::check<CheckpointError>(saved.total == schedule_.total && saved.warmup == schedule_.warmup,
                                    "Trainer: {} was saved for {} updates ({} warm-up), these options give {} ({}); "
                                    "resume with the same options or another output_dir", state_path(), saved.total,
                                    saved.warmup, schedule_.total, schedule_.warmup);
-    summary_.steps = summary_.resumed_from = state.at("step");
-    summary_.best_step = state.at("best_step");
-    if (summary_.best_step >= 0) summary_.best_metric = state.at("best_metric");
-    summary_.stopped_early = state.at("stopped_early");
-    evals_without_improvement_ = state.at("evals_without_improvement");
-    loss_curve_ = {state.at("loss_x").get<std::vector<double>>(), state.at("loss_y").get<std::vector<double>>()};
-    metric_curve_.x = state.at("metric_x").get<std::vector<double>>();
-    for (const auto& y : state.at("metric_y")) metric_curve_.y.push_back(y.is_null() ? NAN : y.get<double>());
+    summary_.steps = summary_.resumed_from = state.get<int64_t>("step");
+    state.check(summary_.steps >= 0 && summary_.steps <= schedule_.total, "step",
+                fmt::format("must be in [0, {}], the run's updates", schedule_.total));
+    summary_.best_step = state.get<int64_t>("best_step");
+    if (summary_.best_step >= 0) summary_.best_metric = state.get<double>("best_metric");
+    summary_.stopped_early = state.get<bool>("stopped_early");
+    evals_without_improvement_ = state.get<int64_t>("evals_without_improvement");
+    loss_curve_ = {state.get<std::vector<double>>("loss_x"), state.get<std::vector<double>>("loss_y")};
+    metric_curve_.x = state.get<std::vector<double>>("metric_x");
+    // An evaluation without a metric (NaN) is saved as null.
+    for (const auto& y : state.get<std::vector<nlohmann::json>>("metric_y"))
+      metric_curve_.y.push_back(y.is_null() ? NAN : detail::json_as<double>(y, state.where(), "metric_y"));
     // The losses since the last log line, so that the next one averages what an uninterrupted
     // run's would; a state saved without them starts an empty window.
-    window_sum_ = state.value("window_sum", 0.0);
-    window_count_ = state.value("window_count", int64_t{0});
+    window_sum_ = state.get<double>("window_sum", 0.0);
+    window_count_ = state.get<int64_t>("window_count", 0);
     // The steps after the saved one run again: their records must not appear twice.
     truncate_jsonl_after_step(path("log.jsonl"), summary_.steps);
     log_.emplace(path("log.jsonl"), /*append=*/true);
