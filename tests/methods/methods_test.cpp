@@ -400,6 +400,19 @@ CATCH_TEST_CASE("options_json round-trips for every method", "[methods][options]
   CATCH_CHECK_THROWS_AS(dt::lora_options_from_json({nlohmann::json::array(), "saved.json"}), dt::CheckpointError);
 }
 
+CATCH_TEST_CASE("spec tuning refuses a pattern that is no regex, or whose group is no layer index", "[methods][options]") {
+  const std::vector<std::string> names{"encoder.layer.0.dense.weight", "encoder.layer.1.dense.weight"};
+  CATCH_CHECK_THROWS_WITH(dt::select_parameters(names, dt::SpecTuningOptions().last_layers(1).layer_pattern("([")),
+                          Catch::Contains("SpecTuning: option layer_pattern '([' is not a regular expression"));
+  CATCH_CHECK_THROWS_WITH(dt::select_parameters(names, dt::SpecTuningOptions().layer_norms(true).layer_norm_pattern("*")),
+                          Catch::Contains("option layer_norm_pattern '*'"));
+  CATCH_CHECK_THROWS_WITH(
+      dt::select_parameters(names, dt::SpecTuningOptions().last_layers(1).layer_pattern(R"(^(encoder)\.(layer))")),
+      Catch::Contains("second group caught 'layer' in 'encoder.layer.0.dense.weight', not a layer index"));
+  CATCH_CHECK(dt::select_parameters(names, dt::SpecTuningOptions().last_layers(1)) ==
+              std::vector<std::string>{"encoder.layer.1.dense.weight"});
+}
+
 CATCH_TEST_CASE("delta modules refuse sizes past the machine's memory before allocating", "[methods][options]") {
   const int64_t huge = int64_t(1) << 50;
   auto refused = [](const std::function<void()>& make, const std::string& what) {

@@ -279,6 +279,9 @@ CATCH_TEST_CASE("a damaged training state is refused by tensor name, before anyt
   refuses(forged("step/a", torch::zeros({2}, torch::kInt64)), "step/a (file Long [2], model Long [])");
   refuses(forged("step/a", torch::tensor(-1, torch::kInt64)), "step/a (file Long [], model Long [])");
   refuses(forged("rng.cpu", torch::zeros({5}, torch::kUInt8)), "rng.cpu (file Byte [5], model Byte [");
+  // The right size, but no generator's state (found by the train_state fuzz target).
+  refuses(forged("rng.cpu", torch::zeros_like(saved.tensors.at("rng.cpu"))), "tensor 'rng.cpu' is not a state of this "
+          "generator");
   refuses(forged("param/a", saved.tensors.at("param/a"), "deltatune.adamw_groups"),
           "no deltatune.adamw_groups metadata");
   auto groups = nlohmann::json::parse(saved.metadata.at("deltatune.adamw_groups"));

@@ -185,9 +185,9 @@ inline AdapterOptions adapter_options_from_adapters(const JsonFields& config, in
                      "architecture for those); deltatune reads Houlsby, Pfeiffer, PHM and Compacter adapters here",
                      where, architecture.dump());
   for (const auto& [key, value] : detail::adapters_fixed_fields().items())
-    check<OptionError>(!config.json().contains(key) || config.json().at(key) == value,
-                       "{}: {} = {} is not supported (deltatune implements {} = {} only)", where, key,
-                       config.json().at(key).dump(), key, value.dump());
+    if (config.json().contains(key))
+      check<OptionError>(config.json().at(key) == value, "{}: {} = {} is not supported (deltatune implements {} = {} "
+                         "only)", where, key, config.json().at(key).dump(), key, value.dump());
   const bool mh = config.get<bool>("mh_adapter");
   const bool output = config.get<bool>("output_adapter");
   const bool ln_before = config.get<bool>("original_ln_before", false);

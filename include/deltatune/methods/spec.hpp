@@ -12,6 +12,7 @@
 #include <fnmatch.h>
 
 #include <map>
+#include <charconv>
 #include <regex>
 #include <string>
 #include <vector>
@@ -32,12 +33,37 @@ struct SpecTuningOptions {
 
 namespace detail {
 
+// An option's pattern as a regex; a pattern that is none (from a file or a user) is an OptionError naming it.
+inline std::regex spec_regex(const std::string& pattern, const char* option) {
+  try {
+    return std::regex(pattern);
+  } catch (const std::regex_error& e) {
+    throw OptionError(fmt::format("SpecTuning: option {} '{}' is not a regular expression ({})", option, pattern,
+                                  e.what()));
+  }
+}
+
+// The layer index layer_pattern's second group caught in `name`.
+inline int64_t spec_layer_index(const std::smatch& m, const std::string& name) {
+  const std::string digits = m[2];
+  int64_t index = 0;
+  const auto [end, error] = std::from_chars(digits.data(), digits.data() + digits.size(), index);
+  check<OptionError>(!digits.empty() && error == std::errc() && end == digits.data() + digits.size(),
+                     "SpecTuning: option layer_pattern's second group caught '{}' in '{}', not a layer index", digits,
+                     name);
+  return index;
+}
+
 // Per stack (the text before the layer index), the largest layer index among the names.
 inline std::map<std::string, int64_t> last_layer_index(const std::vector<std::string>& names, const std::regex& layer) {
   std::map<std::string, int64_t> last;
   std::smatch m;
   for (const auto& name : names)
-    if (std::regex_search(name, m, layer)) last[m[1]] = std::max<int64_t>(last[m[1]], std::stoll(m[2]));
+    if (std::regex_search(name, m, layer)) {
+      const auto index = spec_layer_index(m, name);
+      const auto it = last.find(m[1]);
+      last[m[1]] = it == last.end() ? index : std::max(it->second, index);
+    }
   return last;
 }
 
@@ -53,7 +79,8 @@ inline bool matches_any_glob(const std::string& name, const std::vector<std::str
 inline std::vector<std::string> select_parameters(const std::vector<std::string>& names, const SpecTuningOptions& o) {
   detail::check<OptionError>(o.last_layers() >= 0, "SpecTuning: option last_layers must not be negative, got {}",
                              o.last_layers());
-  const std::regex layer(o.layer_pattern()), layer_norm(o.layer_norm_pattern());
+  const auto layer = detail::spec_regex(o.layer_pattern(), "layer_pattern");
+  const auto layer_norm = detail::spec_regex(o.layer_norm_pattern(), "layer_norm_pattern");
   detail::check<OptionError>(layer.mark_count() >= 2,
                              "SpecTuning: option layer_pattern '{}' needs two groups: the stack and the layer index",
                              o.layer_pattern());
@@ -62,7 +89,7 @@ inline std::vector<std::string> select_parameters(const std::vector<std::string>
   std::smatch m;
   for (const auto& name : names) {
     const bool in_last = o.last_layers() > 0 && std::regex_search(name, m, layer) &&
-                         std::stoll(m[2]) > last.at(m[1]) - o.last_layers();
+                         detail::spec_layer_index(m, name) > last.at(m[1]) - o.last_layers();
     if (in_last || detail::matches_any_glob(name, o.modules()) ||
         (o.layer_norms() && std::regex_search(name, layer_norm)))
       selected.push_back(name);

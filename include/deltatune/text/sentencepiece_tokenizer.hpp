@@ -34,7 +34,12 @@ class T5Tokenizer {
                                    "T5Tokenizer: the SentencePiece model {} does not exist; pass the spiece.model "
                                    "file of a T5 checkpoint",
                                    spiece_model.string());
-    const auto status = model_->Load(spiece_model.string());
+    sentencepiece::util::Status status;
+    try {  // a forged model can make SentencePiece's trie builder throw its own exceptions
+      status = model_->Load(spiece_model.string());
+    } catch (const std::exception& e) {
+      status = sentencepiece::util::Status(sentencepiece::util::StatusCode::kInternal, e.what());
+    }
     detail::check<CheckpointError>(status.ok(),
                                    "T5Tokenizer: {} is not a SentencePiece model ({}); pass the spiece.model file "
                                    "of a T5 checkpoint",

@@ -119,6 +119,8 @@ class SavedTrainState {
     match_ = std::make_unique<TensorMatch>(slots, file_.tensors);
     check<CheckpointError>(match_->fits(), "{} does not fit these trainable parameters (resume with the parameters "
                            "the run saved, by name, or start afresh):{}", path_, match_->problems());
+    for (const auto& [name, generator] : default_generators())
+      if (file_.tensors.count(name)) check_generator_state(name, generator);
   }
 
   // Copies the parameters, moments and generator states into place.
@@ -133,6 +135,17 @@ class SavedTrainState {
   const std::vector<Group>& groups() const { return groups_; }
 
  private:
+  // A generator state of the right size may still hold bytes no generator takes: tried on a
+  // copy first, so that a file is refused before anything is restored from it.
+  void check_generator_state(const std::string& name, const at::Generator& generator) const {
+    try {
+      generator.clone().set_state(file_.tensors.at(name));
+    } catch (const c10::Error& e) {
+      throw CheckpointError(fmt::format("{}: tensor '{}' is not a state of this generator ({})", path_, name,
+                                        e.what_without_backtrace()));
+    }
+  }
+
   // The file's tensor where its dtype is the target's; else it fits no slot.
   static std::function<torch::Tensor(const torch::Tensor&)> same_dtype(const torch::Tensor& target) {
     return [dtype = target.scalar_type()](const torch::Tensor& t) { return t.scalar_type() == dtype ? t : torch::Tensor(); };
