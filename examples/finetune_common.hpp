@@ -30,6 +30,7 @@ namespace dt = deltatune;
 struct Flags {
   std::string model, tokenizer, data, task = "sst2", method = "adapter", out;
   double lr = 0;                 // 0: the method's published default (method_lr)
+  double loraplus_ratio = 1;     // LoRA+: B matrices (and 1-D tensors) at lr x this
   int64_t epochs = 0;            // 0: the program's default
   int64_t batch_size = 32;
   int64_t max_steps = -1;
@@ -53,6 +54,8 @@ inline const char* const kCommonUsage = R"(  --data DIR           GLUE task fold
   --task NAME          sst2, cola, mrpc, qqp, stsb, mnli, qnli, rte (default sst2)
   --method M[+M...]    a method listed below (default adapter: Houlsby's); e.g. adapter+bitfit
   --lr X               peak learning rate (default: the method's, listed below)
+  --loraplus-ratio X   LoRA+: LoRA's B matrices and 1-D tensors learn at lr x X (peft's
+                       create_loraplus_optimizer; 16 is the paper's suggestion; default 1: off)
   --epochs N           passes over train (default: the program's, printed)
   --batch-size N       (default 32)
   --max-steps N        optimizer updates; overrides --epochs
@@ -136,11 +139,12 @@ inline std::optional<Flags> parse_flags(int argc, char** argv, Flags f) {
     const std::string value = argv[++i];
     if (strings.count(flag)) *strings[flag] = value;
     else if (ints.count(flag)) check_range(flag, *ints[flag] = to_number<int64_t>(flag, value));
-    else if (flag == "--lr") f.lr = to_number<double>(flag, value);
-    else throw UsageError(fmt::format("unknown flag '{}' (see --help)", flag));
-    // 0 stands for the method's rate in Flags; stod also reads "nan" and "inf".
-    if (flag == "--lr" && !(std::isfinite(f.lr) && f.lr > 0))
-      throw UsageError(fmt::format("--lr {}: must be a positive number", value));
+    else if (flag == "--lr" || flag == "--loraplus-ratio") {
+      // 0 stands for the method's rate in Flags; stod also reads "nan" and "inf".
+      const double x = to_number<double>(flag, value);
+      if (!(std::isfinite(x) && x > 0)) throw UsageError(fmt::format("{} {}: must be a positive number", flag, value));
+      (flag == "--lr" ? f.lr : f.loraplus_ratio) = x;
+    } else throw UsageError(fmt::format("unknown flag '{}' (see --help)", flag));
   }
   if (f.data.empty() != f.model.empty())
     throw UsageError("give --model and --data together (a GLUE folder needs a pretrained model and its tokenizer), "
@@ -440,8 +444,9 @@ int tune(const Flags& flags, Job<Batch>& job) {
                           : epochs * ((job.train_examples + flags.batch_size - 1) / flags.batch_size);
   const int64_t warmup = std::min<int64_t>(job.builtin ? 10 : 500, updates / 10);
   std::cout << model.summary();
-  std::cout << fmt::format("hyper-parameters: method {}, lr {:g} ({}), {}, batch {}, AdamW, linear decay, warm-up "
+  std::cout << fmt::format("hyper-parameters: method {}, lr {:g} ({}){}, {}, batch {}, AdamW, linear decay, warm-up "
                            "{} updates, seed {}\n", flags.method, lr, flags.lr > 0 ? "given" : "the method's default",
+                           flags.loraplus_ratio != 1 ? fmt::format(", LoRA+ ratio {:g}", flags.loraplus_ratio) : "",
                            flags.max_steps > 0 ? fmt::format("{} updates", flags.max_steps)
                                                : fmt::format("{} epochs", epochs),
                            flags.batch_size, warmup, flags.seed);
@@ -457,6 +462,7 @@ int tune(const Flags& flags, Job<Batch>& job) {
     for (const auto& d : job.deltas) model.save(d, dir + "/" + d);
   };
   dt::Trainer<Batch> trainer(dt::TrainerOptions().epochs(epochs).max_steps(flags.max_steps).lr(lr)
+                                 .loraplus_lr_ratio(flags.loraplus_ratio)
                                  .warmup_steps(warmup).seed(uint64_t(flags.seed)).output_dir(flags.out)
                                  .resume(flags.resume),
                              model.named_trainable_parameters(), job.loss_fn, job.batches, evaluate, save_all);

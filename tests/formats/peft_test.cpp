@@ -13,8 +13,8 @@ using dt::testing::check_matches;
 
 namespace {
 
-const std::vector<std::string> kCases = {"t5_lora",   "t5_rslora",     "t5_ia3",   "t5_prompt",
-                                         "t5_prefix", "t5_prefix_3_2", "bert_lora"};
+const std::vector<std::string> kCases = {"t5_lora",   "t5_rslora",     "t5_ia3",    "t5_prompt", "t5_prefix",
+                                         "t5_prefix_3_2", "bert_lora", "t5_dora", "bert_dora"};
 
 bool is_t5(const std::string& c) { return c.rfind("t5_", 0) == 0; }
 // The fixture folder of the case's base model: t5_3_2 has 3 encoder and 2 decoder layers,
@@ -126,7 +126,8 @@ CATCH_TEST_CASE("peft adapters load with peft's outputs and gradients, and save 
 CATCH_TEST_CASE("peft adapters in float64 match transformers + peft in float64", "[peft][golden][float64]") {
   auto dir = dt::testing::golden_dir("float64");
   if (!dir) return;
-  for (const std::string c : {"t5_lora", "t5_ia3", "t5_prompt", "t5_prefix", "t5_gated_lora", "bert_lora", "bert_ia3"}) {
+  for (const std::string c : {"t5_lora", "t5_ia3", "t5_prompt", "t5_prefix", "t5_gated_lora", "bert_lora", "bert_ia3",
+                              "t5_dora", "bert_dora"}) {
     CATCH_INFO("case " << c);
     auto l = load_case(*dir, c);
     l.backbone->to(torch::kFloat64);
@@ -198,10 +199,16 @@ CATCH_TEST_CASE("peft files that do not fit are refused with the file and key na
   expect_error({config_path, "peft_type \"LOHA\" is not supported"});
 
   c = config;
-  c["use_dora"] = true;
+  c["lora_bias"] = true;
   c["rank_pattern"] = {{"q", 4}};
   dir.write("adapter_config.json", c.dump());
-  expect_error({config_path, "use_dora = true", "rank_pattern = {\"q\":4}"});
+  expect_error({config_path, "lora_bias = true", "rank_pattern = {\"q\":4}"});
+
+  // DoRA's magnitudes are missing from a plain LoRA's file: named by key.
+  c = config;
+  c["use_dora"] = true;
+  dir.write("adapter_config.json", c.dump());
+  expect_error({weights_path, "base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_magnitude_vector"});
 
   // Fields of the wrong type, missing or sized past any memory: named, nothing truncated.
   const std::vector<std::pair<std::function<void(nlohmann::json&)>, std::string>> refused = {

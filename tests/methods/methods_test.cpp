@@ -215,8 +215,8 @@ CATCH_TEST_CASE("IA3 on a feed-forward layer scales the frozen Linear's input: o
   auto y = base(x);
   auto grads = torch::autograd::grad({(y * R).sum()}, inputs);
   auto y0 = torch::nn::functional::linear(x, base->weight, base->bias);
-  auto old = y0 + ia3_a->delta_output(x, base->weight, y0) + lora->delta_output(x, base->weight, y0) +
-             ia3_b->delta_output(x, base->weight, y0);
+  auto old = y0 + ia3_a->delta_output(x, base->weight, base->bias, y0) +
+             lora->delta_output(x, base->weight, base->bias, y0) + ia3_b->delta_output(x, base->weight, base->bias, y0);
   auto old_grads = torch::autograd::grad({(old * R).sum()}, inputs);
   CATCH_CHECK((y - old).abs().max().item<double>() < 1e-12);
   for (size_t i = 0; i < inputs.size(); ++i) {

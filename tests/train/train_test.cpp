@@ -466,3 +466,35 @@ CATCH_TEST_CASE("Trainer removes stale temporaries of atomic writes, and only th
   for (const auto& name : kept) CATCH_CHECK(std::filesystem::exists(dir.file(name)));
   CATCH_CHECK(std::filesystem::exists(dir.file("last/train_state.safetensors")));
 }
+
+CATCH_TEST_CASE("LoRA+ moves B matrices and 1-D tensors at lr x ratio, the rest at lr", "[trainer][loraplus]") {
+  // One update of x (W + B A)^T + c: with AdamW's first step (a sign-like step of size lr),
+  // B's and c's changes scale by the ratio, A's does not; peft's create_loraplus_optimizer
+  // sorts "lora_B" and ndim == 1 into the faster group.
+  torch::manual_seed(3);
+  const auto x = torch::randn({16, 4}, torch::kFloat64), target = torch::randn({16, 3}, torch::kFloat64);
+  const auto W = torch::randn({3, 4}, torch::kFloat64);
+  const auto A0 = torch::randn({2, 4}, torch::kFloat64), B0 = torch::randn({3, 2}, torch::kFloat64),
+             c0 = torch::randn({3}, torch::kFloat64);
+  const auto step = [&](double ratio) {
+    auto A = A0.clone().requires_grad_(), B = B0.clone().requires_grad_(), c = c0.clone().requires_grad_();
+    dt::Trainer<Batch> trainer(dt::TrainerOptions().max_steps(1).lr(1e-2).max_grad_norm(0).loraplus_lr_ratio(ratio)
+                                   .progress(false),
+                               {{"q.lora_A", A}, {"q.lora_B", B}, {"q.bias", c}},
+                               [&](const Batch&) { return (torch::nn::functional::linear(x, W + B.mm(A), c) - target)
+                                                        .pow(2).mean(); },
+                               {1, [](int64_t, int64_t) { return Batch{}; }});
+    trainer.fit();
+    CATCH_CHECK(trainer.optimizer().param_groups().size() == (ratio == 1 ? 1u : 2u));
+    return std::vector<torch::Tensor>{(A - A0).detach(), (B - B0).detach(), (c - c0).detach()};
+  };
+  const auto plain = step(1), plus = step(16);
+  dt::testing::check_matches(plus[0], plain[0], "A's change");
+  dt::testing::check_matches(plus[1], plain[1] * 16, "B's change");
+  dt::testing::check_matches(plus[2], plain[2] * 16, "the bias's change");
+  CATCH_CHECK(plain[1].abs().min().item<double>() > 0);
+  CATCH_CHECK(dt::loraplus_fast("encoder.q.lora_B", torch::zeros({3, 2})));
+  CATCH_CHECK(dt::loraplus_fast("encoder.q.lora_magnitude_vector", torch::zeros({3})));
+  CATCH_CHECK_FALSE(dt::loraplus_fast("encoder.q.lora_A", torch::zeros({2, 4})));
+  CATCH_REQUIRE_THROWS_WITH(step(0), Catch::Contains("loraplus_lr_ratio must be a positive number"));
+}

@@ -17,7 +17,7 @@ Written into out_dir, in formats/peft.hpp's fixture layout (tools/golden/peft_mo
   <case>.safetensors     the batch and, computed in float64 by the float64 model with the
                          adapter: the output (logits / last_hidden_state), loss and the
                          gradient of every adapter-file tensor ("grad.<key>"), all float64
-Cases: t5_lora, t5_ia3, t5_prompt, t5_prefix, t5_gated_lora, bert_lora, bert_ia3.
+Cases: t5_lora, t5_ia3, t5_prompt, t5_prefix, t5_gated_lora, bert_lora, bert_ia3, t5_dora, bert_dora.
 """
 import contextlib
 from pathlib import Path
@@ -109,3 +109,7 @@ def make(out_dir: Path, shared_data: Path):
         "query", "key", "value", "intermediate.dense", "output.dense"]), bb, 6)
     _case(out_dir, "bert_ia3", "bert", IA3Config(target_modules=["key", "value", "intermediate.dense"],
                                                  feedforward_modules=["intermediate.dense"]), bb, 7)
+    _case(out_dir, "t5_dora", "t5", LoraConfig(task_type=s2s, r=2, lora_alpha=6, use_dora=True,
+                                               target_modules=["q", "v", "wi", "wo"]), tb, 8)
+    _case(out_dir, "bert_dora", "bert", LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=[
+        "query", "value", "intermediate.dense", "output.dense"]), bb, 9)

@@ -14,8 +14,10 @@ Written into out_dir:
                        and "grad.<key>" for every tensor of the adapter file, under its file key
 Cases: t5_lora, t5_rslora (on q, k, v, o, wi, wo, not the default q, v), t5_ia3, t5_prompt,
 t5_prefix (the table trained directly: prefix_projection false), t5_prefix_3_2 (on t5_3_2),
-bert_lora.
-Delta values are randomised after peft's init (LoRA's B is zero, IA3's l one at init).
+bert_lora, t5_dora and bert_dora (use_dora=True; BERT's Linears have biases, which DoRA's
+output leaves out of its rescaling).
+Delta values are randomised after peft's init (LoRA's B is zero, IA3's l and DoRA's magnitude
+near one: any value serves, the formulas are checked, not the init).
 The T5 loss is the LM cross-entropy on labels; BERT's is sum(last_hidden_state * R) over the tokens.
 """
 from pathlib import Path
@@ -65,12 +67,14 @@ def _randomise(model, seed):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if "ia3_l" in name else 0.0))
+                centre = 1.0 if "ia3_l" in name or "lora_magnitude_vector" in name else 0.0
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2 + centre)
 
 
 def _file_grads(model):
     """The gradient of every adapter-file tensor, under its file key (peft's names without
-    the adapter name; prompt and prefix tables under prompt_embeddings)."""
+    the adapter name; prompt and prefix tables under prompt_embeddings; DoRA's magnitude
+    parameter, lora_magnitude_vector.default.weight, is saved as lora_magnitude_vector)."""
     grads = {}
     for name, p in model.named_parameters():
         if p.grad is None:
@@ -78,7 +82,7 @@ def _file_grads(model):
         if name.startswith("prompt_encoder."):
             grads["prompt_embeddings"] = p.grad
         else:
-            grads[name.replace(".default", "")] = p.grad
+            grads[name.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")] = p.grad
     return grads
 
 
@@ -132,3 +136,9 @@ def make(out_dir: Path, shared_data: Path):
           PrefixTuningConfig(task_type=s2s, num_virtual_tokens=3, prefix_projection=False), tb, _run_t5, 7)
     _case(out_dir, "bert_lora", bert, LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]), bb,
           _run_bert, 6)
+    _case(out_dir, "t5_dora", t5, LoraConfig(task_type=s2s, r=2, lora_alpha=6, use_dora=True,
+                                             target_modules=["q", "v", "wo"]), tb, _run_t5, 8)
+    # query and value only: save_peft writes the feed-forward's "dense" layers as full paths
+    # (their last names are shared), which the config comparison would see; float64.py has them.
+    _case(out_dir, "bert_dora", bert, LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["query", "value"]),
+          bb, _run_bert, 9)

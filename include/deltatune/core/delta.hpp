@@ -65,9 +65,10 @@ class WeightDelta : public DeltaModule {
 
   // What the delta adds to the frozen layer's output y0 = x W0^T + b0: x dW^T + db.
   // Additive, so that several deltas on one layer sum. Methods with a cheaper route
-  // override it (LoRA: s B A x; IA3: (l - 1) y0); it must equal the merged layer's change.
+  // override it (LoRA: s B A x; IA3: (l - 1) y0; DoRA rescales y0 - b0, hence b0, which is
+  // undefined on a layer without a bias); it must equal the merged layer's change.
   virtual torch::Tensor delta_output(const torch::Tensor& x, const torch::Tensor& base_weight,
-                                     const torch::Tensor& /*base_output*/) {
+                                     const torch::Tensor& /*base_bias*/, const torch::Tensor& /*base_output*/) {
     return torch::nn::functional::linear(x, delta_weight(base_weight), delta_bias(base_weight));
   }
 
@@ -81,7 +82,7 @@ class WeightDelta : public DeltaModule {
     if (auto scale = input_scale(base_weight); scale.defined())
       return torch::nn::functional::linear(x * scale, base_weight, base_bias);
     auto y0 = torch::nn::functional::linear(x, base_weight, base_bias);
-    return y0 + delta_output(x, base_weight, y0);
+    return y0 + delta_output(x, base_weight, base_bias, y0);
   }
 };
 

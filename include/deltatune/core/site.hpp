@@ -193,7 +193,7 @@ class WeightSite {
   using Routed = std::vector<std::pair<WeightDelta*, torch::Tensor>>;
 
   torch::Tensor add_outputs(const torch::Tensor& x, torch::Tensor y, const std::vector<WeightDelta*>& running) {
-    for (auto* delta : running) y = y + delta->delta_output(x, weight, y);
+    for (auto* delta : running) y = y + delta->delta_output(x, weight, bias, y);
     return y;
   }
 
@@ -202,7 +202,7 @@ class WeightSite {
   torch::Tensor add_routed_outputs(const torch::Tensor& x, const torch::Tensor& y0, const Routed& routed) {
     auto y = y0;
     for (const auto& [delta, rows] : routed)
-      y = y.index_add(0, rows, delta->delta_output(x.index_select(0, rows), weight, y0.index_select(0, rows)));
+      y = y.index_add(0, rows, delta->delta_output(x.index_select(0, rows), weight, bias, y0.index_select(0, rows)));
     return y;
   }
 

@@ -4,7 +4,8 @@
 // A peft folder holds adapter_config.json (peft_type and the method's options, every key
 // peft 0.18.1 writes) and adapter_model.safetensors, keyed by the Hugging Face module path
 // under "base_model.model." without the adapter name:
-//   LoRA    <module>.lora_A.weight (r, in), <module>.lora_B.weight (out, r); rsLoRA by use_rslora
+//   LoRA    <module>.lora_A.weight (r, in), <module>.lora_B.weight (out, r); rsLoRA by use_rslora;
+//           DoRA (use_dora) adds <module>.lora_magnitude_vector (out)
 //   IA3     <module>.ia3_l: (out, 1) scaling the output, (1, in) for feedforward_modules
 //   prompt  prompt_embeddings (P * num_transformer_submodules, d); T5's encoder reads rows [0, P)
 //   prefix  prompt_embeddings (P, L * 2 * token_dim): the keys and values, after the MLP
@@ -21,7 +22,7 @@
 // BitFit has none either: peft 0.18.1 has no bias-only method (no "BEFT"), and its
 // bias="all" trains existing biases beside LoRA weights, while T5 has no biases at all:
 // save_peft refuses BitFit, adapters and Compacter, pointing to DeltaModel::save.
-// peft options that change outputs and have no counterpart here (DoRA, PiSSA-style inits,
+// peft options that change outputs and have no counterpart here (PiSSA-style inits,
 // rank_pattern, modules_to_save, bias, layers_to_transform, ...) are refused by key and value;
 // dropout is read but acts only in training. Adapter weights of any float dtype are read
 // (widened as the backbone loaders widen F16 / BF16); every other mismatch (missing or
@@ -230,6 +231,7 @@ inline PeftAdapter peft_lora(DeltaModel& model, const DeltaModel::Entry& entry, 
   for (const auto& [site, lora] : peft_deltas<LoRAImpl>(entry, name)) {
     out.tensors[kPeftKeyPrefix + site + ".lora_A.weight"] = lora->lora_A;
     out.tensors[kPeftKeyPrefix + site + ".lora_B.weight"] = lora->lora_B;
+    if (lora->options.use_dora()) out.tensors[kPeftKeyPrefix + site + ".lora_magnitude_vector"] = lora->lora_magnitude_vector;
     sites.push_back(site);
   }
   const auto& o = peft_deltas<LoRAImpl>(entry, name).front().second->options;
@@ -243,7 +245,7 @@ inline PeftAdapter peft_lora(DeltaModel& model, const DeltaModel::Entry& entry, 
                      {"lora_bias", false}, {"lora_dropout", o.dropout()}, {"megatron_config", nullptr},
                      {"megatron_core", "megatron.core"}, {"qalora_group_size", 16}, {"r", o.r()},
                      {"rank_pattern", nlohmann::json::object()}, {"target_modules", peft_target_modules(sites, model)},
-                     {"target_parameters", nullptr}, {"trainable_token_indices", nullptr}, {"use_dora", false},
+                     {"target_parameters", nullptr}, {"trainable_token_indices", nullptr}, {"use_dora", o.use_dora()},
                      {"use_qalora", false}, {"use_rslora", o.use_rslora()}});
   return out;
 }
@@ -382,9 +384,11 @@ inline PeftPlan peft_plan(DeltaModel& model, const JsonFields& c) {
     return site_pattern_from_peft(c.get<nlohmann::json>("target_modules"), "target_modules", where);
   };
   if (type == "LORA") {
-    check_peft_options(c.json(), {"r", "lora_alpha", "use_rslora", "target_modules", "init_lora_weights"}, where);
+    check_peft_options(c.json(), {"r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "init_lora_weights"},
+                       where);
     auto options = LoRAOptions().r(c.get<int64_t>("r")).alpha(c.get<double>("lora_alpha"))
-                       .use_rslora(c.get<bool>("use_rslora", false)).dropout(c.get<double>("lora_dropout", 0.0));
+                       .use_rslora(c.get<bool>("use_rslora", false)).use_dora(c.get<bool>("use_dora", false))
+                       .dropout(c.get<double>("lora_dropout", 0.0));
     return {make_recipe(options), target_modules()};
   }
   if (type == "IA3") {
@@ -446,6 +450,7 @@ inline std::vector<TensorSlot> peft_slots(const DeltaModel::Entry& entry, const 
     if (auto* lora = dynamic_cast<LoRAImpl*>(a.delta.get())) {
       add(module + ".lora_A.weight", lora->lora_A, same);
       add(module + ".lora_B.weight", lora->lora_B, same);
+      if (lora->options.use_dora()) add(module + ".lora_magnitude_vector", lora->lora_magnitude_vector, same);
     } else if (auto* ia3 = dynamic_cast<IA3Impl*>(a.delta.get())) {
       add(module + ".ia3_l", ia3->ia3_l, [](const torch::Tensor& t) { return t.reshape(-1); });
     }

@@ -41,7 +41,7 @@ class BitFitImpl : public torch::nn::Cloneable<BitFitImpl>, public WeightDelta {
 
   torch::Tensor delta_weight(const torch::Tensor& base_weight) override { return torch::zeros_like(base_weight); }
   torch::Tensor delta_bias(const torch::Tensor& /*base_weight*/) override { return bias; }
-  torch::Tensor delta_output(const torch::Tensor& x, const torch::Tensor& base_weight,
+  torch::Tensor delta_output(const torch::Tensor& x, const torch::Tensor& base_weight, const torch::Tensor&,
                              const torch::Tensor&) override {
     detail::check<ShapeError>(base_weight.size(0) == options.features(),
                               "BitFit: the layer has {} outputs but option features is {}", base_weight.size(0),

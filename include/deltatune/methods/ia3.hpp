@@ -63,7 +63,7 @@ class IA3Impl : public torch::nn::Cloneable<IA3Impl>, public WeightDelta {
 
   // The additive form (l - 1) x W0^T of the feed-forward case costs a second product: Linear
   // sites take input_scale() instead and compute (l * x) W0^T + b0 in one.
-  torch::Tensor delta_output(const torch::Tensor& x, const torch::Tensor& base_weight,
+  torch::Tensor delta_output(const torch::Tensor& x, const torch::Tensor& base_weight, const torch::Tensor&,
                              const torch::Tensor& base_output) override {
     check_features(base_weight);
     if (options.feedforward()) return torch::nn::functional::linear(x * (ia3_l - 1), base_weight);

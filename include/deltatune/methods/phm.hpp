@@ -163,7 +163,8 @@ class PHMLinearImpl : public torch::nn::Cloneable<PHMLinearImpl>, public WeightD
 
   torch::Tensor delta_weight(const torch::Tensor& /*base_weight*/) override { return weight().t(); }
   torch::Tensor delta_bias(const torch::Tensor& /*base_weight*/) override { return b; }
-  torch::Tensor delta_output(const torch::Tensor& x, const torch::Tensor&, const torch::Tensor&) override {
+  torch::Tensor delta_output(const torch::Tensor& x, const torch::Tensor&, const torch::Tensor&,
+                             const torch::Tensor&) override {
     return forward(x);
   }
 

@@ -39,9 +39,12 @@ struct LrSchedule {
   }
   double lr(int64_t step) const { return base_lr * factor(step); }
 
-  // Sets every param group of `optimizer` to the rate of `step`.
-  void apply(torch::optim::Optimizer& optimizer, int64_t step) const {
-    for (auto& group : optimizer.param_groups()) group.options().set_lr(lr(step));
+  // Sets every param group of `optimizer` to the rate of `step`, times the group's entry of
+  // `group_scales` where it has one (LoRA+'s faster group).
+  void apply(torch::optim::Optimizer& optimizer, int64_t step, const std::vector<double>& group_scales = {}) const {
+    auto& groups = optimizer.param_groups();
+    for (std::size_t g = 0; g < groups.size(); ++g)
+      groups[g].options().set_lr(lr(step) * (g < group_scales.size() ? group_scales[g] : 1.0));
   }
 
   nlohmann::json to_json() const {

@@ -68,6 +68,9 @@ struct TrainerOptions {
   TORCH_ARG(int64_t, max_steps) = -1;            // optimizer updates; > 0 overrides epochs
   TORCH_ARG(double, lr) = 3e-3;                  // peak learning rate (Compacter: 3e-3)
   TORCH_ARG(double, weight_decay) = 0.0;         // AdamW's decoupled decay
+  // LoRA+ (Hayou et al. 2024): LoRA's B matrices learn at lr times this (the paper and peft
+  // suggest 16); 1: one rate for all. See loraplus_fast().
+  TORCH_ARG(double, loraplus_lr_ratio) = 1.0;
   TORCH_ARG(double, warmup_ratio) = 0.0;         // share of the updates spent warming up
   TORCH_ARG(int64_t, warmup_steps) = -1;         // >= 0 overrides warmup_ratio (Compacter: 500)
   TORCH_ARG(ScheduleKind, schedule) = ScheduleKind::kLinear;  // decay to 0, or constant after warm-up
@@ -115,6 +118,12 @@ inline int64_t peak_rss_bytes() {
   return 0;
 }
 
+// LoRA+'s faster group, as peft's create_loraplus_optimizer sorts tensors: LoRA's B
+// matrices, and every 1-D tensor (biases, DoRA's magnitudes, IA3's scales, a head's bias).
+inline bool loraplus_fast(const std::string& name, const torch::Tensor& tensor) {
+  return name.find("lora_B") != std::string::npos || tensor.dim() == 1;
+}
+
 // Trains `trainable` (by name: the training state is keyed by these names) by minimising
 // `loss_fn` over the batches, evaluating as the options say.
 //   deltatune::Trainer<Batch> trainer(options, model.named_trainable_parameters(), loss_fn, source,
@@ -128,7 +137,8 @@ class Trainer {
           std::function<void(const std::string& dir)> save_best = {})
       : options_(std::move(options)), named_(std::move(trainable)), params_(tensors_of(named_)), loss_fn_(std::move(loss_fn)),
         source_(std::move(source)), evaluate_(std::move(evaluate)), save_best_(std::move(save_best)),
-        optimizer_(params_, torch::optim::AdamWOptions(options_.lr()).weight_decay(options_.weight_decay())) {
+        optimizer_(param_groups(named_, options_), torch::optim::AdamWOptions(options_.lr())
+                                                       .weight_decay(options_.weight_decay())) {
     check_options();
     const int64_t per_epoch = updates_per_epoch(source_.batches_per_epoch, options_.accumulation_steps());
     const int64_t total = options_.max_steps() > 0 ? options_.max_steps() : options_.epochs() * per_epoch;
@@ -179,6 +189,9 @@ class Trainer {
                                "Trainer: loss_fn and the batch source's function must be set");
     detail::check<OptionError>(options_.patience() == 0 || evaluate_, "Trainer: patience {} needs an evaluate "
                                "function", options_.patience());
+    detail::check<OptionError>(std::isfinite(options_.loraplus_lr_ratio()) && options_.loraplus_lr_ratio() > 0,
+                               "Trainer: loraplus_lr_ratio must be a positive number, got {}",
+                               options_.loraplus_lr_ratio());
   }
 
   int64_t per_epoch() const { return updates_per_epoch(source_.batches_per_epoch, options_.accumulation_steps()); }
@@ -254,7 +267,7 @@ class Trainer {
       loss_sum += loss.detach().item<double>();
     }
     const double grad_norm = clip_grad_norm(params_, options_.max_grad_norm());
-    schedule_.apply(optimizer_, summary_.steps);
+    schedule_.apply(optimizer_, summary_.steps, {1.0, options_.loraplus_lr_ratio()});
     optimizer_.step();
     ++summary_.steps;
     const double loss = loss_sum / static_cast<double>(range.count());
@@ -314,6 +327,23 @@ class Trainer {
     auto out = nlohmann::json::array();
     for (const double x : v) out.push_back(std::isnan(x) ? nlohmann::json() : nlohmann::json(x));
     return out;
+  }
+
+  // One group at lr; with LoRA+, a second at lr x ratio for the tensors loraplus_fast() picks.
+  static std::vector<torch::optim::OptimizerParamGroup> param_groups(const NamedTensors& named,
+                                                                     const TrainerOptions& o) {
+    const auto group = [&](std::vector<torch::Tensor> tensors, double lr) {
+      return torch::optim::OptimizerParamGroup(
+          std::move(tensors), std::make_unique<torch::optim::AdamWOptions>(
+                                  torch::optim::AdamWOptions(lr).weight_decay(o.weight_decay())));
+    };
+    if (o.loraplus_lr_ratio() == 1.0) return {group(tensors_of(named), o.lr())};
+    std::vector<torch::Tensor> slow, fast;
+    for (const auto& [name, tensor] : named) (loraplus_fast(name, tensor) ? fast : slow).push_back(tensor);
+    std::vector<torch::optim::OptimizerParamGroup> groups;
+    groups.push_back(group(std::move(slow), o.lr()));
+    groups.push_back(group(std::move(fast), o.lr() * o.loraplus_lr_ratio()));
+    return groups;
   }
 
   static std::vector<torch::Tensor> tensors_of(const NamedTensors& named) {
