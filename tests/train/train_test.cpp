@@ -1,5 +1,8 @@
 // Tests of train/: schedule.hpp (golden: transformers, torch), progress.hpp, log.hpp, plot.hpp,
 // checkpoint_state.hpp and trainer.hpp on tiny problems on the CPU.
+#include <deltatune/backbones/bert.hpp>
+#include <deltatune/core/delta_model.hpp>
+#include <deltatune/methods/lora.hpp>
 #include <deltatune/train/checkpoint_state.hpp>
 #include <deltatune/train/log.hpp>
 #include <deltatune/train/plot.hpp>
@@ -497,4 +500,29 @@ CATCH_TEST_CASE("LoRA+ moves B matrices and 1-D tensors at lr x ratio, the rest 
   CATCH_CHECK(dt::loraplus_fast("encoder.q.lora_magnitude_vector", torch::zeros({3})));
   CATCH_CHECK_FALSE(dt::loraplus_fast("encoder.q.lora_A", torch::zeros({2, 4})));
   CATCH_REQUIRE_THROWS_WITH(step(0), Catch::Contains("loraplus_lr_ratio must be a positive number"));
+}
+
+CATCH_TEST_CASE("LoRA+ gives each tensor the rate peft's create_loraplus_optimizer gives it", "[trainer][loraplus][golden]") {
+  const auto dir = deltatune::testing::golden_dir("loraplus");
+  if (!dir) return;
+  const auto golden = dt::read_json_file(*dir / "loraplus.json");
+  auto bert = deltatune::backbones::load_bert((*dir / "bert").string());
+  dt::DeltaModel model(bert);
+  model.add("dora", dt::LoRAOptions().r(2).alpha(4).use_dora(true), "query|value");
+  const auto named = model.named_trainable_parameters();
+  dt::Trainer<Batch> trainer(dt::TrainerOptions().max_steps(1).lr(golden.at("lr")).loraplus_lr_ratio(golden.at("ratio"))
+                                 .progress(false),
+                             named, [](const Batch&) { return torch::zeros({}); },
+                             {1, [](int64_t, int64_t) { return Batch{}; }});
+  std::map<const void*, double> lr_of;  // by tensor
+  for (auto& group : trainer.optimizer().param_groups())
+    for (const auto& p : group.params()) lr_of[p.unsafeGetTensorImpl()] = group.options().get_lr();
+  const auto& lrs = golden.at("lrs");
+  CATCH_REQUIRE(named.size() == lrs.size());
+  for (const auto& [name, tensor] : named) {
+    const auto path = name.substr(std::string("deltas.dora.").size());  // peft's module path and tensor name
+    CATCH_INFO("tensor " << name);
+    CATCH_REQUIRE(lrs.contains(path));
+    CATCH_CHECK(lr_of.at(tensor.unsafeGetTensorImpl()) == lrs.at(path).get<double>());
+  }
 }
