@@ -8,6 +8,8 @@
 
 #include "test_support.hpp"
 
+namespace bert_test {
+
 namespace dt = deltatune;
 namespace bb = deltatune::backbones;
 namespace fs = std::filesystem;
@@ -341,3 +343,5 @@ CATCH_TEST_CASE("deltas attached at BERT's sites change its output", "[bert]") {
     check_close(with_prefix.index({Slice(1, 2), Slice(0, 3)}), alone.last_hidden_state, "prefix with padding");
   }
 }
+
+}  // namespace bert_test

@@ -9,6 +9,8 @@
 
 #include "test_support.hpp"
 
+namespace checkpoint_test {
+
 namespace dt = deltatune;
 namespace bb = deltatune::backbones;
 namespace fs = std::filesystem;
@@ -190,3 +192,5 @@ CATCH_TEST_CASE("a file that is not a TorchScript archive is refused, naming it"
   CATCH_REQUIRE_THROWS_WITH(bb::read_checkpoint(dir.file("weights.pt")),
                             Contains(dir.file("weights.pt")) && Contains("TorchScript"));
 }
+
+}  // namespace checkpoint_test

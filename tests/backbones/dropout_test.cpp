@@ -8,6 +8,8 @@
 
 #include "test_support.hpp"
 
+namespace dropout_test {
+
 namespace dt = deltatune;
 namespace bb = deltatune::backbones;
 using dt::testing::close;
@@ -166,3 +168,5 @@ CATCH_TEST_CASE("two BERTs in one process, one lean and one not, each train thei
   plain->eval();
   CATCH_CHECK_FALSE(close(plain(ids).last_hidden_state, out[1], {1e-3, 1e-3}));
 }
+
+}  // namespace dropout_test

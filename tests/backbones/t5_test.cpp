@@ -6,6 +6,8 @@
 
 #include "test_support.hpp"
 
+namespace t5_test {
+
 namespace dt = deltatune;
 namespace bb = deltatune::backbones;
 using dt::testing::close;
@@ -246,3 +248,5 @@ CATCH_TEST_CASE("T5 decoding with the cache equals the full forward pass, prompt
   CATCH_INFO(describe_difference(stepped, full.logits));
   CATCH_CHECK(close(stepped, full.logits, dt::testing::tolerance_for(torch::kFloat32)));
 }
+
+}  // namespace t5_test

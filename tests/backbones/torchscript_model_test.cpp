@@ -15,6 +15,8 @@
 
 #include "test_support.hpp"
 
+namespace torchscript_model_test {
+
 namespace dt = deltatune;
 namespace bb = deltatune::backbones;
 
@@ -282,3 +284,5 @@ CATCH_TEST_CASE("deltatune::deltatune links SentencePiece before LibTorch, the o
                           Catch::Contains(c10) && Catch::Contains("link SentencePiece first"));
   CATCH_CHECK_NOTHROW(dt::detail::check_link_order(false, c10));
 }
+
+}  // namespace torchscript_model_test

@@ -8,6 +8,8 @@
 
 #include "test_support.hpp"
 
+namespace delta_model_test {
+
 namespace dt = deltatune;
 
 namespace {
@@ -217,3 +219,5 @@ CATCH_TEST_CASE("DeltaModel puts the deltas in the backbone's module tree: to(),
   CATCH_CHECK(torch::allclose(backbone(x), merged_output, 1e-5, 1e-5));
   CATCH_CHECK_FALSE(torch::allclose(backbone(x), bare, 1e-3, 1e-3));
 }
+
+}  // namespace delta_model_test

@@ -2,6 +2,8 @@
 // exercised through two toy deltas.
 #include <deltatune/core/delta.hpp>
 
+namespace delta_test {
+
 namespace dt = deltatune;
 
 namespace {
@@ -57,3 +59,5 @@ CATCH_TEST_CASE("an activation delta is not mergeable and counts its parameters"
   auto h = torch::randn({2, 8});
   CATCH_CHECK(delta.forward(h).sizes() == h.sizes());
 }
+
+}  // namespace delta_test

@@ -1,6 +1,8 @@
 // Tests of core/error.hpp: the exception hierarchy and detail::check's formatting.
 #include <deltatune/core/error.hpp>
 
+namespace error_test {
+
 namespace dt = deltatune;
 
 CATCH_TEST_CASE("detail::check throws the named exception with a formatted message", "[core][errors]") {
@@ -15,3 +17,5 @@ CATCH_TEST_CASE("detail::check throws the named exception with a formatted messa
   CATCH_CHECK_THROWS_AS(dt::detail::check<dt::ShapeError>(false, "x"), dt::Error);
   CATCH_CHECK_THROWS_AS(dt::detail::check<dt::ShapeError>(false, "x"), std::runtime_error);
 }
+
+}  // namespace error_test

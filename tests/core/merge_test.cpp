@@ -5,6 +5,8 @@
 
 #include "test_support.hpp"
 
+namespace merge_test {
+
 namespace dt = deltatune;
 namespace bb = deltatune::backbones;
 
@@ -100,3 +102,5 @@ CATCH_TEST_CASE("merge A, merge B, unmerge A, unmerge B: B alone is what B runs 
     dt::testing::check_matches(b_merged, logits(t5), "logits with B merged against B running unmerged");
   }
 }
+
+}  // namespace merge_test

@@ -5,6 +5,8 @@
 
 #include "test_support.hpp"
 
+namespace routing_test {
+
 namespace dt = deltatune;
 namespace bb = deltatune::backbones;
 
@@ -231,3 +233,5 @@ CATCH_TEST_CASE("A routed batch matches peft's mixed-batch LoRA inference on a t
   const auto logits = t5->forward(io.at("input_ids"), io.at("attention_mask"), io.at("decoder_input_ids")).logits;
   dt::testing::check_matches(logits, io.at("logits"), "routed logits");
 }
+
+}  // namespace routing_test

@@ -11,6 +11,8 @@
 
 #include "test_support.hpp"
 
+namespace safetensors_test {
+
 namespace dt = deltatune;
 namespace fs = std::filesystem;
 using Catch::Matchers::Contains;
@@ -332,3 +334,5 @@ CATCH_TEST_CASE("TensorMatch fills a model from a file all or nothing and names 
   CATCH_CHECK(unreshapeable.problems() == "\n  mismatched (1): b (file Float [5], model Float [4])");
   CATCH_CHECK(dt::detail::list_names({"a", "b", "c"}, 2) == "a, b and 1 more");
 }
+
+}  // namespace safetensors_test

@@ -2,6 +2,8 @@
 // and prompt sites, and find_sites' names, on a toy backbone.
 #include <deltatune/core/site.hpp>
 
+namespace site_test {
+
 namespace dt = deltatune;
 
 namespace {
@@ -138,3 +140,5 @@ CATCH_TEST_CASE("find_sites names every site by module path, output, prefix and 
   encoder->prompt_deltas.set_active("v", false);
   CATCH_CHECK(encoder->embed(torch::zeros({2, 5, 4}), {}).first.size(1) == 5);
 }
+
+}  // namespace site_test

@@ -8,6 +8,8 @@
 
 #include "test_support.hpp"
 
+namespace adapters_test {
+
 namespace dt = deltatune;
 namespace bb = deltatune::backbones;
 namespace fs = std::filesystem;
@@ -190,3 +192,5 @@ CATCH_TEST_CASE("adapters-format errors name the key, the tensor and the file", 
   }
   CATCH_CHECK(model.deltas().count("houlsby") == 0);  // a refused load leaves nothing attached
 }
+
+}  // namespace adapters_test

@@ -6,6 +6,8 @@
 
 #include "test_support.hpp"
 
+namespace peft_test {
+
 namespace dt = deltatune;
 namespace bb = deltatune::backbones;
 namespace fs = std::filesystem;
@@ -274,3 +276,5 @@ CATCH_TEST_CASE("save_peft refuses what peft cannot express, saying why", "[peft
                             Catch::Contains("Linear layers only") && Catch::Contains("layer_norm"));
   CATCH_REQUIRE_THROWS_WITH(dt::save_peft(model, "nope", dir.path.string()), Catch::Contains("no delta named 'nope'"));
 }
+
+}  // namespace peft_test

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+namespace kron_sum_cuda_test {
+
 namespace dt = deltatune;
 
 // The CUDA cases' helpers, left out without CUDA, where they would go unused (-Wunused-function).
@@ -151,3 +153,5 @@ CATCH_TEST_CASE("CUDA kron_sum kernels equal the float64 oracle", "[kron_sum][cu
   CATCH_WARN("CUDA tests skipped: deltatune was configured without CUDA (DELTATUNE_HAS_CUDA is off)");
 #endif
 }
+
+}  // namespace kron_sum_cuda_test

@@ -4,6 +4,8 @@
 
 #include "test_support.hpp"
 
+namespace kron_sum_test {
+
 namespace dt = deltatune;
 using dt::testing::close;
 using dt::testing::describe_difference;
@@ -222,3 +224,5 @@ CATCH_TEST_CASE("automatic takes the factored path only for large low-rank layer
   CATCH_CHECK_FALSE(prefer_factored(4, 6, 192, 1));   // and its 24x768
   CATCH_CHECK_FALSE(prefer_factored(4, 256, 1024, 256));  // full rank: never factored
 }
+
+}  // namespace kron_sum_test

@@ -9,6 +9,8 @@
 
 #include "test_support.hpp"
 
+namespace contributed_method_test {
+
 namespace dt = deltatune;
 namespace bb = deltatune::backbones;
 
@@ -106,3 +108,5 @@ CATCH_TEST_CASE("a method added through the checklist in one file trains, saves,
   reloaded.merge("task");
   dt::testing::check_matches(fresh->forward(ids).logits, tuned, "merged against unmerged logits");
 }
+
+}  // namespace contributed_method_test

@@ -4,6 +4,8 @@
 
 #include "test_support.hpp"
 
+namespace golden_methods_test {
+
 namespace dt = deltatune;
 
 namespace {
@@ -146,3 +148,5 @@ CATCH_TEST_CASE("PromptTuning matches peft's PromptEmbedding", "[methods][golden
   load_params(*prompt, *g);
   check_output_and_grads(prompt->prompt_embeddings(), *g, named(*prompt));
 }
+
+}  // namespace golden_methods_test

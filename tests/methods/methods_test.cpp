@@ -8,6 +8,8 @@
 
 #include "test_support.hpp"
 
+namespace methods_test {
+
 namespace dt = deltatune;
 namespace bb = deltatune::backbones;
 using dt::testing::close;
@@ -633,3 +635,5 @@ CATCH_TEST_CASE("a prefix through its MLP is computed once per forward pass, ope
   for (auto& p : model.trainable_parameters()) p.data().add_(1.0);
   CATCH_CHECK_FALSE(torch::allclose(t5->forward(ids, {}, {}, labels).logits, before));
 }
+
+}  // namespace methods_test

@@ -8,6 +8,8 @@
 
 #include "test_support.hpp"
 
+namespace recipes_test {
+
 namespace dt = deltatune;
 namespace bb = deltatune::backbones;
 
@@ -333,3 +335,5 @@ CATCH_TEST_CASE("add() with no pattern adapts peft's default sites, with peft's 
                                  "gradient of " + target.name);
   }
 }
+
+}  // namespace recipes_test

@@ -15,6 +15,8 @@
 
 #include "test_support.hpp"
 
+namespace tokenizers_test {
+
 namespace fs = std::filesystem;
 using Catch::Matchers::Contains;
 using deltatune::EncodeOptions;
@@ -314,3 +316,5 @@ CATCH_TEST_CASE("WordPieceTokenizer normalises and splits every code point as to
     CATCH_CHECK(differing == 0);
   }
 }
+
+}  // namespace tokenizers_test

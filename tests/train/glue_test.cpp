@@ -9,6 +9,8 @@
 
 #include "test_support.hpp"
 
+namespace glue_test {
+
 namespace dt = deltatune;
 
 namespace {
@@ -199,3 +201,5 @@ CATCH_TEST_CASE("metrics define their degenerate cases and check their inputs", 
   CATCH_REQUIRE_THROWS_WITH(dt::accuracy({1}, {1, 0}), Catch::Contains("1 predictions for 2 labels"));
   CATCH_REQUIRE_THROWS_AS(dt::metric("bleu", {1}, {1}), dt::OptionError);
 }
+
+}  // namespace glue_test

@@ -19,6 +19,8 @@
 
 #include "test_support.hpp"
 
+namespace train_test {
+
 namespace dt = deltatune;
 
 namespace {
@@ -526,3 +528,5 @@ CATCH_TEST_CASE("LoRA+ gives each tensor the rate peft's create_loraplus_optimiz
     CATCH_CHECK(lr_of.at(tensor.unsafeGetTensorImpl()) == lrs.at(path).get<double>());
   }
 }
+
+}  // namespace train_test
