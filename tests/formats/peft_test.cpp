@@ -15,8 +15,11 @@ using dt::testing::check_matches;
 
 namespace {
 
-const std::vector<std::string> kCases = {"t5_lora",   "t5_rslora",     "t5_ia3",    "t5_prompt", "t5_prefix",
-                                         "t5_prefix_3_2", "bert_lora", "t5_dora", "bert_dora"};
+const std::vector<std::string> kCases = {"t5_lora",   "t5_rslora", "t5_ia3",  "t5_prompt", "t5_prefix",  "t5_prefix_3_2",
+                                         "bert_lora", "t5_dora",   "bert_dora", "t5_pissa", "bert_olora",
+                                         "t5_vera",   "bert_vera_seed"};
+// The cases whose delta starts from the weights (init_lora_weights "pissa" / "olora").
+bool starts_from_weights(const std::string& c) { return c == "t5_pissa" || c == "bert_olora"; }
 
 bool is_t5(const std::string& c) { return c.rfind("t5_", 0) == 0; }
 // The fixture folder of the case's base model: t5_3_2 has 3 encoder and 2 decoder layers,
@@ -27,7 +30,8 @@ std::string base_of(const std::string& c) {
   return is_t5(c) ? "t5" : "bert";
 }
 
-// A backbone from the fixture folder with the peft adapter `c` loaded as delta "default".
+// A backbone from the fixture folder with the peft adapter `c` loaded as delta "default"
+// (only added, at its initialisation, without the file's tensors).
 struct Loaded {
   std::shared_ptr<torch::nn::Module> backbone;
   std::unique_ptr<dt::DeltaModel> model;
@@ -49,26 +53,34 @@ struct Loaded {
   }
 };
 
-Loaded load_case(const fs::path& dir, const std::string& c) {
+Loaded load_case(const fs::path& dir, const std::string& c, bool with_file_tensors = true) {
   Loaded l;
   const auto base = (dir / base_of(c)).string();
   l.backbone = is_t5(c) ? std::static_pointer_cast<torch::nn::Module>(bb::load_t5(base).ptr())
                         : std::static_pointer_cast<torch::nn::Module>(bb::load_bert(base).ptr());
   l.model = std::make_unique<dt::DeltaModel>(l.backbone);
-  dt::load_peft(*l.model, (dir / c).string());
   l.io = dt::read_safetensors((dir / (c + ".safetensors")).string()).tensors;
   l.config = dt::read_json_file(dir / c / "adapter_config.json");
+  if (with_file_tensors) {
+    dt::load_peft(*l.model, (dir / c).string());
+  } else {
+    const auto plan = dt::detail::peft_plan(*l.model, {l.config, "adapter_config.json"});
+    l.model->add("default", plan.recipe, plan.pattern);
+  }
   return l;
 }
 
-// The case's output, loss and the gradient of every adapter-file tensor against the
-// reference's, in the dtype the fixture was computed in (float64: at 1e-10).
+// The case's output, loss and the gradient of every trained adapter-file tensor (VeRA's
+// projections are frozen) against the reference's, in the dtype the fixture was computed in
+// (float64: at 1e-10).
 void check_outputs_and_gradients(Loaded& l) {
   auto [loss, output] = l.run();
   check_matches(output, l.io.at(l.output_name()), l.output_name());
   check_matches(loss.reshape(1), l.io.at("loss"), "loss");
   loss.backward();
-  const auto targets = dt::detail::peft_slots(l.model->deltas().at("default"), {l.config, "adapter_config.json"});
+  auto targets = dt::detail::peft_slots(l.model->deltas().at("default"), {l.config, "adapter_config.json"});
+  targets.erase(std::remove_if(targets.begin(), targets.end(), [](const auto& t) { return !t.target.requires_grad(); }),
+                targets.end());
   size_t grads = 0;
   for (const auto& [key, t] : l.io) grads += key.rfind("grad.", 0) == 0;
   CATCH_CHECK(targets.size() == grads);
@@ -103,7 +115,8 @@ CATCH_TEST_CASE("peft adapters load with peft's outputs and gradients, and save 
     // key: peft's SEQ_2_SEQ_LM prompt has 2P rows of which prompt tuning reads P, and its
     // prefix table pairs that no decoder layer reads; those we write as zeros.
     dt::testing::TempDir out;
-    dt::save_peft(*l.model, "default", out.path.string());
+    dt::save_peft(*l.model, "default", out.path.string(),
+                  dt::PeftSaveOptions().save_projection(l.config.value("save_projection", true)));
     auto ours = dt::read_safetensors(out.file("adapter_model.safetensors")).tensors;
     auto theirs = dt::read_safetensors((*dir / c / "adapter_model.safetensors").string()).tensors;
     CATCH_REQUIRE(ours.size() == theirs.size());
@@ -122,6 +135,120 @@ CATCH_TEST_CASE("peft adapters load with peft's outputs and gradients, and save 
   }
 }
 
+// PiSSA and OLoRA read the weights: A and B start as peft starts them (each rank component
+// up to its sign, which SVD and QR routines may pick either way, B A does not change), the
+// gradients there are peft's, and one SGD step from there gives peft's loss and output.
+CATCH_TEST_CASE("PiSSA and OLoRA start from the weights as peft does and take its first step", "[peft][golden]") {
+  auto dir = dt::testing::golden_dir("peft_models");
+  if (!dir) return;
+  for (const std::string c : {"t5_pissa", "bert_olora"}) {
+    CATCH_INFO("case " << c);
+    auto l = load_case(*dir, c, /*with_file_tensors=*/false);
+    l.run().first.backward();
+    for (const auto& a : l.model->deltas().at("default").attachments) {
+      auto& lora = dynamic_cast<dt::LoRAImpl&>(*a.delta);
+      const auto key = dt::detail::kPeftKeyPrefix + a.site.name;
+      const auto& peft_a = l.io.at("init." + key + ".lora_A.weight");
+      const auto sign = (lora.lora_A * peft_a).sum(1).sign();  // (r)
+      check_matches(lora.lora_A * sign.unsqueeze(1), peft_a, key + " initial A");
+      check_matches(lora.lora_B * sign, l.io.at("init." + key + ".lora_B.weight"), key + " initial B");
+      check_matches(lora.lora_A.grad() * sign.unsqueeze(1), l.io.at("init_grad." + key + ".lora_A.weight"),
+                    key + " gradient of A at the start");
+      check_matches(lora.lora_B.grad() * sign, l.io.at("init_grad." + key + ".lora_B.weight"),
+                    key + " gradient of B at the start");
+    }
+    torch::optim::SGD(l.model->trainable_parameters(), 0.1).step();
+    torch::NoGradGuard no_grad;
+    auto [loss, output] = l.run();
+    check_matches(loss.reshape(1), l.io.at("stepped.loss"), "loss after one step");
+    check_matches(output, l.io.at("stepped." + l.output_name()), l.output_name() + " after one step");
+  }
+}
+
+// combine_lora against peft's add_weighted_adapter (tools/golden/combine.py, which says where
+// the fixtures' peft differs from 0.18.1's): the mixed A and B at every site (svd: their
+// product, as an SVD may pick either sign per component), and the BERT's output with the
+// mixed delta alone active.
+CATCH_TEST_CASE("combine_lora mixes LoRA deltas as peft's add_weighted_adapter does", "[peft][golden][combine]") {
+  auto dir = dt::testing::golden_dir("combine");
+  if (!dir) return;
+  for (const std::string how : {"linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune"}) {
+    CATCH_INFO("how " << how);
+    auto bert = bb::load_bert((*dir / "bert").string());
+    bert->eval();
+    dt::DeltaModel model(bert);
+    for (const std::string input : {"task_a", "task_b", "task_c", "task_d"})
+      dt::load_peft(model, (*dir / "inputs" / input).string(), input);
+    const bool svd = how == "svd", pruned = how != "linear" && how != "cat" && !svd;
+    dt::combine_lora(model, how, {{svd ? "task_c" : "task_a", 0.7}, {svd ? "task_d" : "task_b", -0.4}},
+                     dt::LoRACombineOptions().how(how).density(pruned ? 0.5 : 1.0).seed(7));
+    const auto io = dt::read_safetensors((*dir / (how + ".safetensors")).string()).tensors;
+    size_t sites = 0;
+    for (const auto& [key, t] : io) sites += key.find(".lora_A.") != std::string::npos;
+    CATCH_CHECK(model.deltas().at(how).attachments.size() == sites);
+    for (const auto& a : model.deltas().at(how).attachments) {
+      const auto& lora = dynamic_cast<dt::LoRAImpl&>(*a.delta);
+      const auto key = dt::detail::kPeftKeyPrefix + a.site.name;
+      const auto &A = io.at(key + ".lora_A.weight"), &B = io.at(key + ".lora_B.weight");
+      if (svd) {
+        check_matches(torch::mm(lora.lora_B, lora.lora_A), torch::mm(B, A), key + " B A");
+      } else {
+        check_matches(lora.lora_A, A, key + " A");
+        check_matches(lora.lora_B, B, key + " B");
+      }
+    }
+    for (const std::string input : {"task_a", "task_b", "task_c", "task_d"}) model.deactivate(input);
+    torch::NoGradGuard no_grad;
+    check_matches(bert->forward(io.at("input_ids"), io.at("attention_mask")).last_hidden_state,
+                  io.at("last_hidden_state"), "last_hidden_state with the mixed delta");
+  }
+}
+
+// Properties no reference is needed for: "cat" and a full-rank "svd" of weights 1 and 1 are
+// the two deltas active together; mixed deltas save and load like any other; bad requests
+// are refused by name.
+CATCH_TEST_CASE("combine_lora: cat and full-rank svd add the deltas up, and bad requests are refused", "[peft][combine]") {
+  auto t5 = tiny_t5();
+  t5->eval();
+  dt::DeltaModel model(t5);
+  model.add("a", dt::LoRAOptions().r(2).alpha(4));
+  model.add("b", dt::LoRAOptions().r(3).alpha(3).use_rslora(true), "q|k");
+  for (auto& p : model.trainable_parameters()) {
+    torch::NoGradGuard no_grad;
+    p.normal_(0, 0.3);
+  }
+  const auto ids = torch::randint(2, 40, {2, 5}), decoder_ids = torch::randint(2, 40, {2, 3});
+  auto logits = [&] { return t5->forward(ids, {}, decoder_ids).logits.detach(); };
+  const auto both = logits();
+  for (const std::string how : {"cat", "svd"}) {
+    CATCH_INFO("how " << how);
+    auto& mixed = dt::combine_lora(model, how, {{"a", 1.0}, {"b", 1.0}}, dt::LoRACombineOptions().how(how).svd_rank(5));
+    CATCH_CHECK(dynamic_cast<dt::LoRAImpl&>(*mixed.attachments.front().delta).options.r() == 5);
+    model.deactivate("a");
+    model.deactivate("b");
+    CATCH_CHECK(torch::allclose(logits(), both, 1e-4, 1e-5));
+    dt::testing::TempDir saved;
+    model.save(how, saved.path.string());
+    dt::DeltaModel fresh(tiny_t5());
+    fresh.load(how, saved.path.string());
+    model.activate("a");
+    model.activate("b");
+    model.remove(how);
+  }
+  CATCH_REQUIRE_THROWS_WITH(dt::combine_lora(model, "m", {{"a", 1.0}, {"b", 1.0}}, dt::LoRACombineOptions().how("linear")),
+                            Catch::Contains("need one rank; they have ranks 2, 3"));
+  CATCH_REQUIRE_THROWS_WITH(dt::combine_lora(model, "m", {{"a", 1.0}}, dt::LoRACombineOptions().how("average")),
+                            Catch::Contains("option how must be one of") && Catch::Contains("got \"average\""));
+  CATCH_REQUIRE_THROWS_WITH(dt::combine_lora(model, "m", {{"a", 1.0}}, dt::LoRACombineOptions().how("ties").density(2)),
+                            "combine_lora: option density must be in [0, 1], got 2");
+  CATCH_REQUIRE_THROWS_WITH(dt::combine_lora(model, "m", {{"nope", 1.0}}), "combine_lora: this model has no delta named 'nope'");
+  model.add("dora", dt::LoRAOptions().r(2).use_dora(true));
+  CATCH_REQUIRE_THROWS_WITH(dt::combine_lora(model, "m", {{"a", 1.0}, {"dora", 1.0}}), Catch::Contains("'dora' is DoRA"));
+  model.add("ia3", dt::IA3Options());
+  CATCH_REQUIRE_THROWS_WITH(dt::combine_lora(model, "m", {{"ia3", 1.0}}), "combine_lora: delta 'ia3' is ia3, not LoRA");
+  CATCH_CHECK_FALSE(model.deltas().count("m"));
+}
+
 // Exact maths: the backbone and its peft adapter in float64 against transformers + peft in
 // float64 without their float32 islands (tools/golden/float64.py), at 1e-10 relative to the
 // reference's scale. Where float32 can only bound rounding, this shows the maths is the same.
@@ -129,7 +256,7 @@ CATCH_TEST_CASE("peft adapters in float64 match transformers + peft in float64",
   auto dir = dt::testing::golden_dir("float64");
   if (!dir) return;
   for (const std::string c : {"t5_lora", "t5_ia3", "t5_prompt", "t5_prefix", "t5_gated_lora", "bert_lora", "bert_ia3",
-                              "t5_dora", "bert_dora"}) {
+                              "t5_dora", "bert_dora", "t5_vera", "bert_vera"}) {
     CATCH_INFO("case " << c);
     auto l = load_case(*dir, c);
     l.backbone->to(torch::kFloat64);
@@ -148,6 +275,7 @@ CATCH_TEST_CASE("peft adapters trained here are written for Python peft to check
   const auto out = dt::testing::python_check_dir("DELTATUNE_PEFT_EXPORT_DIR", "peft_export");
   fs::create_directories(out);
   fs::remove(out / "cases.json");  // written last: its absence says the export did not finish
+  auto cases = kCases;
   for (const auto& c : kCases) {
     CATCH_INFO("case " << c);
     auto l = load_case(*dir, c);
@@ -163,8 +291,14 @@ CATCH_TEST_CASE("peft adapters trained here are written for Python peft to check
       if (l.io.count(key)) io[key] = l.io.at(key);
     dt::write_safetensors((out / (c + ".safetensors")).string(), io);
     CATCH_CHECK(!torch::equal(io.at("output"), l.io.at(l.output_name())));  // the step changed the delta
+    if (starts_from_weights(c)) {  // also as the plain LoRA of rank 2r that peft's conversion writes
+      dt::save_peft(*l.model, "default", (out / (c + "_as_lora")).string(),
+                    dt::PeftSaveOptions().base_model_name_or_path(base).convert_to_lora(true));
+      dt::write_safetensors((out / (c + "_as_lora.safetensors")).string(), io);
+      cases.push_back(c + "_as_lora");
+    }
   }
-  dt::detail::write_text_atomically((out / "cases.json").string(), nlohmann::json(kCases).dump() + "\n", "peft_test");
+  dt::detail::write_text_atomically((out / "cases.json").string(), nlohmann::json(cases).dump() + "\n", "peft_test");
 }
 
 CATCH_TEST_CASE("peft files that do not fit are refused with the file and key named", "[peft]") {
@@ -205,6 +339,12 @@ CATCH_TEST_CASE("peft files that do not fit are refused with the file and key na
   c["rank_pattern"] = {{"q", 4}};
   dir.write("adapter_config.json", c.dump());
   expect_error({config_path, "lora_bias = true", "rank_pattern = {\"q\":4}"});
+
+  // A randomised SVD (peft's "pissa_niter_K") cannot be redone here with peft's result.
+  c = config;
+  c["init_lora_weights"] = "pissa_niter_4";
+  dir.write("adapter_config.json", c.dump());
+  expect_error({config_path, "init_lora_weights = \"pissa_niter_4\""});
 
   // DoRA's magnitudes are missing from a plain LoRA's file: named by key.
   c = config;

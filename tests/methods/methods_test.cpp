@@ -339,6 +339,16 @@ CATCH_TEST_CASE("Compacter layers share one rule A, counted once", "[methods][co
 CATCH_TEST_CASE("bad options are refused with the option and value named", "[methods][options]") {
   CATCH_REQUIRE_THROWS_WITH(dt::LoRA(dt::LoRAOptions(8, 8).r(0)), "LoRA: option r (rank) must be positive, got 0");
   CATCH_REQUIRE_THROWS_WITH(dt::LoRA(dt::LoRAOptions(8, 8).dropout(1.5)), "LoRA: option dropout must be in [0, 1), got 1.5");
+  CATCH_REQUIRE_THROWS_WITH(dt::LoRA(dt::LoRAOptions(8, 8).init("loftq")),
+                            "LoRA: option init must be \"lora\", \"pissa\" or \"olora\", got \"loftq\"");
+  CATCH_REQUIRE_THROWS_WITH(dt::LoRA(dt::LoRAOptions(8, 6).r(7).init("olora")),
+                            "LoRA: init \"olora\" takes r = 7 components of a 6 x 8 weight, which has at most 6");
+  CATCH_REQUIRE_THROWS_WITH(dt::LoRA(dt::LoRAOptions(8, 8).init("pissa").use_dora(true)),
+                            Catch::Contains("init \"pissa\" with use_dora is not supported"));
+  CATCH_REQUIRE_THROWS_WITH(dt::VeRAProjection(0, 8, 8, 0),
+                            "VeRA: r and the layers' sizes must be positive, got r = 0 on 8 x 8");
+  CATCH_REQUIRE_THROWS_WITH(dt::VeRA(dt::VeRAOptions(16, 8).r(4), dt::VeRAProjection(4, 8, 8, 0)),
+                            "VeRA: a 8 x 16 layer at r = 4 needs shared projections at least that large");
   CATCH_REQUIRE_THROWS_WITH(dt::PHMLinear(dt::PHMLinearOptions(10, 8).n(4)),
                             "PHMLinear: option n = 4 must divide in_features = 10 and out_features = 8");
   CATCH_REQUIRE_THROWS_WITH(dt::PHMLinear(dt::PHMLinearOptions(8, 8).n(0)), "PHMLinear: option n must be positive, got 0");

@@ -70,6 +70,9 @@ std::vector<Method> methods() {
   return {
       {"lora", [] { return dt::make_recipe(dt::LoRAOptions().r(2).alpha(4)); }, true},
       {"dora", [] { return dt::make_recipe(dt::LoRAOptions().r(2).alpha(4).use_dora(true)); }, true},
+      {"pissa", [] { return dt::make_recipe(dt::LoRAOptions().r(2).alpha(4).init("pissa")); }, true},
+      {"olora", [] { return dt::make_recipe(dt::LoRAOptions().r(2).alpha(4).init("olora")); }, true},
+      {"vera", [] { return dt::make_recipe(dt::VeRAOptions().r(4)); }, true},
       {"ia3", [] { return dt::make_recipe(dt::IA3Options()); }, true},
       {"bitfit", [] { return dt::make_recipe(dt::BitFitOptions()); }, true},
       {"houlsby", [] { return dt::make_recipe(dt::houlsby_options().reduction_factor(4)); }, false},

@@ -17,7 +17,8 @@ Written into out_dir, in formats/peft.hpp's fixture layout (tools/golden/peft_mo
   <case>.safetensors     the batch and, computed in float64 by the float64 model with the
                          adapter: the output (logits / last_hidden_state), loss and the
                          gradient of every adapter-file tensor ("grad.<key>"), all float64
-Cases: t5_lora, t5_ia3, t5_prompt, t5_prefix, t5_gated_lora, bert_lora, bert_ia3, t5_dora, bert_dora.
+Cases: t5_lora, t5_ia3, t5_prompt, t5_prefix, t5_gated_lora, bert_lora, bert_ia3, t5_dora, bert_dora,
+t5_vera, bert_vera.
 """
 import contextlib
 from pathlib import Path
@@ -90,7 +91,7 @@ def _case(out_dir, name, base, config, batch, seed):
 
 
 def make(out_dir: Path, shared_data: Path):
-    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, VeraConfig
 
     _bases(out_dir)
     tb, bb = _batch(21, 7, t5=True), _batch(22, 6, t5=False)
@@ -113,3 +114,7 @@ def make(out_dir: Path, shared_data: Path):
                                                target_modules=["q", "v", "wi", "wo"]), tb, 8)
     _case(out_dir, "bert_dora", "bert", LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=[
         "query", "value", "intermediate.dense", "output.dense"]), bb, 9)
+    _case(out_dir, "t5_vera", "t5", VeraConfig(task_type=s2s, r=4, projection_prng_key=3,
+                                               target_modules=["q", "v", "wi", "wo"]), tb, 10)
+    _case(out_dir, "bert_vera", "bert", VeraConfig(r=4, target_modules=[
+        "query", "value", "intermediate.dense", "output.dense"]), bb, 11)

@@ -15,7 +15,11 @@ Written into out_dir:
 Cases: t5_lora, t5_rslora (on q, k, v, o, wi, wo, not the default q, v), t5_ia3, t5_prompt,
 t5_prefix (the table trained directly: prefix_projection false), t5_prefix_3_2 (on t5_3_2),
 bert_lora, t5_dora and bert_dora (use_dora=True; BERT's Linears have biases, which DoRA's
-output leaves out of its rescaling).
+output leaves out of its rescaling), t5_pissa and bert_olora (init_lora_weights "pissa" /
+"olora"; their <case>.safetensors also hold the initial state: "init.<key>", "init_grad.<key>"
+and "stepped.<loss|output>" after one SGD step at lr 0.1 from it), t5_vera (q, v, wo: the shared
+projections sized by wo's 64 inputs) and bert_vera_seed (save_projection false: the file holds the
+vectors only, the projections being drawn again from the seed).
 Delta values are randomised after peft's init (LoRA's B is zero, IA3's l and DoRA's magnitude
 near one: any value serves, the formulas are checked, not the init).
 The T5 loss is the LM cross-entropy on labels; BERT's is sum(last_hidden_state * R) over the tokens.
@@ -71,35 +75,52 @@ def _randomise(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2 + centre)
 
 
+def _file_key(name):
+    """A peft parameter's adapter-file key: peft's name without the adapter name; prompt and
+    prefix tables are prompt_embeddings; DoRA's magnitude parameter,
+    lora_magnitude_vector.default.weight, is saved as lora_magnitude_vector."""
+    if name.startswith("prompt_encoder."):
+        return "prompt_embeddings"
+    return name.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")
+
+
 def _file_grads(model):
-    """The gradient of every adapter-file tensor, under its file key (peft's names without
-    the adapter name; prompt and prefix tables under prompt_embeddings; DoRA's magnitude
-    parameter, lora_magnitude_vector.default.weight, is saved as lora_magnitude_vector)."""
-    grads = {}
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        if name.startswith("prompt_encoder."):
-            grads["prompt_embeddings"] = p.grad
-        else:
-            grads[name.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector")] = p.grad
-    return grads
+    """The gradient of every adapter-file tensor, under its file key."""
+    return {_file_key(name): p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _initial_state(model, batch, run):
+    """PiSSA / OLoRA: peft's initial factors ("init.<key>"), the gradients there
+    ("init_grad.<key>"), and the loss and output after one SGD step (lr 0.1) from them
+    ("stepped.<name>"); the model is left stepped, its gradients cleared."""
+    out = run(model, batch)
+    out["loss"].backward()
+    tensors = {f"init.{_file_key(n)}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    tensors.update({f"init_grad.{k}": g.clone() for k, g in _file_grads(model).items()})
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    model.zero_grad()
+    with torch.no_grad():
+        stepped = run(model, batch)
+    tensors.update({f"stepped.{k}": v.reshape(-1) if k == "loss" else v for k, v in stepped.items()})
+    return tensors
 
 
 def _case(out_dir, name, base_dir, config, batch, run, seed):
     """Wraps the base in base_dir with peft, randomises the delta, saves the adapter and
-    <name>.safetensors; returns the peft model, its gradients in place."""
+    <name>.safetensors; returns the peft model, its gradients in place. An initialisation
+    that reads the weights (PiSSA, OLoRA) has its initial state recorded first."""
     from peft import get_peft_model
     from transformers import AutoModel, AutoModelForSeq2SeqLM
 
     loader = AutoModelForSeq2SeqLM if name.startswith("t5") else AutoModel
     model = get_peft_model(loader.from_pretrained(base_dir), config)
     model.eval()  # no dropout; gradients still flow
+    initial = _initial_state(model, batch, run) if getattr(config, "init_lora_weights", True) in ("pissa", "olora") else {}
     _randomise(model, seed)
     model.save_pretrained(out_dir / name)
     out = run(model, batch)
     out["loss"].backward()
-    tensors = dict(batch)
+    tensors = dict(batch, **initial)
     tensors.update({k: v.detach() for k, v in out.items()})
     tensors["loss"] = tensors["loss"].reshape(1)
     tensors.update({f"grad.{k}": v for k, v in _file_grads(model).items()})
@@ -119,7 +140,7 @@ def _run_bert(model, b):
 
 
 def make(out_dir: Path, shared_data: Path):
-    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, VeraConfig
 
     _base_models(out_dir)
     t5, bert = out_dir / "t5", out_dir / "bert"
@@ -142,3 +163,14 @@ def make(out_dir: Path, shared_data: Path):
     # (their last names are shared), which the config comparison would see; float64.py has them.
     _case(out_dir, "bert_dora", bert, LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["query", "value"]),
           bb, _run_bert, 9)
+    # The frozen weights replaced by their residual (peft's pissa_init / olora_init); saved
+    # without conversion, as peft saves by default: loading redoes the decomposition.
+    _case(out_dir, "t5_pissa", t5, LoraConfig(task_type=s2s, r=2, lora_alpha=6, init_lora_weights="pissa",
+                                              target_modules=["q", "v", "wo"]), tb, _run_t5, 10)
+    _case(out_dir, "bert_olora", bert, LoraConfig(r=2, lora_alpha=4, init_lora_weights="olora",
+                                                  target_modules=["query", "value"]), bb, _run_bert, 11)
+    # VeRA: wo (64 in) makes the shared A wider than q and v read; BERT saves only the seed.
+    _case(out_dir, "t5_vera", t5, VeraConfig(task_type=s2s, r=4, projection_prng_key=3, d_initial=0.2,
+                                             target_modules=["q", "v", "wo"]), tb, _run_t5, 12)
+    _case(out_dir, "bert_vera_seed", bert, VeraConfig(r=4, projection_prng_key=5, save_projection=False,
+                                                      target_modules=["query", "value"]), bb, _run_bert, 13)

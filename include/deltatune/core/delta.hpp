@@ -86,6 +86,17 @@ class WeightDelta : public DeltaModule {
   }
 };
 
+namespace detail {
+
+// A weight delta's own path's input: x with dropout p while training (LoRA's lora_dropout,
+// VeRA's vera_dropout), x itself otherwise.
+inline torch::Tensor path_dropout(const torch::Tensor& x, double p, bool training) {
+  if (p <= 0 || !training) return x;
+  return torch::nn::functional::dropout(x, torch::nn::functional::DropoutFuncOptions().p(p).training(true));
+}
+
+}  // namespace detail
+
 // How a sublayer ends once its body produced h: the backbone's layer norm over h + residual
 // (BERT, post-norm), or h + residual alone when there is none (T5, pre-norm).
 using LayerNormFn = std::function<torch::Tensor(const torch::Tensor&)>;

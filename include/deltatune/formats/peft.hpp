@@ -5,11 +5,16 @@
 // peft 0.18.1 writes) and adapter_model.safetensors, keyed by the Hugging Face module path
 // under "base_model.model." without the adapter name:
 //   LoRA    <module>.lora_A.weight (r, in), <module>.lora_B.weight (out, r); rsLoRA by use_rslora;
-//           DoRA (use_dora) adds <module>.lora_magnitude_vector (out)
+//           DoRA (use_dora) adds <module>.lora_magnitude_vector (out); init_lora_weights
+//           "pissa" / "olora" keeps A and B as trained, and whoever loads redoes the decomposition
+//           (or convert_to_lora writes a plain LoRA of rank 2r)
+//   VeRA    <module>.vera_lambda_b (out), <module>.vera_lambda_d (r), and the shared
+//           base_model.vera_A (r, largest in), base_model.vera_B (largest out, r) unless
+//           save_projection is false (then drawn again from projection_prng_key, as peft does)
 //   IA3     <module>.ia3_l: (out, 1) scaling the output, (1, in) for feedforward_modules
 //   prompt  prompt_embeddings (P * num_transformer_submodules, d); T5's encoder reads rows [0, P)
 //   prefix  prompt_embeddings (P, L * 2 * token_dim): the keys and values, after the MLP
-// What is supported: LoRA and IA3 on T5 and BERT (Linear sites only, as peft); prompt and
+// What is supported: LoRA, VeRA and IA3 on T5 and BERT (Linear sites only, as peft); prompt and
 // prefix tuning on T5 (task SEQ_2_SEQ_LM). What peft 0.18.1 does with a T5 prefix, and so
 // what can be exchanged: it reaches only the decoder's self-attention (the cross-attention
 // cache it builds is discarded), and decoder layer i reads key/value pair 2i mod L of its
@@ -22,8 +27,8 @@
 // BitFit has none either: peft 0.18.1 has no bias-only method (no "BEFT"), and its
 // bias="all" trains existing biases beside LoRA weights, while T5 has no biases at all:
 // save_peft refuses BitFit, adapters and Compacter, pointing to DeltaModel::save.
-// peft options that change outputs and have no counterpart here (PiSSA-style inits,
-// rank_pattern, modules_to_save, bias, layers_to_transform, ...) are refused by key and value;
+// peft options that change outputs and have no counterpart here (inits that need data or
+// randomness: pissa_niter_K, corda, eva, loftq; rank_pattern, modules_to_save, bias, layers_to_transform, ...) are refused by key and value;
 // dropout is read but acts only in training. Adapter weights of any float dtype are read
 // (widened as the backbone loaders widen F16 / BF16); every other mismatch (missing or
 // unexpected key, shape, dtype) is listed in one error naming the file, and nothing is added then.
@@ -34,6 +39,7 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -59,11 +65,20 @@
 #include <deltatune/methods/lora.hpp>
 #include <deltatune/methods/prefix.hpp>
 #include <deltatune/methods/prompt.hpp>
+#include <deltatune/methods/vera.hpp>
 
 namespace deltatune {
 
 struct PeftSaveOptions {
   TORCH_ARG(std::string, base_model_name_or_path) = "";  // where a peft user finds the base model (hub id or folder)
+  // PiSSA / OLoRA: write a plain LoRA of rank 2r, A' = [A; A0], B' = [B, -B0] (peft's
+  // save_pretrained with path_initial_model_for_weight_conversion), which needs no
+  // decomposition at load and also loads where PiSSA is unknown. Otherwise written as peft
+  // saves by default: init_lora_weights "pissa" / "olora", and peft redoes the decomposition.
+  TORCH_ARG(bool, convert_to_lora) = false;
+  // VeRA: write the shared A and B (peft's save_projection); false writes only their seed,
+  // from which peft and deltatune draw them again.
+  TORCH_ARG(bool, save_projection) = true;
 };
 
 namespace detail {
@@ -155,7 +170,7 @@ inline void check_peft_options(const nlohmann::json& config, const std::set<std:
   static const std::set<std::string> ignored = {
       "peft_type", "peft_version", "task_type", "base_model_name_or_path", "revision", "inference_mode",
       "auto_mapping", "megatron_core", "qalora_group_size",  // used only with the features that need them
-      "lora_dropout", "init_ia3_weights", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+      "lora_dropout", "vera_dropout", "init_ia3_weights", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
       "tokenizer_kwargs",  // initialisation and training only: the file's values replace them
       "fan_in_fan_out"};   // peft resets it to false on torch Linear layers, which all sites here are
   std::vector<std::string> problems;
@@ -165,8 +180,10 @@ inline void check_peft_options(const nlohmann::json& config, const std::set<std:
                          ((value.is_object() || value.is_array()) && value.empty());
     if (!neutral) problems.push_back(fmt::format("{} = {}", key, value.dump()));
   }
+  // pissa and olora are redone here from the weights; the others (pissa_niter_K's randomised
+  // SVD, corda, eva, loftq) need data or randomness that cannot be repeated.
   const auto init = config.value("init_lora_weights", nlohmann::json(true));
-  if (!(init.is_boolean() || init == "gaussian"))  // the others change the base weights or need data
+  if (!(init.is_boolean() || init == "gaussian" || init == "pissa" || init == "olora"))
     problems.push_back(fmt::format("init_lora_weights = {}", init.dump()));
   check<OptionError>(problems.empty(), "{}: peft options deltatune does not support (they would change the outputs): {}",
                      where, fmt::join(problems, ", "));
@@ -228,22 +245,28 @@ inline PeftAdapter peft_lora(DeltaModel& model, const DeltaModel::Entry& entry, 
   check_linear_sites(entry, "LoRA", "save_peft");
   PeftAdapter out;
   std::vector<std::string> sites;
+  const auto& o = peft_deltas<LoRAImpl>(entry, name).front().second->options;
+  // B A - B0 A0 = [B, -B0] [A; A0]: rank 2r at the same scaling (alpha doubled, or times sqrt 2 with rsLoRA).
+  const bool convert = options.convert_to_lora() && o.init() != "lora";
   for (const auto& [site, lora] : peft_deltas<LoRAImpl>(entry, name)) {
-    out.tensors[kPeftKeyPrefix + site + ".lora_A.weight"] = lora->lora_A;
-    out.tensors[kPeftKeyPrefix + site + ".lora_B.weight"] = lora->lora_B;
+    out.tensors[kPeftKeyPrefix + site + ".lora_A.weight"] =
+        convert ? torch::cat({lora->lora_A, lora->lora_A_init}, 0) : lora->lora_A;
+    out.tensors[kPeftKeyPrefix + site + ".lora_B.weight"] =
+        convert ? torch::cat({lora->lora_B, -lora->lora_B_init}, 1) : lora->lora_B;
     if (lora->options.use_dora()) out.tensors[kPeftKeyPrefix + site + ".lora_magnitude_vector"] = lora->lora_magnitude_vector;
     sites.push_back(site);
   }
-  const auto& o = peft_deltas<LoRAImpl>(entry, name).front().second->options;
+  const auto alpha = convert ? o.alpha() * (o.use_rslora() ? std::sqrt(2.0) : 2.0) : o.alpha();
+  const auto init = convert || o.init() == "lora" ? nlohmann::json(true) : nlohmann::json(o.init());
   out.config = peft_config_base(model, "LORA", options);
   out.config.update({{"alora_invocation_tokens", nullptr}, {"alpha_pattern", nlohmann::json::object()},
                      {"arrow_config", nullptr}, {"bias", "none"}, {"corda_config", nullptr},
                      {"ensure_weight_tying", false}, {"eva_config", nullptr}, {"exclude_modules", nullptr},
-                     {"fan_in_fan_out", false}, {"init_lora_weights", true}, {"layer_replication", nullptr},
+                     {"fan_in_fan_out", false}, {"init_lora_weights", init}, {"layer_replication", nullptr},
                      {"layers_pattern", nullptr}, {"layers_to_transform", nullptr},
-                     {"loftq_config", nlohmann::json::object()}, {"lora_alpha", number(o.alpha())},
+                     {"loftq_config", nlohmann::json::object()}, {"lora_alpha", number(alpha)},
                      {"lora_bias", false}, {"lora_dropout", o.dropout()}, {"megatron_config", nullptr},
-                     {"megatron_core", "megatron.core"}, {"qalora_group_size", 16}, {"r", o.r()},
+                     {"megatron_core", "megatron.core"}, {"qalora_group_size", 16}, {"r", convert ? 2 * o.r() : o.r()},
                      {"rank_pattern", nlohmann::json::object()}, {"target_modules", peft_target_modules(sites, model)},
                      {"target_parameters", nullptr}, {"trainable_token_indices", nullptr}, {"use_dora", o.use_dora()},
                      {"use_qalora", false}, {"use_rslora", o.use_rslora()}});
@@ -332,9 +355,34 @@ inline PeftAdapter peft_prefix(DeltaModel& model, const DeltaModel::Entry& entry
 
 // peft's layout for each method that has one, by DeltaRecipe::method().
 using PeftWriter = PeftAdapter (*)(DeltaModel&, const DeltaModel::Entry&, const std::string&, const PeftSaveOptions&);
+inline PeftAdapter peft_vera(DeltaModel& model, const DeltaModel::Entry& entry, const std::string& name,
+                             const PeftSaveOptions& options) {
+  check_linear_sites(entry, "VeRA", "save_peft");
+  PeftAdapter out;
+  std::vector<std::string> sites;
+  for (const auto& [site, vera] : peft_deltas<VeRAImpl>(entry, name)) {
+    out.tensors[kPeftKeyPrefix + site + ".vera_lambda_b"] = vera->vera_lambda_b;
+    out.tensors[kPeftKeyPrefix + site + ".vera_lambda_d"] = vera->vera_lambda_d;
+    sites.push_back(site);
+  }
+  const auto* first = peft_deltas<VeRAImpl>(entry, name).front().second;
+  if (options.save_projection()) {
+    out.tensors["base_model.vera_A"] = first->projection->vera_A;
+    out.tensors["base_model.vera_B"] = first->projection->vera_B;
+  }
+  const auto& o = first->options;
+  out.config = peft_config_base(model, "VERA", options);
+  out.config.update({{"bias", "none"}, {"d_initial", o.d_initial()}, {"fan_in_fan_out", false}, {"init_weights", true},
+                     {"layers_pattern", nullptr}, {"layers_to_transform", nullptr}, {"modules_to_save", nullptr},
+                     {"projection_prng_key", o.projection_prng_key()}, {"r", o.r()},
+                     {"save_projection", options.save_projection()},
+                     {"target_modules", peft_target_modules(sites, model)}, {"vera_dropout", o.dropout()}});
+  return out;
+}
+
 inline const std::map<std::string, PeftWriter>& peft_writers() {
   static const std::map<std::string, PeftWriter> writers{
-      {"lora", peft_lora}, {"ia3", peft_ia3}, {"prompt_tuning", peft_prompt}, {"prefix_tuning", peft_prefix}};
+      {"lora", peft_lora}, {"vera", peft_vera}, {"ia3", peft_ia3}, {"prompt_tuning", peft_prompt}, {"prefix_tuning", peft_prefix}};
   return writers;
 }
 
@@ -342,7 +390,7 @@ inline const std::map<std::string, PeftWriter>& peft_writers() {
 
 // Writes delta `name` of `model` into `dir` as peft 0.18.1 writes an adapter
 // (adapter_config.json, adapter_model.safetensors), each file atomically: Python's
-// PeftModel.from_pretrained(base_model, dir) then computes what `model` computes. LoRA, IA3
+// PeftModel.from_pretrained(base_model, dir) then computes what `model` computes. LoRA, VeRA, IA3
 // (T5, BERT), prompt and prefix tuning (T5); other methods, and placements peft cannot
 // express, are refused with the reason.
 inline void save_peft(DeltaModel& model, const std::string& name, const std::string& dir,
@@ -355,7 +403,7 @@ inline void save_peft(DeltaModel& model, const std::string& name, const std::str
                              "too, which peft's layout cannot hold; use DeltaModel::save", name, method);
   const auto writer = detail::peft_writers().find(method);
   if (writer == detail::peft_writers().end())
-    throw OptionError(fmt::format("save_peft: peft 0.18.1 has no layout for {} (delta '{}'): it knows LoRA, IA3, prompt "
+    throw OptionError(fmt::format("save_peft: peft 0.18.1 has no layout for {} (delta '{}'): it knows LoRA, VeRA, IA3, prompt "
                                   "and prefix tuning here{}; use DeltaModel::save", method, name,
                                   method == "bitfit" ? ", and no bias-only method (its bias=\"all\" comes with LoRA "
                                                        "weights and T5 has no biases to train)" : ""));
@@ -386,9 +434,19 @@ inline PeftPlan peft_plan(DeltaModel& model, const JsonFields& c) {
   if (type == "LORA") {
     check_peft_options(c.json(), {"r", "lora_alpha", "use_rslora", "use_dora", "target_modules", "init_lora_weights"},
                        where);
+    const auto init = c.get<nlohmann::json>("init_lora_weights", true);
     auto options = LoRAOptions().r(c.get<int64_t>("r")).alpha(c.get<double>("lora_alpha"))
                        .use_rslora(c.get<bool>("use_rslora", false)).use_dora(c.get<bool>("use_dora", false))
-                       .dropout(c.get<double>("lora_dropout", 0.0));
+                       .dropout(c.get<double>("lora_dropout", 0.0))
+                       .init(init == "pissa" || init == "olora" ? init.get<std::string>() : "lora");
+    return {make_recipe(options), target_modules()};
+  }
+  if (type == "VERA") {
+    check_peft_options(c.json(), {"r", "target_modules", "projection_prng_key", "save_projection", "d_initial",
+                                  "init_weights"}, where);
+    auto options = VeRAOptions().r(c.get<int64_t>("r")).d_initial(c.get<double>("d_initial", 0.1))
+                       .dropout(c.get<double>("vera_dropout", 0.0))
+                       .projection_prng_key(c.get<int64_t>("projection_prng_key", 0));
     return {make_recipe(options), target_modules()};
   }
   if (type == "IA3") {
@@ -429,7 +487,7 @@ inline PeftPlan peft_plan(DeltaModel& model, const JsonFields& c) {
     return {make_recipe(PrefixTuningOptions(c.get<int64_t>("num_virtual_tokens")).prefix_projection(false)),
             t5_prefix_pattern()};
   }
-  throw OptionError(fmt::format("{}: peft_type \"{}\" is not supported; deltatune reads LORA, IA3, PROMPT_TUNING and "
+  throw OptionError(fmt::format("{}: peft_type \"{}\" is not supported; deltatune reads LORA, VERA, IA3, PROMPT_TUNING and "
                                 "PREFIX_TUNING", where, type));
 }
 
@@ -453,7 +511,15 @@ inline std::vector<TensorSlot> peft_slots(const DeltaModel::Entry& entry, const 
       if (lora->options.use_dora()) add(module + ".lora_magnitude_vector", lora->lora_magnitude_vector, same);
     } else if (auto* ia3 = dynamic_cast<IA3Impl*>(a.delta.get())) {
       add(module + ".ia3_l", ia3->ia3_l, [](const torch::Tensor& t) { return t.reshape(-1); });
+    } else if (auto* vera = dynamic_cast<VeRAImpl*>(a.delta.get())) {
+      add(module + ".vera_lambda_b", vera->vera_lambda_b, same);
+      add(module + ".vera_lambda_d", vera->vera_lambda_d, same);
     }
+  }
+  if (method == "vera" && c.get<bool>("save_projection", true)) {  // else drawn from the seed when the delta was made
+    const auto& projection = dynamic_cast<VeRAImpl&>(*entry.attachments.front().delta).projection;
+    add("base_model.vera_A", projection->vera_A, same);
+    add("base_model.vera_B", projection->vera_B, same);
   }
   if (method == "prompt_tuning") {
     auto* prompt = dynamic_cast<PromptTuningImpl*>(entry.attachments.front().delta.get());
@@ -497,7 +563,7 @@ inline DeltaModel::Entry& load_peft(DeltaModel& model, const std::string& dir, c
     throw OptionError(fmt::format("{}: {}", config_path, e.what()));
   }
   try {
-    if (plan.recipe->method() == "lora" || plan.recipe->method() == "ia3")
+    if (plan.recipe->method() == "lora" || plan.recipe->method() == "vera" || plan.recipe->method() == "ia3")
       detail::check_linear_sites(*entry, plan.recipe->method(), config_path);
     detail::copy_peft_tensors(*entry, config, (std::filesystem::path(dir) / detail::kPeftWeightsFile).string());
   } catch (...) {

@@ -11,6 +11,7 @@
 #include <deltatune/methods/prefix.hpp>
 #include <deltatune/methods/prompt.hpp>
 #include <deltatune/methods/spec.hpp>
+#include <deltatune/methods/vera.hpp>
 
 namespace deltatune {
 
@@ -19,6 +20,7 @@ inline const MethodTable& builtin_methods() {
       spec_tuning_method_info(),  // "full" first: tools/glue_table runs the presets in this order
       adapter_method_info(),
       lora_method_info(),
+      vera_method_info(),
       bitfit_method_info(),
       ia3_method_info(),
       prefix_tuning_method_info(),
