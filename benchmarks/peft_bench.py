@@ -3,7 +3,7 @@
 parameters) of our C++ (the delta_bench binary) and of the peer, and inference forwards of the
 bare backbone, LoRA merged and unmerged, and Houlsby adapters.
 
-Peers: transformers full fine-tuning; transformers + peft for LoRA, DoRA, PiSSA, OLoRA, VeRA, IA3,
+Peers: transformers full fine-tuning; transformers + peft for LoRA, DoRA, PiSSA, OLoRA, VeRA, LoKr, IA3,
 prefix and prompt tuning; transformers + adapters for Houlsby, Compacter and Compacter++; BitFit
 in transformers: T5 has no biases, so, as our BitFit recipe does, every Linear gets a zero bias
 that trains, weights frozen.
@@ -49,10 +49,10 @@ SHAPES = {  # T5 v1.0 shapes, vocabulary 32128, ReLU feed-forward, tied embeddin
     "t5-small": dict(d_model=512, num_layers=6, num_heads=8, d_kv=64, d_ff=2048, vocab_size=32128),
     "t5-base": dict(d_model=768, num_layers=12, num_heads=12, d_kv=64, d_ff=3072, vocab_size=32128),
 }
-METHODS = ["full", "lora", "dora", "pissa", "olora", "vera", "ia3", "prefix", "prompt", "adapter", "compacter", "compacter++", "bitfit"]
+METHODS = ["full", "lora", "dora", "pissa", "olora", "vera", "lokr", "ia3", "prefix", "prompt", "adapter", "compacter", "compacter++", "bitfit"]
 INFER = ["bare", "lora-merged", "lora", "adapter"]
 PEER = {"full": "transformers", "bitfit": "transformers (zero biases)", "lora": "peft", "dora": "peft", "pissa": "peft",
-        "olora": "peft", "vera": "peft", "ia3": "peft", "prefix": "peft", "prompt": "peft", "adapter": "adapters", "compacter": "adapters",
+        "olora": "peft", "vera": "peft", "lokr": "peft", "ia3": "peft", "prefix": "peft", "prompt": "peft", "adapter": "adapters", "compacter": "adapters",
         "compacter++": "adapters", "bare": "transformers", "lora-merged": "peft"}
 
 
@@ -128,7 +128,7 @@ def peer_model(folder, method):
     from transformers import T5ForConditionalGeneration
     model = T5ForConditionalGeneration.from_pretrained(folder)
     model.requires_grad_(method == "full")
-    if method in ("lora", "lora-merged", "dora", "pissa", "olora", "vera", "ia3", "prefix", "prompt"):
+    if method in ("lora", "lora-merged", "dora", "pissa", "olora", "vera", "lokr", "ia3", "prefix", "prompt"):
         import peft
         kind = peft.TaskType.SEQ_2_SEQ_LM
         config = {"lora": lambda: peft.LoraConfig(task_type=kind, r=8, lora_alpha=16, lora_dropout=0.0,
@@ -141,6 +141,7 @@ def peer_model(folder, method):
                   "olora": lambda: peft.LoraConfig(task_type=kind, r=8, lora_alpha=16, lora_dropout=0.0,
                                                    target_modules=["q", "v"], init_lora_weights="olora"),
                   "vera": lambda: peft.VeraConfig(task_type=kind, r=256, target_modules=["q", "v"]),
+                  "lokr": lambda: peft.LoKrConfig(task_type=kind, r=8, alpha=8, target_modules=["q", "v"]),
                   "ia3": lambda: peft.IA3Config(task_type=kind),
                   "prefix": lambda: peft.PrefixTuningConfig(task_type=kind, num_virtual_tokens=30,
                                                             prefix_projection=True, encoder_hidden_size=512),

@@ -13,6 +13,7 @@
 #include <deltatune/core/method_table.hpp>   // MethodTable, MethodInfo, MethodPreset: one row per method
 #include <deltatune/methods/lora.hpp>        // LoRA: W0 + (alpha / r) B A, mergeable; each method's header holds its recipe and table row
 #include <deltatune/methods/vera.hpp>        // VeRA: shared frozen random A, B; trained scaling vectors d, b
+#include <deltatune/methods/lokr.hpp>        // LoKr: W0 + (alpha / r) W1 (x) W2, factors full or low-rank
 #include <deltatune/methods/bitfit.hpp>      // BitFit: trained bias offsets, added biases where there are none
 #include <deltatune/methods/ia3.hpp>         // IA3: learned scaling of keys, values, feed-forward activation
 #include <deltatune/methods/phm.hpp>         // PHMLinear, PHMSharedFactors: W = sum_i A_i (x) B_i

@@ -17,7 +17,7 @@ namespace {
 
 const std::vector<std::string> kCases = {"t5_lora",   "t5_rslora", "t5_ia3",  "t5_prompt", "t5_prefix",  "t5_prefix_3_2",
                                          "bert_lora", "t5_dora",   "bert_dora", "t5_pissa", "bert_olora",
-                                         "t5_vera",   "bert_vera_seed"};
+                                         "t5_vera",   "bert_vera_seed", "t5_lokr", "bert_lokr"};
 // The cases whose delta starts from the weights (init_lora_weights "pissa" / "olora").
 bool starts_from_weights(const std::string& c) { return c == "t5_pissa" || c == "bert_olora"; }
 
@@ -249,6 +249,25 @@ CATCH_TEST_CASE("combine_lora: cat and full-rank svd add the deltas up, and bad 
   CATCH_CHECK_FALSE(model.deltas().count("m"));
 }
 
+// LoKr splits each size into its two factors' sides as peft's factorization() does, for every
+// dimension up to 1100 at each factor the fixture holds.
+CATCH_TEST_CASE("LoKr splits sizes as peft's factorization does", "[peft][golden][lokr]") {
+  auto dir = dt::testing::golden_dir("peft_models");
+  if (!dir) return;
+  const auto table = dt::read_safetensors((*dir / "lokr_factorization.safetensors").string()).tensors;
+  const auto column = [&](const char* name) { return table.at(name).contiguous(); };
+  const auto dimension = column("dimension"), factor = column("factor"), m = column("m"), n = column("n");
+  std::vector<int64_t> ours_m, ours_n;
+  for (int64_t i = 0; i < dimension.numel(); ++i) {
+    const auto [a, b] = dt::lokr_factorization(dimension[i].item<int64_t>(), factor[i].item<int64_t>());
+    ours_m.push_back(a);
+    ours_n.push_back(b);
+  }
+  CATCH_REQUIRE(dimension.numel() > 6000);
+  CATCH_CHECK(torch::equal(torch::tensor(ours_m), m));
+  CATCH_CHECK(torch::equal(torch::tensor(ours_n), n));
+}
+
 // Exact maths: the backbone and its peft adapter in float64 against transformers + peft in
 // float64 without their float32 islands (tools/golden/float64.py), at 1e-10 relative to the
 // reference's scale. Where float32 can only bound rounding, this shows the maths is the same.
@@ -256,7 +275,7 @@ CATCH_TEST_CASE("peft adapters in float64 match transformers + peft in float64",
   auto dir = dt::testing::golden_dir("float64");
   if (!dir) return;
   for (const std::string c : {"t5_lora", "t5_ia3", "t5_prompt", "t5_prefix", "t5_gated_lora", "bert_lora", "bert_ia3",
-                              "t5_dora", "bert_dora", "t5_vera", "bert_vera"}) {
+                              "t5_dora", "bert_dora", "t5_vera", "bert_vera", "t5_lokr", "bert_lokr"}) {
     CATCH_INFO("case " << c);
     auto l = load_case(*dir, c);
     l.backbone->to(torch::kFloat64);

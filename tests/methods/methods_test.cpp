@@ -349,6 +349,13 @@ CATCH_TEST_CASE("bad options are refused with the option and value named", "[met
                             "VeRA: r and the layers' sizes must be positive, got r = 0 on 8 x 8");
   CATCH_REQUIRE_THROWS_WITH(dt::VeRA(dt::VeRAOptions(16, 8).r(4), dt::VeRAProjection(4, 8, 8, 0)),
                             "VeRA: a 8 x 16 layer at r = 4 needs shared projections at least that large");
+  CATCH_REQUIRE_THROWS_WITH(dt::LoKr(dt::LoKrOptions(8, 8).r(0)), "LoKr: option r (rank) must be positive, got 0");
+  CATCH_REQUIRE_THROWS_WITH(dt::LoKr(dt::LoKrOptions(8, 8).decompose_factor(0)),
+                            Catch::Contains("LoKr: option decompose_factor must be -1") && Catch::Contains("got 0"));
+  CATCH_REQUIRE_THROWS_WITH(dt::LoKr(dt::LoKrOptions(8, 8).rank_dropout(1)),
+                            "LoKr: option rank_dropout must be in [0, 1), got 1");
+  CATCH_REQUIRE_THROWS_WITH(dt::LoKr(dt::LoKrOptions(8, 8).init("random")),
+                            "LoKr: option init must be \"peft\" or \"lycoris\", got \"random\"");
   CATCH_REQUIRE_THROWS_WITH(dt::PHMLinear(dt::PHMLinearOptions(10, 8).n(4)),
                             "PHMLinear: option n = 4 must divide in_features = 10 and out_features = 8");
   CATCH_REQUIRE_THROWS_WITH(dt::PHMLinear(dt::PHMLinearOptions(8, 8).n(0)), "PHMLinear: option n must be positive, got 0");

@@ -73,6 +73,7 @@ std::vector<Method> methods() {
       {"pissa", [] { return dt::make_recipe(dt::LoRAOptions().r(2).alpha(4).init("pissa")); }, true},
       {"olora", [] { return dt::make_recipe(dt::LoRAOptions().r(2).alpha(4).init("olora")); }, true},
       {"vera", [] { return dt::make_recipe(dt::VeRAOptions().r(4)); }, true},
+      {"lokr", [] { return dt::make_recipe(dt::LoKrOptions().r(1).alpha(3).decompose_both(true)); }, true},
       {"ia3", [] { return dt::make_recipe(dt::IA3Options()); }, true},
       {"bitfit", [] { return dt::make_recipe(dt::BitFitOptions()); }, true},
       {"houlsby", [] { return dt::make_recipe(dt::houlsby_options().reduction_factor(4)); }, false},

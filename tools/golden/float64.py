@@ -18,7 +18,7 @@ Written into out_dir, in formats/peft.hpp's fixture layout (tools/golden/peft_mo
                          adapter: the output (logits / last_hidden_state), loss and the
                          gradient of every adapter-file tensor ("grad.<key>"), all float64
 Cases: t5_lora, t5_ia3, t5_prompt, t5_prefix, t5_gated_lora, bert_lora, bert_ia3, t5_dora, bert_dora,
-t5_vera, bert_vera.
+t5_vera, bert_vera, t5_lokr (r 8: W1 and W2 full), bert_lokr (decompose_both, factor 4).
 """
 import contextlib
 from pathlib import Path
@@ -91,7 +91,7 @@ def _case(out_dir, name, base, config, batch, seed):
 
 
 def make(out_dir: Path, shared_data: Path):
-    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, VeraConfig
+    from peft import IA3Config, LoKrConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, VeraConfig
 
     _bases(out_dir)
     tb, bb = _batch(21, 7, t5=True), _batch(22, 6, t5=False)
@@ -118,3 +118,8 @@ def make(out_dir: Path, shared_data: Path):
                                                target_modules=["q", "v", "wi", "wo"]), tb, 10)
     _case(out_dir, "bert_vera", "bert", VeraConfig(r=4, target_modules=[
         "query", "value", "intermediate.dense", "output.dense"]), bb, 11)
+    _case(out_dir, "t5_lokr", "t5", LoKrConfig(task_type=s2s, r=8, alpha=4, target_modules=["q", "v", "wi", "wo"]),
+          tb, 12)
+    _case(out_dir, "bert_lokr", "bert", LoKrConfig(r=1, alpha=3, decompose_both=True, decompose_factor=4,
+                                                   target_modules=["query", "value", "intermediate.dense",
+                                                                   "output.dense"]), bb, 13)

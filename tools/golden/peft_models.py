@@ -18,8 +18,11 @@ bert_lora, t5_dora and bert_dora (use_dora=True; BERT's Linears have biases, whi
 output leaves out of its rescaling), t5_pissa and bert_olora (init_lora_weights "pissa" /
 "olora"; their <case>.safetensors also hold the initial state: "init.<key>", "init_grad.<key>"
 and "stepped.<loss|output>" after one SGD step at lr 0.1 from it), t5_vera (q, v, wo: the shared
-projections sized by wo's 64 inputs) and bert_vera_seed (save_projection false: the file holds the
-vectors only, the projections being drawn again from the seed).
+projections sized by wo's 64 inputs), bert_vera_seed (save_projection false: the file holds the
+vectors only, the projections being drawn again from the seed), t5_lokr (W2 low-rank; wo's W1 not
+square) and bert_lokr (decompose_both, decompose_factor 4: both factors low-rank).
+Also lokr_factorization.safetensors: peft's factorization(dimension, factor) for dimensions 1 to
+1100 and factors -1, 1, 3, 4, 8, 64 ("dimension", "factor", "m", "n").
 Delta values are randomised after peft's init (LoRA's B is zero, IA3's l and DoRA's magnitude
 near one: any value serves, the formulas are checked, not the init).
 The T5 loss is the LM cross-entropy on labels; BERT's is sum(last_hidden_state * R) over the tokens.
@@ -140,7 +143,7 @@ def _run_bert(model, b):
 
 
 def make(out_dir: Path, shared_data: Path):
-    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, VeraConfig
+    from peft import IA3Config, LoKrConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, VeraConfig
 
     _base_models(out_dir)
     t5, bert = out_dir / "t5", out_dir / "bert"
@@ -174,3 +177,20 @@ def make(out_dir: Path, shared_data: Path):
                                              target_modules=["q", "v", "wo"]), tb, _run_t5, 12)
     _case(out_dir, "bert_vera_seed", bert, VeraConfig(r=4, projection_prng_key=5, save_projection=False,
                                                       target_modules=["query", "value"]), bb, _run_bert, 13)
+    # LoKr: T5's 32 x 32 layers split as (4, 8) x (4, 8), wo's 32 x 64 as (4, 8) x (8, 8); r 2 is
+    # under half of W2's 8, so W2 is low-rank. BERT: both factors low-rank at factor 4.
+    _case(out_dir, "t5_lokr", t5, LoKrConfig(task_type=s2s, r=2, alpha=3, target_modules=["q", "v", "wo"]), tb,
+          _run_t5, 14)
+    _case(out_dir, "bert_lokr", bert, LoKrConfig(r=1, alpha=2, decompose_both=True, decompose_factor=4,
+                                                 target_modules=["query", "value"]), bb, _run_bert, 15)
+    _factorizations(out_dir)
+
+
+def _factorizations(out_dir):
+    """peft's factorization for every dimension up to 1100 (768, 1024 among them) at several factors."""
+    from peft.tuners.lokr.layer import factorization
+
+    rows = [(d, f, *factorization(d, f)) for f in (-1, 1, 3, 4, 8, 64) for d in range(1, 1101)]
+    table = torch.tensor(rows, dtype=torch.int64)
+    save_file({name: table[:, i].contiguous() for i, name in enumerate(["dimension", "factor", "m", "n"])},
+              str(out_dir / "lokr_factorization.safetensors"))

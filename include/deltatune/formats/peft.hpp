@@ -11,10 +11,11 @@
 //   VeRA    <module>.vera_lambda_b (out), <module>.vera_lambda_d (r), and the shared
 //           base_model.vera_A (r, largest in), base_model.vera_B (largest out, r) unless
 //           save_projection is false (then drawn again from projection_prng_key, as peft does)
+//   LoKr    <module>.lokr_w1 (a, b) or lokr_w1_a (a, r) and lokr_w1_b (r, b), and the same for W2
 //   IA3     <module>.ia3_l: (out, 1) scaling the output, (1, in) for feedforward_modules
 //   prompt  prompt_embeddings (P * num_transformer_submodules, d); T5's encoder reads rows [0, P)
 //   prefix  prompt_embeddings (P, L * 2 * token_dim): the keys and values, after the MLP
-// What is supported: LoRA, VeRA and IA3 on T5 and BERT (Linear sites only, as peft); prompt and
+// What is supported: LoRA, VeRA, LoKr and IA3 on T5 and BERT (Linear sites only, as peft); prompt and
 // prefix tuning on T5 (task SEQ_2_SEQ_LM). What peft 0.18.1 does with a T5 prefix, and so
 // what can be exchanged: it reaches only the decoder's self-attention (the cross-attention
 // cache it builds is discarded), and decoder layer i reads key/value pair 2i mod L of its
@@ -62,6 +63,7 @@
 #include <deltatune/core/safetensors.hpp>
 #include <deltatune/core/tensor_match.hpp>
 #include <deltatune/methods/ia3.hpp>
+#include <deltatune/methods/lokr.hpp>
 #include <deltatune/methods/lora.hpp>
 #include <deltatune/methods/prefix.hpp>
 #include <deltatune/methods/prompt.hpp>
@@ -380,9 +382,32 @@ inline PeftAdapter peft_vera(DeltaModel& model, const DeltaModel::Entry& entry, 
   return out;
 }
 
+inline PeftAdapter peft_lokr(DeltaModel& model, const DeltaModel::Entry& entry, const std::string& name,
+                             const PeftSaveOptions& options) {
+  check_linear_sites(entry, "LoKr", "save_peft");
+  PeftAdapter out;
+  std::vector<std::string> sites;
+  for (const auto& [site, lokr] : peft_deltas<LoKrImpl>(entry, name)) {
+    for (const auto& item : lokr->named_parameters(false))
+      out.tensors[kPeftKeyPrefix + site + "." + item.key()] = item.value();
+    sites.push_back(site);
+  }
+  const auto& o = peft_deltas<LoKrImpl>(entry, name).front().second->options;
+  out.config = peft_config_base(model, "LOKR", options);
+  out.config.update({{"alpha", number(o.alpha())}, {"alpha_pattern", nlohmann::json::object()},
+                     {"decompose_both", o.decompose_both()}, {"decompose_factor", o.decompose_factor()},
+                     {"exclude_modules", nullptr},
+                     {"init_weights", o.init() == "peft" ? nlohmann::json(true) : nlohmann::json(o.init())},
+                     {"layers_pattern", nullptr}, {"layers_to_transform", nullptr},
+                     {"module_dropout", o.module_dropout()}, {"r", o.r()}, {"rank_dropout", o.rank_dropout()},
+                     {"rank_dropout_scale", o.rank_dropout_scale()}, {"rank_pattern", nlohmann::json::object()},
+                     {"target_modules", peft_target_modules(sites, model)}, {"use_effective_conv2d", false}});
+  return out;
+}
+
 inline const std::map<std::string, PeftWriter>& peft_writers() {
   static const std::map<std::string, PeftWriter> writers{
-      {"lora", peft_lora}, {"vera", peft_vera}, {"ia3", peft_ia3}, {"prompt_tuning", peft_prompt}, {"prefix_tuning", peft_prefix}};
+      {"lora", peft_lora}, {"vera", peft_vera}, {"lokr", peft_lokr}, {"ia3", peft_ia3}, {"prompt_tuning", peft_prompt}, {"prefix_tuning", peft_prefix}};
   return writers;
 }
 
@@ -390,7 +415,7 @@ inline const std::map<std::string, PeftWriter>& peft_writers() {
 
 // Writes delta `name` of `model` into `dir` as peft 0.18.1 writes an adapter
 // (adapter_config.json, adapter_model.safetensors), each file atomically: Python's
-// PeftModel.from_pretrained(base_model, dir) then computes what `model` computes. LoRA, VeRA, IA3
+// PeftModel.from_pretrained(base_model, dir) then computes what `model` computes. LoRA, VeRA, LoKr, IA3
 // (T5, BERT), prompt and prefix tuning (T5); other methods, and placements peft cannot
 // express, are refused with the reason.
 inline void save_peft(DeltaModel& model, const std::string& name, const std::string& dir,
@@ -403,7 +428,7 @@ inline void save_peft(DeltaModel& model, const std::string& name, const std::str
                              "too, which peft's layout cannot hold; use DeltaModel::save", name, method);
   const auto writer = detail::peft_writers().find(method);
   if (writer == detail::peft_writers().end())
-    throw OptionError(fmt::format("save_peft: peft 0.18.1 has no layout for {} (delta '{}'): it knows LoRA, VeRA, IA3, prompt "
+    throw OptionError(fmt::format("save_peft: peft 0.18.1 has no layout for {} (delta '{}'): it knows LoRA, VeRA, LoKr, IA3, prompt "
                                   "and prefix tuning here{}; use DeltaModel::save", method, name,
                                   method == "bitfit" ? ", and no bias-only method (its bias=\"all\" comes with LoRA "
                                                        "weights and T5 has no biases to train)" : ""));
@@ -449,6 +474,19 @@ inline PeftPlan peft_plan(DeltaModel& model, const JsonFields& c) {
                        .projection_prng_key(c.get<int64_t>("projection_prng_key", 0));
     return {make_recipe(options), target_modules()};
   }
+  if (type == "LOKR") {
+    check_peft_options(c.json(), {"r", "alpha", "rank_dropout", "rank_dropout_scale", "module_dropout",
+                                  "decompose_both", "decompose_factor", "target_modules", "init_weights"}, where);
+    const auto init = c.get<nlohmann::json>("init_weights", true);
+    auto options = LoKrOptions().r(c.get<int64_t>("r")).alpha(c.get<double>("alpha"))
+                       .rank_dropout(c.get<double>("rank_dropout", 0.0))
+                       .rank_dropout_scale(c.get<bool>("rank_dropout_scale", false))
+                       .module_dropout(c.get<double>("module_dropout", 0.0))
+                       .decompose_both(c.get<bool>("decompose_both", false))
+                       .decompose_factor(c.get<int64_t>("decompose_factor", -1))
+                       .init(init == "lycoris" ? "lycoris" : "peft");
+    return {make_recipe(options), target_modules()};
+  }
   if (type == "IA3") {
     check_peft_options(c.json(), {"target_modules", "feedforward_modules"}, where);
     // As peft: no feedforward_modules means its default for the backbone, an empty list none.
@@ -487,7 +525,7 @@ inline PeftPlan peft_plan(DeltaModel& model, const JsonFields& c) {
     return {make_recipe(PrefixTuningOptions(c.get<int64_t>("num_virtual_tokens")).prefix_projection(false)),
             t5_prefix_pattern()};
   }
-  throw OptionError(fmt::format("{}: peft_type \"{}\" is not supported; deltatune reads LORA, VERA, IA3, PROMPT_TUNING and "
+  throw OptionError(fmt::format("{}: peft_type \"{}\" is not supported; deltatune reads LORA, VERA, LOKR, IA3, PROMPT_TUNING and "
                                 "PREFIX_TUNING", where, type));
 }
 
@@ -514,6 +552,8 @@ inline std::vector<TensorSlot> peft_slots(const DeltaModel::Entry& entry, const 
     } else if (auto* vera = dynamic_cast<VeRAImpl*>(a.delta.get())) {
       add(module + ".vera_lambda_b", vera->vera_lambda_b, same);
       add(module + ".vera_lambda_d", vera->vera_lambda_d, same);
+    } else if (auto* lokr = dynamic_cast<LoKrImpl*>(a.delta.get())) {
+      for (const auto& item : lokr->named_parameters(false)) add(module + "." + item.key(), item.value(), same);
     }
   }
   if (method == "vera" && c.get<bool>("save_projection", true)) {  // else drawn from the seed when the delta was made
@@ -563,7 +603,7 @@ inline DeltaModel::Entry& load_peft(DeltaModel& model, const std::string& dir, c
     throw OptionError(fmt::format("{}: {}", config_path, e.what()));
   }
   try {
-    if (plan.recipe->method() == "lora" || plan.recipe->method() == "vera" || plan.recipe->method() == "ia3")
+    if (const auto m = plan.recipe->method(); m == "lora" || m == "vera" || m == "lokr" || m == "ia3")
       detail::check_linear_sites(*entry, plan.recipe->method(), config_path);
     detail::copy_peft_tensors(*entry, config, (std::filesystem::path(dir) / detail::kPeftWeightsFile).string());
   } catch (...) {

@@ -7,6 +7,7 @@
 #include <deltatune/methods/adapter.hpp>
 #include <deltatune/methods/bitfit.hpp>
 #include <deltatune/methods/ia3.hpp>
+#include <deltatune/methods/lokr.hpp>
 #include <deltatune/methods/lora.hpp>
 #include <deltatune/methods/prefix.hpp>
 #include <deltatune/methods/prompt.hpp>
@@ -21,6 +22,7 @@ inline const MethodTable& builtin_methods() {
       adapter_method_info(),
       lora_method_info(),
       vera_method_info(),
+      lokr_method_info(),
       bitfit_method_info(),
       ia3_method_info(),
       prefix_tuning_method_info(),
