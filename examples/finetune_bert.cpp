@@ -12,8 +12,14 @@
 // from outside: it generates a small sentiment task and tunes a tiny BERT with RANDOM weights.
 //   finetune_bert                                                    # built-in task, Houlsby adapters
 //   finetune_bert --model all-MiniLM-L6-v2 --data glue/SST-2 --task sst2 --method lora
+//
+// With --combine it trains nothing: it loads the LoRA deltas of earlier runs, combines them
+// (combine_lora, peft's add_weighted_adapter) and reports --task's dev metric for each delta
+// alone and for the combination, with the head of the run trained on --task.
+//   finetune_bert --model ... --data glue/SST-2 --task sst2 --combine runs/sst2,runs/mrpc --combine-how ties
 #include "finetune_common.hpp"
 
+#include <algorithm>
 #include <cctype>
 #include <iostream>
 #include <numeric>
@@ -33,6 +39,12 @@ const char* const kIntro = R"(finetune_bert: delta-tune a frozen BERT with a cla
   --model DIR|FILE     Hugging Face BERT folder or TorchScript archive (default: a tiny BERT
                        with random weights, for the generated task)
   --tokenizer FILE     WordPiece vocab.txt (default: <model>/vocab.txt)
+  --combine RUN,RUN... train nothing: the LoRA deltas of earlier runs (their --out folders, on this
+                       backbone and --seed), each alone and combined, on --task's dev set, with the
+                       head of the run trained on --task; writes <out>/combination.json
+  --combine-how HOW    linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune (default ties)
+  --combine-weights W,W...  one weight per run (default 1 each)
+  --density X          ties, dare_*, magnitude_prune: the share of entries kept (default 0.5)
 )";
 
 // Token ids, segments and labels of every example.
@@ -144,21 +156,130 @@ void attach_all(dt::DeltaModel& model, const std::vector<std::string>& methods, 
   model.add("head", dt::SpecTuningOptions().modules({"classifier.*"}));
 }
 
+// The task's examples, tokenised, and the thread count set: where training and --combine start.
+struct TaskData {
+  finetune::Splits splits;
+  dt::WordPieceTokenizer tok;
+  Encoded train, dev;
+};
+
+TaskData read_task(const Flags& flags, const dt::GlueTask& task) {
+  std::filesystem::create_directories(flags.out);
+  auto splits = finetune::read_splits(flags, task);
+  // Threads spin on a shared machine, and the tiny model's matrices are too small to split.
+  if (flags.threads > 0 || splits.builtin) torch::set_num_threads(int(flags.threads > 0 ? flags.threads : 1));
+  dt::WordPieceTokenizer tok(splits.builtin ? write_builtin_vocabulary(splits.train, flags.out)
+                                            : finetune::tokenizer_path(flags, "vocab.txt", "BERT's vocab.txt"));
+  auto train = encode_all(tok, task, splits.train, flags.max_length);
+  auto dev = encode_all(tok, task, splits.dev, flags.max_length);
+  return {std::move(splits), std::move(tok), std::move(train), std::move(dev)};
+}
+
+// ---- --combine: earlier runs' LoRA deltas, each alone and combined, on one task's dev set ----
+
+// An earlier run: its --out folder, the task it trained and its method (its best delta is
+// <dir>/best/<method>, its head <dir>/best/head).
+struct EarlierRun {
+  std::string dir, task, method;
+};
+
+EarlierRun read_run(const std::string& dir) {
+  const auto path = dir + "/results.json";
+  if (!std::filesystem::exists(path))
+    throw UsageError(fmt::format("--combine {}: no results.json there; give the --out folders of finished "
+                                 "finetune_bert runs", dir));
+  const dt::JsonFields results(dt::read_json_file(path), path);
+  EarlierRun run{dir, results.get<std::string>("task"), results.get<std::string>("method")};
+  if (finetune::parse_methods(run.method).size() != 1)
+    throw UsageError(fmt::format("--combine {}: the run trained {}; give runs of one LoRA method", dir, run.method));
+  return run;
+}
+
+std::vector<double> combine_weights(const Flags& flags, size_t runs) {
+  if (flags.combine_weights.empty()) return std::vector<double>(runs, 1.0);
+  std::vector<double> weights;
+  for (const auto& w : finetune::split(flags.combine_weights, ','))
+    weights.push_back(finetune::to_number<double>("--combine-weights", w));
+  if (weights.size() != runs)
+    throw UsageError(fmt::format("--combine-weights {}: {} weights for {} runs", flags.combine_weights, weights.size(), runs));
+  return weights;
+}
+
+// Loads run `run`'s best delta as `name`; a delta of another backbone is named with the flags
+// that make backbones differ (the head's shape and seeded initial values are part of it).
+void load_run_delta(dt::DeltaModel& model, const std::string& name, const std::string& dir) {
+  try {
+    model.load(name, dir);
+  } catch (const dt::CheckpointError& e) {
+    throw dt::CheckpointError(fmt::format("--combine: {}\nthe runs must share --model, --seed and the number of "
+                                          "labels, which the backbone and its new head come from", e.what()));
+  }
+}
+
+int run_combination(const Flags& flags) {
+  const auto& task = dt::glue_task(flags.task);
+  std::vector<EarlierRun> runs;
+  for (const auto& dir : finetune::split(flags.combine, ',')) runs.push_back(read_run(dir));
+  if (runs.size() < 2) throw UsageError("--combine needs two or more run folders, separated by commas");
+  const auto weights = combine_weights(flags, runs.size());
+  const auto head = std::find_if(runs.begin(), runs.end(), [&](const EarlierRun& r) { return r.task == task.name; });
+  if (head == runs.end())
+    throw UsageError(fmt::format("--combine: no run was trained on --task {}, whose head the dev set needs", task.name));
+  const auto data = read_task(flags, task);
+  const auto& tok = data.tok;
+  const auto& dev_ids = data.dev;
+  auto bert = load_backbone(flags, task, tok.vocab_size(), data.train);
+  dt::DeltaModel model(bert);
+  std::vector<std::pair<std::string, double>> inputs;
+  for (size_t i = 0; i < runs.size(); ++i) {
+    inputs.emplace_back(fmt::format("run{}", i + 1), weights[i]);
+    load_run_delta(model, inputs.back().first, runs[i].dir + "/best/" + runs[i].method);
+  }
+  load_run_delta(model, "head", head->dir + "/best/head");
+  try {
+    dt::combine_lora(model, "combined", inputs,
+                     dt::LoRACombineOptions().how(flags.combine_how).density(flags.density).seed(uint64_t(flags.seed)));
+  } catch (const dt::OptionError& e) {
+    throw UsageError(fmt::format("--combine with --combine-how {}: {}", flags.combine_how, e.what()));
+  }
+
+  // Each delta alone (with the head), then the combination.
+  const auto& metric_name = task.metrics.front();
+  const auto how = fmt::format("{}{}", flags.combine_how,
+                               flags.combine_how == "ties" || flags.combine_how.rfind("dare", 0) == 0 ||
+                                       flags.combine_how == "magnitude_prune"
+                                   ? fmt::format(", density {:g}", flags.density) : "");
+  std::cout << fmt::format("\n| {:<30} | {:<40} | {:>12} |\n|{:-<32}|{:-<42}|{:->14}|\n", "delta",
+                           "trained on", "dev " + metric_name, "", "", "");
+  nlohmann::json results = {{"task", task.name}, {"metric", metric_name}, {"how", flags.combine_how},
+                            {"density", flags.density}, {"weights", weights}, {"command", flags.command}};
+  for (size_t i = 0; i <= runs.size(); ++i) {
+    const auto name = i < runs.size() ? inputs[i].first : std::string("combined");
+    for (const auto& [other, w] : inputs) model.set_active(other, other == name);
+    model.set_active("combined", name == "combined");
+    const double value = dt::metric(metric_name, predict(bert, dev_ids, task.regression(), tok.pad_id()), dev_ids.labels);
+    const auto label = i < runs.size() ? name : fmt::format("combined ({})", how);
+    const auto source = i < runs.size() ? fmt::format("{} ({}, {})", runs[i].dir, runs[i].task, runs[i].method)
+                                        : fmt::format("weights {}", fmt::join(weights, ", "));
+    std::cout << fmt::format("| {:<30} | {:<40} | {:>12.4f} |\n", label, source, value);
+    results["deltas"][name] = {{"metric", value}, {"run", i < runs.size() ? runs[i].dir : ""}};
+  }
+  dt::detail::write_text_atomically(flags.out + "/combination.json", results.dump(2) + "\n", "combination.json");
+  std::cout << fmt::format("\nhead from {}; results {}/combination.json\n", head->dir, flags.out);
+  return 0;
+}
+
 int run(const Flags& flags) {
+  if (!flags.combine.empty()) return run_combination(flags);
   if (flags.pretrain_steps >= 0) throw UsageError("--pretrain-steps is finetune_t5's (its built-in T5); finetune_bert "
                                                   "has no pretraining stand-in");
   const auto& task = dt::glue_task(flags.task);
   const auto methods = finetune::parse_methods(flags.method);
-  std::filesystem::create_directories(flags.out);
-  const auto splits = finetune::read_splits(flags, task);
-  // Threads spin on a shared machine, and the tiny model's matrices are too small to split.
-  if (flags.threads > 0 || splits.builtin) torch::set_num_threads(int(flags.threads > 0 ? flags.threads : 1));
-
-  const auto vocab = splits.builtin ? write_builtin_vocabulary(splits.train, flags.out)
-                                    : finetune::tokenizer_path(flags, "vocab.txt", "BERT's vocab.txt");
-  const dt::WordPieceTokenizer tok(vocab);
-  const auto train_ids = encode_all(tok, task, splits.train, flags.max_length);
-  const auto dev_ids = encode_all(tok, task, splits.dev, flags.max_length);
+  const auto data = read_task(flags, task);
+  const auto& splits = data.splits;
+  const auto& tok = data.tok;
+  const auto& train_ids = data.train;
+  const auto& dev_ids = data.dev;
   std::cout << fmt::format("  e.g. \"{}\"{} -> {}\n", splits.train.front().text_a,
                            splits.train.front().text_b ? " / \"" + *splits.train.front().text_b + "\"" : "",
                            train_ids.labels.front());

@@ -44,6 +44,10 @@ struct Flags {
   int64_t lora_r = 8;
   int64_t virtual_tokens = 0;    // prompt / prefix: 0 = 100 / 30
   int64_t threads = 0;           // 0: 1 on the built-in task (small matrices), else LibTorch's default
+  std::string combine;           // finetune_bert: earlier runs whose LoRA deltas are combined, not trained
+  std::string combine_how = "ties";
+  std::string combine_weights;   // one per run; empty: 1 each
+  double density = 0.5;          // ties, dare_*, magnitude_prune: the share of entries kept
   bool resume = false;
   bool list_methods = false;     // print the --method names, one a line, and stop
   std::string command;           // the command line, for results.json
@@ -119,7 +123,9 @@ inline void check_range(const std::string& flag, int64_t value) {
 inline std::optional<Flags> parse_flags(int argc, char** argv, Flags f) {
   std::map<std::string, std::string*> strings{{"--model", &f.model}, {"--tokenizer", &f.tokenizer},
                                               {"--data", &f.data},   {"--task", &f.task},
-                                              {"--method", &f.method}, {"--out", &f.out}};
+                                              {"--method", &f.method}, {"--out", &f.out},
+                                              {"--combine", &f.combine}, {"--combine-how", &f.combine_how},
+                                              {"--combine-weights", &f.combine_weights}};
   std::map<std::string, int64_t*> ints{{"--epochs", &f.epochs},         {"--batch-size", &f.batch_size},
                                        {"--max-steps", &f.max_steps},   {"--seed", &f.seed},
                                        {"--max-length", &f.max_length}, {"--max-train", &f.max_train},
@@ -144,6 +150,10 @@ inline std::optional<Flags> parse_flags(int argc, char** argv, Flags f) {
       const double x = to_number<double>(flag, value);
       if (!(std::isfinite(x) && x > 0)) throw UsageError(fmt::format("{} {}: must be a positive number", flag, value));
       (flag == "--lr" ? f.lr : f.loraplus_ratio) = x;
+    } else if (flag == "--density") {
+      const double x = to_number<double>(flag, value);
+      if (!(x > 0 && x <= 1)) throw UsageError(fmt::format("{} {}: must be in (0, 1]", flag, value));
+      f.density = x;
     } else throw UsageError(fmt::format("unknown flag '{}' (see --help)", flag));
   }
   if (f.data.empty() != f.model.empty())
