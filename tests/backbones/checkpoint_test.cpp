@@ -1,6 +1,7 @@
 // Tests of backbones/checkpoint.hpp: Hugging Face folders (whole, sharded, F16/BF16), TorchScript
 // archives, name mapping, and one error that lists every mismatch. Tiny tensors, no Python.
 #include <deltatune/backbones/checkpoint.hpp>
+#include <deltatune/backbones/t5.hpp>
 
 #include <unistd.h>
 
@@ -179,6 +180,9 @@ CATCH_TEST_CASE("a TorchScript archive gives its parameters by name and its conf
   outer.save(dir.file("bare.pt"));
   CATCH_REQUIRE_THROWS_WITH(bb::config_fields(bb::read_checkpoint(dir.file("bare.pt"))),
                             Contains("bare.pt") && Contains("_extra_files"));
+  // load_t5, which can also take the config from its options, says so as well.
+  CATCH_REQUIRE_THROWS_WITH(bb::load_t5(dir.file("bare.pt")), Contains("bare.pt") && Contains("_extra_files") &&
+                                                                  Contains("T5LoadOptions().config(...)"));
   // With one that is no object: the error says what is wrong with it.
   outer.save(dir.file("list.pt"), {{"config.json", "[]"}});
   CATCH_REQUIRE_THROWS_WITH(bb::read_checkpoint(dir.file("list.pt")),

@@ -125,11 +125,13 @@ inline std::string config_file(const Checkpoint& checkpoint) {
 }
 
 // The checkpoint's config, read field by field (JsonFields: errors name the config file and the
-// key). An archive saved without the config says how to add it.
-inline JsonFields config_fields(const Checkpoint& checkpoint) {
+// key). An archive saved without the config says how to add it, and `alternative`, where the
+// loader has another way to give it.
+inline JsonFields config_fields(const Checkpoint& checkpoint, const std::string& alternative = "") {
   detail::check<CheckpointError>(!checkpoint.config.is_null(), "{}: the archive holds no config.json; save it with "
                                  "torch.jit.save(module, path, _extra_files={{\"config.json\": "
-                                 "model.config.to_json_string()}})", checkpoint.source);
+                                 "model.config.to_json_string()}}){}", checkpoint.source,
+                                 alternative.empty() ? "" : " or " + alternative);
   return JsonFields(checkpoint.config, config_file(checkpoint));
 }
 

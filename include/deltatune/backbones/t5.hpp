@@ -767,15 +767,9 @@ inline LoadOptions t5_load_options(const T5Config& config, std::vector<std::stri
 // config.json or the options), in eval mode with every weight frozen.
 inline T5Model load_t5(const std::string& path, const T5LoadOptions& options = {}) {
   const auto checkpoint = read_checkpoint(path);
-  const bool given = options.config().has_value();
-  const auto& json = given ? *options.config() : checkpoint.config;
-  detail::check<CheckpointError>(!json.is_null(), "{}: the archive holds no config.json; save it with "
-                                                   "torch.jit.save(..., _extra_files={{\"config.json\": "
-                                                   "config.to_json_string()}}) or pass T5LoadOptions().config(...)", path);
-  const auto where = given ? std::string("T5LoadOptions::config")
-                     : std::filesystem::is_directory(path) ? (std::filesystem::path(path) / "config.json").string()
-                                                           : path + ": config.json";
-  T5Model model(T5Config::from_json(json, where).lean_dropout(options.lean_dropout()));
+  const auto config = options.config() ? JsonFields(*options.config(), "T5LoadOptions::config")
+                                       : config_fields(checkpoint, "pass T5LoadOptions().config(...)");
+  T5Model model(T5Config::from_json(config.json(), config.where()).lean_dropout(options.lean_dropout()));
   load_parameters(*model, checkpoint, t5_load_options(model->config, options.prefixes()));
   model->eval();
   return model;

@@ -247,10 +247,11 @@ inline PeftAdapter peft_lora(DeltaModel& model, const DeltaModel::Entry& entry, 
   check_linear_sites(entry, "LoRA", "save_peft");
   PeftAdapter out;
   std::vector<std::string> sites;
-  const auto& o = peft_deltas<LoRAImpl>(entry, name).front().second->options;
+  const auto deltas = peft_deltas<LoRAImpl>(entry, name);
+  const auto& o = deltas.front().second->options;
   // B A - B0 A0 = [B, -B0] [A; A0]: rank 2r at the same scaling (alpha doubled, or times sqrt 2 with rsLoRA).
   const bool convert = options.convert_to_lora() && o.init() != "lora";
-  for (const auto& [site, lora] : peft_deltas<LoRAImpl>(entry, name)) {
+  for (const auto& [site, lora] : deltas) {
     out.tensors[kPeftKeyPrefix + site + ".lora_A.weight"] =
         convert ? torch::cat({lora->lora_A, lora->lora_A_init}, 0) : lora->lora_A;
     out.tensors[kPeftKeyPrefix + site + ".lora_B.weight"] =
@@ -362,12 +363,13 @@ inline PeftAdapter peft_vera(DeltaModel& model, const DeltaModel::Entry& entry, 
   check_linear_sites(entry, "VeRA", "save_peft");
   PeftAdapter out;
   std::vector<std::string> sites;
-  for (const auto& [site, vera] : peft_deltas<VeRAImpl>(entry, name)) {
+  const auto deltas = peft_deltas<VeRAImpl>(entry, name);
+  for (const auto& [site, vera] : deltas) {
     out.tensors[kPeftKeyPrefix + site + ".vera_lambda_b"] = vera->vera_lambda_b;
     out.tensors[kPeftKeyPrefix + site + ".vera_lambda_d"] = vera->vera_lambda_d;
     sites.push_back(site);
   }
-  const auto* first = peft_deltas<VeRAImpl>(entry, name).front().second;
+  const auto* first = deltas.front().second;
   if (options.save_projection()) {
     out.tensors["base_model.vera_A"] = first->projection->vera_A;
     out.tensors["base_model.vera_B"] = first->projection->vera_B;
@@ -387,12 +389,13 @@ inline PeftAdapter peft_lokr(DeltaModel& model, const DeltaModel::Entry& entry, 
   check_linear_sites(entry, "LoKr", "save_peft");
   PeftAdapter out;
   std::vector<std::string> sites;
-  for (const auto& [site, lokr] : peft_deltas<LoKrImpl>(entry, name)) {
+  const auto deltas = peft_deltas<LoKrImpl>(entry, name);
+  for (const auto& [site, lokr] : deltas) {
     for (const auto& item : lokr->named_parameters(false))
       out.tensors[kPeftKeyPrefix + site + "." + item.key()] = item.value();
     sites.push_back(site);
   }
-  const auto& o = peft_deltas<LoKrImpl>(entry, name).front().second->options;
+  const auto& o = deltas.front().second->options;
   out.config = peft_config_base(model, "LOKR", options);
   out.config.update({{"alpha", number(o.alpha())}, {"alpha_pattern", nlohmann::json::object()},
                      {"decompose_both", o.decompose_both()}, {"decompose_factor", o.decompose_factor()},
