@@ -45,6 +45,8 @@ const char* const kIntro = R"(finetune_bert: delta-tune a frozen BERT with a cla
   --combine-how HOW    linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune (default ties)
   --combine-weights W,W...  one weight per run (default 1 each)
   --density X          ties, dare_*, magnitude_prune: the share of entries kept (default 0.5)
+  --head-lr X          the new task head's peak learning rate (default: --lr, at which peft's
+                       modules_to_save train too)
 )";
 
 // Token ids, segments and labels of every example.
@@ -324,6 +326,7 @@ int run(const Flags& flags) {
     return predict(fresh, dev_ids, regression, pad_id);
   };
   job.head_parameters = bert->classifier->weight.numel() + bert->classifier->bias.numel();
+  job.head_prefix = "classifier.";  // spec tuning trains it in place, under the backbone's names
   return finetune::tune(flags, job);
 }
 

@@ -31,6 +31,7 @@ struct Flags {
   std::string model, tokenizer, data, task = "sst2", method = "adapter", out;
   double lr = 0;                 // 0: the method's published default (method_lr)
   double loraplus_ratio = 1;     // LoRA+: B matrices (and 1-D tensors) at lr x this
+  double head_lr = 0;            // finetune_bert: the task head's peak rate; 0: lr, as the delta's
   int64_t epochs = 0;            // 0: the program's default
   int64_t batch_size = 32;
   int64_t max_steps = -1;
@@ -145,11 +146,11 @@ inline std::optional<Flags> parse_flags(int argc, char** argv, Flags f) {
     const std::string value = argv[++i];
     if (strings.count(flag)) *strings[flag] = value;
     else if (ints.count(flag)) check_range(flag, *ints[flag] = to_number<int64_t>(flag, value));
-    else if (flag == "--lr" || flag == "--loraplus-ratio") {
+    else if (flag == "--lr" || flag == "--loraplus-ratio" || flag == "--head-lr") {
       // 0 stands for the method's rate in Flags; stod also reads "nan" and "inf".
       const double x = to_number<double>(flag, value);
       if (!(std::isfinite(x) && x > 0)) throw UsageError(fmt::format("{} {}: must be a positive number", flag, value));
-      (flag == "--lr" ? f.lr : f.loraplus_ratio) = x;
+      (flag == "--lr" ? f.lr : flag == "--head-lr" ? f.head_lr : f.loraplus_ratio) = x;
     } else if (flag == "--density") {
       const double x = to_number<double>(flag, value);
       if (!(x > 0 && x <= 1)) throw UsageError(fmt::format("{} {}: must be in (0, 1]", flag, value));
@@ -405,6 +406,7 @@ struct Job {
   // Loads the deltas saved in the folder into a fresh backbone and returns its dev predictions.
   std::function<std::vector<double>(const std::string& delta_dir)> predict_reloaded;
   int64_t head_parameters = 0;       // of the trained count: the task head's (0 where the model has none)
+  std::string head_prefix;           // the head's trainable tensors' names start so (--head-lr); "" without one
 };
 
 // The closing table's one row, and results.json beside the run's other outputs.
@@ -436,8 +438,16 @@ inline void report(const Flags& flags, const dt::GlueTask& task, dt::DeltaModel&
       {"majority", majority}, {"trained_params", trained}, {"head_params", head_parameters}, {"model_params", total},
       {"share_percent", share}, {"seconds_per_epoch", per_epoch}, {"epochs_timed", summary.seconds_per_epoch.size()},
       {"peak_rss_mb", summary.peak_rss_bytes / (1024 * 1024)}, {"train_examples", train_examples}, {"epochs", epochs},
-      {"lr", lr}, {"steps", summary.steps}, {"reload_ok", reload_ok}, {"command", flags.command}};
+      {"lr", lr}, {"head_lr", head_parameters ? nlohmann::json(flags.head_lr > 0 ? flags.head_lr : lr) : nlohmann::json()},
+      {"steps", summary.steps}, {"reload_ok", reload_ok}, {"command", flags.command}};
   dt::detail::write_text_atomically(flags.out + "/results.json", results.dump(2) + "\n", "results.json");
+}
+
+// The task head's own rate, where --head-lr gives one.
+template <class Batch>
+std::vector<dt::LrGroup> head_lr_groups(const Flags& flags, const Job<Batch>& job) {
+  if (flags.head_lr <= 0) return {};
+  return {{job.head_prefix, flags.head_lr}};
 }
 
 // Trains the job's deltas, saves them, reloads them into a fresh backbone and compares the
@@ -454,8 +464,9 @@ int tune(const Flags& flags, Job<Batch>& job) {
                           : epochs * ((job.train_examples + flags.batch_size - 1) / flags.batch_size);
   const int64_t warmup = std::min<int64_t>(job.builtin ? 10 : 500, updates / 10);
   std::cout << model.summary();
-  std::cout << fmt::format("hyper-parameters: method {}, lr {:g} ({}){}, {}, batch {}, AdamW, linear decay, warm-up "
+  std::cout << fmt::format("hyper-parameters: method {}, lr {:g} ({}){}{}, {}, batch {}, AdamW, linear decay, warm-up "
                            "{} updates, seed {}\n", flags.method, lr, flags.lr > 0 ? "given" : "the method's default",
+                           flags.head_lr > 0 ? fmt::format(", head lr {:g}", flags.head_lr) : "",
                            flags.loraplus_ratio != 1 ? fmt::format(", LoRA+ ratio {:g}", flags.loraplus_ratio) : "",
                            flags.max_steps > 0 ? fmt::format("{} updates", flags.max_steps)
                                                : fmt::format("{} epochs", epochs),
@@ -473,6 +484,7 @@ int tune(const Flags& flags, Job<Batch>& job) {
   };
   dt::Trainer<Batch> trainer(dt::TrainerOptions().epochs(epochs).max_steps(flags.max_steps).lr(lr)
                                  .loraplus_lr_ratio(flags.loraplus_ratio)
+                                 .lr_groups(head_lr_groups(flags, job))
                                  .warmup_steps(warmup).seed(uint64_t(flags.seed)).output_dir(flags.out)
                                  .resume(flags.resume),
                              model.named_trainable_parameters(), job.loss_fn, job.batches, evaluate, save_all);

@@ -224,6 +224,7 @@ std::vector<double> predict(bb::T5Model& t5, const Tokenizer& tok, const dt::Glu
 
 int run(const Flags& flags) {
   if (!flags.combine.empty()) throw UsageError("--combine is finetune_bert's (its task heads); finetune_t5 has none");
+  if (flags.head_lr > 0) throw UsageError("--head-lr is finetune_bert's: T5 answers in words, with no task head");
   const auto& task = dt::glue_task(flags.task);
   const auto methods = finetune::parse_methods(flags.method);
   std::filesystem::create_directories(flags.out);

@@ -472,26 +472,40 @@ CATCH_TEST_CASE("Trainer removes stale temporaries of atomic writes, and only th
   CATCH_CHECK(std::filesystem::exists(dir.file("last/train_state.safetensors")));
 }
 
-CATCH_TEST_CASE("LoRA+ moves B matrices and 1-D tensors at lr x ratio, the rest at lr", "[trainer][loraplus]") {
-  // One update of x (W + B A)^T + c: with AdamW's first step (a sign-like step of size lr),
-  // B's and c's changes scale by the ratio, A's does not; peft's create_loraplus_optimizer
-  // sorts "lora_B" and ndim == 1 into the faster group.
-  torch::manual_seed(3);
-  const auto x = torch::randn({16, 4}, torch::kFloat64), target = torch::randn({16, 3}, torch::kFloat64);
-  const auto W = torch::randn({3, 4}, torch::kFloat64);
-  const auto A0 = torch::randn({2, 4}, torch::kFloat64), B0 = torch::randn({3, 2}, torch::kFloat64),
-             c0 = torch::randn({3}, torch::kFloat64);
-  const auto step = [&](double ratio) {
+
+// One AdamW update of x (W + B A)^T + c from seeded starting values, the tensors named as given
+// (A, B, c): their changes. AdamW's first step is sign-like of size lr, so each change scales
+// with its tensor's rate, and the tests compare changes between options.
+struct OneUpdate {
+  torch::Tensor x, target, W, A0, B0, c0;
+  explicit OneUpdate(uint64_t seed) {
+    torch::manual_seed(seed);
+    x = torch::randn({16, 4}, torch::kFloat64), target = torch::randn({16, 3}, torch::kFloat64);
+    W = torch::randn({3, 4}, torch::kFloat64);
+    A0 = torch::randn({2, 4}, torch::kFloat64), B0 = torch::randn({3, 2}, torch::kFloat64);
+    c0 = torch::randn({3}, torch::kFloat64);
+  }
+  std::vector<torch::Tensor> changes(const dt::TrainerOptions& options, const std::vector<std::string>& names,
+                                     size_t groups) const {
     auto A = A0.clone().requires_grad_(), B = B0.clone().requires_grad_(), c = c0.clone().requires_grad_();
-    dt::Trainer<Batch> trainer(dt::TrainerOptions().max_steps(1).lr(1e-2).max_grad_norm(0).loraplus_lr_ratio(ratio)
-                                   .progress(false),
-                               {{"q.lora_A", A}, {"q.lora_B", B}, {"q.bias", c}},
+    dt::Trainer<Batch> trainer(dt::TrainerOptions(options).max_steps(1).max_grad_norm(0).progress(false),
+                               {{names[0], A}, {names[1], B}, {names[2], c}},
                                [&](const Batch&) { return (torch::nn::functional::linear(x, W + B.mm(A), c) - target)
                                                         .pow(2).mean(); },
                                {1, [](int64_t, int64_t) { return Batch{}; }});
     trainer.fit();
-    CATCH_CHECK(trainer.optimizer().param_groups().size() == (ratio == 1 ? 1u : 2u));
-    return std::vector<torch::Tensor>{(A - A0).detach(), (B - B0).detach(), (c - c0).detach()};
+    CATCH_CHECK(trainer.optimizer().param_groups().size() == groups);
+    return {(A - A0).detach(), (B - B0).detach(), (c - c0).detach()};
+  }
+};
+
+CATCH_TEST_CASE("LoRA+ moves B matrices and 1-D tensors at lr x ratio, the rest at lr", "[trainer][loraplus]") {
+  // B's and c's changes scale by the ratio, A's does not; peft's create_loraplus_optimizer
+  // sorts "lora_B" and ndim == 1 into the faster group.
+  const OneUpdate problem(3);
+  const std::vector<std::string> names{"q.lora_A", "q.lora_B", "q.bias"};
+  const auto step = [&](double ratio) {
+    return problem.changes(dt::TrainerOptions().lr(1e-2).loraplus_lr_ratio(ratio), names, ratio == 1 ? 1 : 2);
   };
   const auto plain = step(1), plus = step(16);
   dt::testing::check_matches(plus[0], plain[0], "A's change");
@@ -502,6 +516,32 @@ CATCH_TEST_CASE("LoRA+ moves B matrices and 1-D tensors at lr x ratio, the rest 
   CATCH_CHECK(dt::loraplus_fast("encoder.q.lora_magnitude_vector", torch::zeros({3})));
   CATCH_CHECK_FALSE(dt::loraplus_fast("encoder.q.lora_A", torch::zeros({2, 4})));
   CATCH_REQUIRE_THROWS_WITH(step(0), Catch::Contains("loraplus_lr_ratio must be a positive number"));
+}
+
+CATCH_TEST_CASE("lr_groups give the tensors a prefix names their own rate, ahead of LoRA+", "[trainer][lr_groups]") {
+  // The bias is the head's (a group at 3 lr), so LoRA+ does not touch it.
+  const OneUpdate problem(4);
+  const std::vector<std::string> names{"deltas.lora.q.lora_A", "deltas.lora.q.lora_B", "classifier.bias"};
+  const auto head = std::vector<dt::LrGroup>{{"classifier.", 3e-2}};
+  const auto plain = problem.changes(dt::TrainerOptions().lr(1e-2), names, 1);
+  const auto grouped = problem.changes(dt::TrainerOptions().lr(1e-2).lr_groups(head), names, 2);
+  const auto both = problem.changes(dt::TrainerOptions().lr(1e-2).lr_groups(head).loraplus_lr_ratio(16), names, 3);
+  dt::testing::check_matches(grouped[0], plain[0], "A's change, grouped");
+  dt::testing::check_matches(grouped[1], plain[1], "B's change, grouped");
+  dt::testing::check_matches(grouped[2], plain[2] * 3, "the head's change, grouped");
+  dt::testing::check_matches(both[0], plain[0], "A's change, with LoRA+");
+  dt::testing::check_matches(both[1], plain[1] * 16, "B's change, with LoRA+");
+  dt::testing::check_matches(both[2], plain[2] * 3, "the head's change, with LoRA+");
+  CATCH_CHECK(plain[2].abs().min().item<double>() > 0);
+
+  // A prefix that names nothing, a rate that is no positive number: refused, by name.
+  CATCH_REQUIRE_THROWS_WITH(problem.changes(dt::TrainerOptions().lr_groups({{"classifer.", 1e-3}}), names, 0),
+                            Catch::Contains("the prefix 'classifer.' starts no trainable tensor's name") &&
+                                Catch::Contains("'deltas.lora.q.lora_A'"));
+  CATCH_REQUIRE_THROWS_WITH(problem.changes(dt::TrainerOptions().lr_groups({{"classifier.", 0}}), names, 0),
+                            Catch::Contains("the group 'classifier.' has lr 0"));
+  CATCH_REQUIRE_THROWS_WITH(problem.changes(dt::TrainerOptions().lr(-1), names, 0),
+                            Catch::Contains("lr must be a positive number"));
 }
 
 CATCH_TEST_CASE("LoRA+ gives each tensor the rate peft's create_loraplus_optimizer gives it", "[trainer][loraplus][golden]") {

@@ -9,6 +9,7 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -61,6 +62,14 @@ class AutocastGuard {
   at::ScalarType old_dtype_;
 };
 
+// A peak learning rate of its own for the trainable tensors whose names start with `prefix` (a
+// new task head, say: "classifier."), on the same warm-up and decay as the rest; the optimizer
+// param groups transformers users build by hand.
+struct LrGroup {
+  std::string prefix;
+  double lr = 0;
+};
+
 // How to train; defaults follow Compacter's GLUE set-up where it fixes one (lr 3e-3, no weight
 // decay, linear schedule) and transformers' Trainer elsewhere.
 struct TrainerOptions {
@@ -71,6 +80,9 @@ struct TrainerOptions {
   // LoRA+ (Hayou et al. 2024): LoRA's B matrices learn at lr times this (the paper and peft
   // suggest 16); 1: one rate for all. See loraplus_fast().
   TORCH_ARG(double, loraplus_lr_ratio) = 1.0;
+  // Rates of their own by name prefix: a tensor in a group (the first whose prefix its name
+  // starts with) trains at the group's lr, LoRA+ or not; each group must match a tensor.
+  TORCH_ARG(std::vector<LrGroup>, lr_groups) = {};
   TORCH_ARG(double, warmup_ratio) = 0.0;         // share of the updates spent warming up
   TORCH_ARG(int64_t, warmup_steps) = -1;         // >= 0 overrides warmup_ratio (Compacter: 500)
   TORCH_ARG(ScheduleKind, schedule) = ScheduleKind::kLinear;  // decay to 0, or constant after warm-up
@@ -137,8 +149,9 @@ class Trainer {
           std::function<void(const std::string& dir)> save_best = {})
       : options_(std::move(options)), named_(std::move(trainable)), params_(tensors_of(named_)), loss_fn_(std::move(loss_fn)),
         source_(std::move(source)), evaluate_(std::move(evaluate)), save_best_(std::move(save_best)),
-        optimizer_(param_groups(named_, options_), torch::optim::AdamWOptions(options_.lr())
-                                                       .weight_decay(options_.weight_decay())) {
+        rate_groups_(group_by_rate(named_, options_)),
+        optimizer_(optimizer_groups(rate_groups_, options_), torch::optim::AdamWOptions(options_.lr())
+                                                                 .weight_decay(options_.weight_decay())) {
     check_options();
     const int64_t per_epoch = updates_per_epoch(source_.batches_per_epoch, options_.accumulation_steps());
     const int64_t total = options_.max_steps() > 0 ? options_.max_steps() : options_.epochs() * per_epoch;
@@ -189,9 +202,6 @@ class Trainer {
                                "Trainer: loss_fn and the batch source's function must be set");
     detail::check<OptionError>(options_.patience() == 0 || evaluate_, "Trainer: patience {} needs an evaluate "
                                "function", options_.patience());
-    detail::check<OptionError>(std::isfinite(options_.loraplus_lr_ratio()) && options_.loraplus_lr_ratio() > 0,
-                               "Trainer: loraplus_lr_ratio must be a positive number, got {}",
-                               options_.loraplus_lr_ratio());
   }
 
   int64_t per_epoch() const { return updates_per_epoch(source_.batches_per_epoch, options_.accumulation_steps()); }
@@ -267,7 +277,7 @@ class Trainer {
       loss_sum += loss.detach().item<double>();
     }
     const double grad_norm = clip_grad_norm(params_, options_.max_grad_norm());
-    schedule_.apply(optimizer_, summary_.steps, {1.0, options_.loraplus_lr_ratio()});
+    schedule_.apply(optimizer_, summary_.steps, rate_groups_.scales);
     optimizer_.step();
     ++summary_.steps;
     const double loss = loss_sum / static_cast<double>(range.count());
@@ -329,21 +339,67 @@ class Trainer {
     return out;
   }
 
-  // One group at lr; with LoRA+, a second at lr x ratio for the tensors loraplus_fast() picks.
-  static std::vector<torch::optim::OptimizerParamGroup> param_groups(const NamedTensors& named,
-                                                                     const TrainerOptions& o) {
-    const auto group = [&](std::vector<torch::Tensor> tensors, double lr) {
-      return torch::optim::OptimizerParamGroup(
-          std::move(tensors), std::make_unique<torch::optim::AdamWOptions>(
-                                  torch::optim::AdamWOptions(lr).weight_decay(o.weight_decay())));
-    };
-    if (o.loraplus_lr_ratio() == 1.0) return {group(tensors_of(named), o.lr())};
-    std::vector<torch::Tensor> slow, fast;
-    for (const auto& [name, tensor] : named) (loraplus_fast(name, tensor) ? fast : slow).push_back(tensor);
-    std::vector<torch::optim::OptimizerParamGroup> groups;
-    groups.push_back(group(std::move(slow), o.lr()));
-    groups.push_back(group(std::move(fast), o.lr() * o.loraplus_lr_ratio()));
-    return groups;
+  // The trainable tensors grouped by peak learning rate; scales[g] is group g's rate over lr.
+  struct RateGroups {
+    std::vector<std::vector<torch::Tensor>> tensors;
+    std::vector<double> scales;
+  };
+
+  // A tensor's peak rate over lr: its lr group's, else LoRA+'s ratio for the tensors
+  // loraplus_fast() picks, else 1.
+  static double rate_scale(const std::string& name, const torch::Tensor& tensor, const TrainerOptions& o) {
+    for (const auto& group : o.lr_groups())
+      if (name.rfind(group.prefix, 0) == 0) return group.lr / o.lr();
+    return loraplus_fast(name, tensor) ? o.loraplus_lr_ratio() : 1.0;
+  }
+
+  // One optimizer group per distinct rate, in the order the tensors first take it: one group
+  // unless LoRA+ or lr_groups give some tensors another rate.
+  static RateGroups group_by_rate(const NamedTensors& named, const TrainerOptions& o) {
+    check_rates(named, o);
+    RateGroups out;
+    for (const auto& [name, tensor] : named) {
+      const double scale = rate_scale(name, tensor, o);
+      const auto at = std::find(out.scales.begin(), out.scales.end(), scale);
+      if (at == out.scales.end()) {
+        out.scales.push_back(scale);
+        out.tensors.push_back({tensor});
+      } else {
+        out.tensors[size_t(at - out.scales.begin())].push_back(tensor);
+      }
+    }
+    return out;
+  }
+
+  // Before any group is built (torch's own checks would speak first): the rates must be positive
+  // numbers, and a group's prefix must name something, or a typo would leave the tensors it
+  // meant at lr without a word.
+  static void check_rates(const NamedTensors& named, const TrainerOptions& o) {
+    detail::check<OptionError>(std::isfinite(o.lr()) && o.lr() > 0, "Trainer: lr must be a positive number, got {}",
+                               o.lr());
+    detail::check<OptionError>(std::isfinite(o.loraplus_lr_ratio()) && o.loraplus_lr_ratio() > 0,
+                               "Trainer: loraplus_lr_ratio must be a positive number, got {}", o.loraplus_lr_ratio());
+    for (const auto& group : o.lr_groups()) {
+      detail::check<OptionError>(std::isfinite(group.lr) && group.lr > 0, "Trainer: lr_groups: the group '{}' has lr "
+                                 "{}; give a positive number", group.prefix, group.lr);
+      const bool matches = std::any_of(named.begin(), named.end(), [&](const auto& item) {
+        return item.first.rfind(group.prefix, 0) == 0;
+      });
+      detail::check<OptionError>(!group.prefix.empty() && matches, "Trainer: lr_groups: the prefix '{}' starts no "
+                                 "trainable tensor's name (the first is '{}'); name tensors as "
+                                 "DeltaModel::named_trainable_parameters() does", group.prefix,
+                                 named.empty() ? std::string() : named.front().first);
+    }
+  }
+
+  static std::vector<torch::optim::OptimizerParamGroup> optimizer_groups(const RateGroups& groups,
+                                                                         const TrainerOptions& o) {
+    std::vector<torch::optim::OptimizerParamGroup> out;
+    for (size_t g = 0; g < groups.tensors.size(); ++g)
+      out.emplace_back(groups.tensors[g], std::make_unique<torch::optim::AdamWOptions>(
+                                              torch::optim::AdamWOptions(o.lr() * groups.scales[g])
+                                                  .weight_decay(o.weight_decay())));
+    return out;
   }
 
   static std::vector<torch::Tensor> tensors_of(const NamedTensors& named) {
@@ -359,6 +415,7 @@ class Trainer {
   BatchSource<Batch> source_;
   std::function<double()> evaluate_;
   std::function<void(const std::string&)> save_best_;
+  RateGroups rate_groups_;  // before optimizer_, which is built from it
   torch::optim::AdamW optimizer_;
   LrSchedule schedule_;
   TrainSummary summary_;
