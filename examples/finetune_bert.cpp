@@ -335,5 +335,9 @@ int run(const Flags& flags) {
 int main(int argc, char** argv) {
   Flags defaults;
   defaults.out = "runs/finetune_bert";
+  // Prompt tuning's 100 prompts are Lester et al.'s, for T5. On MiniLM (SST-2, 2,000 examples,
+  // 3 epochs) 20 learn as well (dev accuracy 0.690 against 0.689) in half the time and memory:
+  // README, "Prompt tuning on MiniLM".
+  defaults.prompt_tokens = 20;
   return finetune::run_main(argc, argv, "finetune_bert", std::string(kIntro) + finetune::kCommonUsage, defaults, run);
 }

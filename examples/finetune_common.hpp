@@ -43,7 +43,8 @@ struct Flags {
   int64_t pretrain_steps = -1;   // finetune_t5's built-in task only; -1: its default
   int64_t reduction_factor = 0;  // adapters: 0 = the method's default
   int64_t lora_r = 8;
-  int64_t virtual_tokens = 0;    // prompt / prefix: 0 = 100 / 30
+  int64_t virtual_tokens = 0;    // prompt / prefix: 0 = prompt_tokens / 30
+  int64_t prompt_tokens = 100;   // prompt tuning's length unless --virtual-tokens: the program's default
   int64_t threads = 0;           // 0: 1 on the built-in task (small matrices), else LibTorch's default
   std::string combine;           // finetune_bert: earlier runs whose LoRA deltas are combined, not trained
   std::string combine_how = "ties";
@@ -69,7 +70,7 @@ inline const char* const kCommonUsage = R"(  --data DIR           GLUE task fold
   --max-train N        train on a seeded random N of the train examples (default: all)
   --reduction-factor N adapters' d / m (default: the method's; at most the model's width)
   --lora-r N           LoRA rank (default 8; at most the model's width)
-  --virtual-tokens N   prompt / prefix length (default 100 / 30; at most 1024)
+  --virtual-tokens N   prompt / prefix length (default 100 / 30, prompt 20 on BERT; at most 1024)
   --threads N          CPU threads (default 1 on the built-in task, else LibTorch's)
   --train-size N, --dev-size N   the built-in task's size (default 3000, 400)
   --out DIR            log.jsonl, curves.png, best/, last/, delta/, results.json
@@ -347,7 +348,7 @@ inline void add_method(dt::DeltaModel& model, const std::string& method, const F
   dt::PresetSizes sizes;
   sizes.rank = flags.lora_r;
   sizes.reduction_factor = flags.reduction_factor;
-  sizes.virtual_tokens = flags.virtual_tokens;
+  sizes.virtual_tokens = flags.virtual_tokens > 0 ? flags.virtual_tokens : method == "prompt" ? flags.prompt_tokens : 0;
   model.add(method, dt::builtin_methods().preset(method).make(sizes));
 }
 

@@ -133,15 +133,15 @@ class IA3Recipe : public RecipeBase<IA3Options> {
 
 inline std::shared_ptr<DeltaRecipe> make_recipe(const IA3Options& o) { return std::make_shared<IA3Recipe>(o); }
 
-// The method table's row: peft's defaults; T-Few's learning rate (3e-3) on T5, 3e-2 on BERT,
-// where tools/lr_sweep measured ten times T-Few's rate better on both the built-in task (1.000
-// against 0.973) and MiniLM's SST-2 (0.794 against 0.755; the README's learning-rate table).
+// The method table's row: peft's defaults at 3e-2, ten times T-Few's rate, which tools/lr_sweep
+// measured better on BERT's built-in task (1.000 against 0.973), MiniLM's SST-2 (0.794 against
+// 0.755) and T5's built-in task (0.820 against 0.570; the README's learning-rate table).
 inline MethodInfo ia3_method_info() {
   return {{"ia3"},
           [](const JsonFields& j) {
             return make_recipe(IA3Options().feedforward_modules(j.get_optional<std::string>("feedforward_modules")));
           },
-          {{"ia3", "IA3 on k, v, wo / key, value, output.dense (peft's sites)", {{"t5", 3e-3}, {"bert", 3e-2}},
+          {{"ia3", "IA3 on k, v, wo / key, value, output.dense (peft's sites)", {{"t5", 3e-2}, {"bert", 3e-2}},
             [](const PresetSizes&) { return make_recipe(IA3Options()); }}}};
 }
 

@@ -159,7 +159,7 @@ inline std::shared_ptr<DeltaRecipe> make_recipe(const PromptTuningOptions& o) {
 inline MethodInfo prompt_tuning_method_info() {
   return {{"prompt_tuning"},
           [](const JsonFields& j) { return make_recipe(prompt_tuning_options_from_json(j)); },
-          {{"prompt", "prompt tuning, 100 prompts from vocabulary rows", {{"t5", 3e-1}, {"bert", 3e-1}},
+          {{"prompt", "prompt tuning, prompts from vocabulary rows (the paper: 100)", {{"t5", 3e-1}, {"bert", 3e-1}},
             [](const PresetSizes& s) {
               return make_recipe(PromptTuningOptions(s.virtual_tokens > 0 ? s.virtual_tokens : 100)
                                      .init(PromptInit::sampled_vocabulary)
