@@ -6,7 +6,7 @@
 // Prints one JSON line (prefix "JSON ").
 //   delta_bench --model DIR --method M [--mode train|infer] [--batch 8] [--src 128] [--tgt 8]
 //               [--steps 5] [--warmup 2] [--threads 0] [--device cpu|cuda] [--profile 0|1]
-//               [--interleave N]
+//               [--interleave N] [--mixed K --gather 0|1]
 // Methods: any preset of the method table (deltatune::builtin_methods(), the examples' --method);
 // for --mode infer also bare (no delta) and lora-merged.
 //
@@ -17,6 +17,11 @@
 // --interleave N (inference, a method): after the timed steps, N forwards of the model with the
 // method alternate with N of a second, bare copy of the backbone, and the median of the N
 // paired ratios is reported (interleaved_ratio): both see the same machine, however it drifts.
+//
+// --mixed K (inference, --method lora): K LoRA deltas (r 8 on q, v, B drawn at random so that
+// each acts), batch row i routed to delta i mod K (DeltaModel::route); --gather 1 runs their rows
+// in batched products with gathered factors, --gather 0 one delta at a time, as peft does.
+// benchmarks/routing_bench.py runs it against peft's mixed batch.
 //
 // --profile 1: after the timed steps, as many again under an operator profile (op_profile.hpp),
 // printed per step with those steps' median time as a second line (prefix "OPS ").
@@ -83,6 +88,22 @@ void add_method(dt::DeltaModel& model, const std::string& method) {
   if (method == "lora-merged") model.merge("lora");
 }
 
+// K LoRA deltas as the "lora" preset makes them, B random (at 0 a delta would add nothing), and
+// the routing that sends batch row i to delta i mod K.
+std::vector<std::string> add_mixed_loras(dt::DeltaModel& model, int64_t k, int64_t batch) {
+  const auto& preset = dt::builtin_methods().preset("lora");
+  std::vector<std::string> names, per_row;
+  for (int64_t i = 0; i < k; ++i) {
+    names.push_back(fmt::format("lora{}", i));
+    model.add(names.back(), preset.make({}));
+    torch::NoGradGuard no_grad;
+    for (auto& [key, p] : model.named_delta_parameters(names.back()))
+      if (key.find("lora_B") != std::string::npos) p.normal_(0, 0.01);
+  }
+  for (int64_t row = 0; row < batch; ++row) per_row.push_back(names[size_t(row % k)]);
+  return per_row;
+}
+
 // n forwards of `step` alternating with n of `bare_step`: their medians and the median of the
 // n ratios step / bare_step, each pair timed back to back.
 nlohmann::json interleaved(const std::function<void()>& step, const std::function<void()>& bare_step, int n,
@@ -125,7 +146,7 @@ int main(int argc, char** argv) try {
                                            {"--batch", "8"},   {"--src", "128"},     {"--tgt", "8"},
                                            {"--steps", "5"},   {"--warmup", "2"},    {"--threads", "0"},
                                            {"--device", "cpu"}, {"--lr", "1e-4"}, {"--profile", "0"},
-                                           {"--interleave", "0"}};
+                                           {"--interleave", "0"}, {"--mixed", "0"}, {"--gather", "1"}};
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!flags.count(argv[i])) throw dt::OptionError(fmt::format("delta_bench: unknown flag {}", argv[i]));
     flags[argv[i]] = argv[i + 1];
@@ -138,12 +159,15 @@ int main(int argc, char** argv) try {
 
   auto backbone = dt::backbones::load_t5(flags["--model"]);
   dt::DeltaModel model(backbone);
+  const int64_t batch = num("--batch"), src = num("--src"), tgt = num("--tgt"), mixed = num("--mixed");
   torch::manual_seed(0);
-  add_method(model, method);
+  if (mixed > 0 && (train || method != "lora"))
+    throw dt::OptionError("delta_bench: --mixed K runs inference (--mode infer) of --method lora");
+  const auto per_row = mixed > 0 ? add_mixed_loras(model, mixed, batch) : std::vector<std::string>{};
+  if (mixed == 0) add_method(model, method);
   model.backbone().to(device);  // the deltas with it: they are in its module tree
   const double load_peak = proc_status_mb("VmHWM");
 
-  const int64_t batch = num("--batch"), src = num("--src"), tgt = num("--tgt");
   const auto vocab = backbone->config.vocab_size();
   auto input_ids = torch::randint(2, vocab, {batch, src}, torch::kLong).to(device);
   auto attention_mask = torch::ones_like(input_ids);
@@ -158,6 +182,13 @@ int main(int argc, char** argv) try {
       optimizer.zero_grad();
       backbone->forward(input_ids, attention_mask, {}, labels).loss.backward();
       optimizer.step();
+    };
+  } else if (mixed > 0) {
+    backbone->eval();
+    step = [&] {
+      torch::NoGradGuard no_grad;
+      auto routing = model.route(per_row, dt::RouteOptions().gather_low_rank(num("--gather") != 0));
+      backbone->forward(input_ids, attention_mask, {}, labels);
     };
   } else {
     backbone->eval();
@@ -175,6 +206,7 @@ int main(int argc, char** argv) try {
                         {"times_ms", times},           {"median_ms", median(times)},
                         {"peak_mb", peak_mb(device)},  {"load_peak_mb", load_peak},
                         {"trainable", trainable}};
+  if (mixed > 0) result.update({{"mixed", mixed}, {"gather", num("--gather") != 0}});
   if (!train && method != "bare" && num("--interleave") > 0) {
     auto bare = dt::backbones::load_t5(flags["--model"]);
     bare->to(device);

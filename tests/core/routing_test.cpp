@@ -1,6 +1,7 @@
 // Tests of DeltaModel::route (core/delta_model.hpp, core/site.hpp): mixed batches on tiny
 // random T5 and BERT with two LoRA deltas, two adapters and an IA3, each row against that row
-// run alone with only its delta active; gradients in training; the errors.
+// run alone with only its delta active; gradients in training; low-rank deltas gathered into
+// batched products, exact in float64; the errors.
 #include <deltatune/deltatune.hpp>
 
 #include "test_support.hpp"
@@ -171,6 +172,63 @@ CATCH_TEST_CASE("In training, a routed batch sends each delta the gradients of i
                                << smallest_delta_grad);
       CATCH_CHECK(worst < 1e-5);
       CATCH_CHECK(smallest_delta_grad > 1e-6);  // every routed delta learns from its rows
+    }
+  }
+}
+
+CATCH_TEST_CASE("Low-rank deltas share two batched products per site in a mixed batch, exactly in float64",
+                "[routing]") {
+  // Deltas whose output is x A^T B^T (LoRA of ranks 2 and 4, rsLoRA, PiSSA of rank 2 r, VeRA)
+  // have their rows gathered (RowRouting::gather_low_rank); DoRA and IA3 beside them take their
+  // own products. In float64 the rows equal each row run alone and the one-by-one path.
+  const std::vector<std::string> names = {"lora_r2", "lora_r4", "pissa", "vera", "dora", "ia3"};
+  const std::vector<std::string> routing = {"lora_r2", "vera", "pissa", "__base__", "lora_r4", "dora", "ia3", "lora_r2"};
+  for (auto& backbone : backbones()) {
+    CATCH_SECTION(backbone.name) {
+      backbone.module->to(torch::kFloat64);
+      dt::DeltaModel model(backbone.module);
+      model.add("lora_r2", dt::LoRAOptions().r(2).alpha(4));
+      model.add("lora_r4", dt::LoRAOptions().r(4).alpha(8).use_rslora(true));
+      model.add("pissa", dt::LoRAOptions().r(2).alpha(2).init("pissa"));
+      model.add("vera", dt::VeRAOptions().r(8));
+      model.add("dora", dt::LoRAOptions().r(2).alpha(2).use_dora(true));
+      model.add("ia3", dt::IA3Options());
+      backbone.module->to(torch::kFloat64);
+      torch::manual_seed(12);
+      torch::NoGradGuard no_grad;
+      for (const auto& name : names)
+        for (auto& [key, p] : model.named_delta_parameters(name)) p.add_(torch::randn_like(p) * 0.3);
+      backbone.module->eval();
+
+      // The factors are the delta: B A equals dW at every site; DoRA and IA3 have none.
+      for (const auto& name : names) {
+        for (const auto& a : model.deltas().at(name).attachments) {
+          auto& delta = dynamic_cast<dt::WeightDelta&>(*a.delta);
+          const auto factors = delta.low_rank_factors();
+          CATCH_CHECK(factors.has_value() == (name != "dora" && name != "ia3"));
+          if (!factors) continue;
+          const auto& weight = a.site.linear->weight;
+          CATCH_CHECK(max_difference(factors->B.mm(factors->A), delta.delta_weight(weight)) < 1e-12);
+        }
+      }
+
+      torch::Tensor gathered, one_by_one;
+      {
+        auto guard = model.route(routing);
+        gathered = backbone.run(all_rows());
+      }
+      {
+        auto guard = model.route(routing, dt::RouteOptions().gather_low_rank(false));
+        one_by_one = backbone.run(all_rows());
+      }
+      CATCH_CHECK(max_difference(gathered, one_by_one) < 1e-12);
+      for (int64_t i = 0; i < kRows; ++i) {
+        const auto& name = routing[size_t(i)];
+        for (const auto& d : names) model.set_active(d, d == name);
+        const auto alone = backbone.run(torch::tensor({i}));
+        CATCH_INFO(backbone.name << " row " << i << " (" << name << ")");
+        CATCH_CHECK(max_difference(gathered[i], alone[0]) < 1e-12);
+      }
     }
   }
 }

@@ -11,6 +11,7 @@
 #include <torch/torch.h>
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -53,6 +54,11 @@ class DeltaModule {
   }
 };
 
+// A weight delta of low rank, dW = B A with A (r, in) and B (out, r), its scale folded in.
+struct LowRankFactors {
+  torch::Tensor A, B;
+};
+
 // Acts on a frozen Linear y = x W0^T + b0, W0 (out, in), through its weight and bias.
 class WeightDelta : public DeltaModule {
  public:
@@ -76,6 +82,12 @@ class WeightDelta : public DeltaModule {
   // feed-forward layer); undefined otherwise. A Linear site then computes (x * s) W0^T + b0,
   // one product, where adding delta_output would take a second one.
   virtual torch::Tensor input_scale(const torch::Tensor& /*base_weight*/) { return {}; }
+
+  // A delta whose delta_output is x A^T B^T, of rank r at most (LoRA, PiSSA, VeRA), returns
+  // its factors here; empty otherwise (DoRA, LoKr, IA3, dropout in training). A mixed batch
+  // (DeltaModel::route) gathers each row's factors and runs the rows of every such delta at a
+  // site in two batched products, where each other delta takes products of its own.
+  virtual std::optional<LowRankFactors> low_rank_factors() { return std::nullopt; }
 
   // y = x (W0 + dW)^T + (b0 + db): the layer with this delta alone.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& base_weight, const torch::Tensor& base_bias) {

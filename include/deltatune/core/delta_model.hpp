@@ -85,6 +85,14 @@ inline void register_at_path(torch::nn::Module& root, const std::string& path,
 //   deltatune::DeltaModel model(backbone);
 //   model.add("sst2", deltatune::LoRAOptions().r(8), "q|v");
 //   auto opt = torch::optim::AdamW(model.trainable_parameters(), 1e-3);
+// How DeltaModel::route runs a mixed batch.
+struct RouteOptions {
+  // Low-rank deltas (LoRA, PiSSA, OLoRA, VeRA) at a site take their rows together in two batched
+  // products, each row's factors gathered; false: each delta in products of its own, as peft's
+  // mixed batch (whose cost grows with the number of deltas; kept for comparison).
+  TORCH_ARG(bool, gather_low_rank) = true;
+};
+
 class DeltaModel {
  public:
   // The child of the backbone that holds every delta.
@@ -264,12 +272,14 @@ class DeltaModel {
   // Backbone parameters a method trains (adapters' layer norms) are the backbone's, shared
   // by every row. Until the guard ends:
   //   auto routing = model.route({"sst2", "__base__", "rte"});
-  [[nodiscard]] RoutingGuard route(const std::vector<std::string>& per_row) {
+  [[nodiscard]] RoutingGuard route(const std::vector<std::string>& per_row, const RouteOptions& options = {}) {
     auto previous = routing_;
-    set_routing(per_row);
+    set_routing(per_row, options);
     return RoutingGuard(this, std::move(previous));
   }
-  void set_routing(const std::vector<std::string>& per_row) { apply_routing(make_routing(per_row)); }
+  void set_routing(const std::vector<std::string>& per_row, const RouteOptions& options = {}) {
+    apply_routing(make_routing(per_row, options));
+  }
   void clear_routing() { apply_routing(nullptr); }
   // The routing in force, or null when every row runs through every active delta.
   const RowRouting* routing() const { return routing_.get(); }
@@ -525,7 +535,7 @@ class DeltaModel {
 
   // Row indices per routed delta, after checking that each name is an active weight or
   // activation delta and that no delta would act on every row regardless.
-  std::shared_ptr<const RowRouting> make_routing(const std::vector<std::string>& per_row) {
+  std::shared_ptr<const RowRouting> make_routing(const std::vector<std::string>& per_row, const RouteOptions& options) {
     detail::check<OptionError>(!per_row.empty(), "DeltaModel::route needs one delta name (or \"{}\") per batch row, "
                                "got none", base_row);
     for (auto& [name, entry] : entries_) {
@@ -544,6 +554,7 @@ class DeltaModel {
     }
     auto routing = std::make_shared<RowRouting>();
     routing->batch = static_cast<int64_t>(per_row.size());
+    routing->gather_low_rank = options.gather_low_rank();
     const auto parameters = backbone_->parameters();
     const auto device = parameters.empty() ? torch::Device(torch::kCPU) : parameters.front().device();
     for (const auto& [name, indices] : rows) routing->rows[name] = torch::tensor(indices, torch::kInt64).to(device);

@@ -32,7 +32,43 @@ namespace deltatune {
 struct RowRouting {
   int64_t batch = 0;                          // the number of rows routed
   std::map<std::string, torch::Tensor> rows;  // delta name -> (n) int64 row indices, n > 0
+  // Low-rank deltas' rows in two batched products per site (WeightDelta::low_rank_factors);
+  // false: each delta's rows in products of their own, as peft's mixed batch (for comparison).
+  bool gather_low_rank = true;
 };
+
+namespace detail {
+
+// x_i A_k^T B_k^T for each row i of x (B, ..., in) that low-rank delta k takes, all in two
+// batched products: each delta's factors zero-padded to the largest rank (a zero row of A and
+// column of B add nothing), stacked, and gathered per row, so that the cost follows the rows,
+// not the number of deltas. Returns the rows (the deltas' own, concatenated in order) and
+// their outputs (n, ..., out).
+inline std::pair<torch::Tensor, torch::Tensor> gathered_low_rank_outputs(
+    const torch::Tensor& x, const std::vector<std::pair<LowRankFactors, torch::Tensor>>& deltas) {
+  int64_t rank = 0;
+  for (const auto& item : deltas) rank = std::max(rank, item.first.A.size(0));
+  std::vector<torch::Tensor> As, Bs, rows, which;
+  for (size_t k = 0; k < deltas.size(); ++k) {
+    const auto& [factors, delta_rows] = deltas[k];
+    const int64_t pad = rank - factors.A.size(0);
+    As.push_back(pad ? torch::constant_pad_nd(factors.A, {0, 0, 0, pad}) : factors.A);  // (rank, in)
+    Bs.push_back(pad ? torch::constant_pad_nd(factors.B, {0, pad}) : factors.B);        // (out, rank)
+    rows.push_back(delta_rows);
+    which.push_back(torch::full({delta_rows.size(0)}, static_cast<int64_t>(k), delta_rows.options()));
+  }
+  const auto all_rows = torch::cat(rows), index = torch::cat(which);
+  const auto A = torch::stack(As).index_select(0, index);  // (n, rank, in)
+  const auto B = torch::stack(Bs).index_select(0, index);  // (n, out, rank)
+  const auto xs = x.index_select(0, all_rows);
+  const auto flat = xs.reshape({xs.size(0), -1, xs.size(-1)});                     // (n, L, in)
+  const auto out = torch::bmm(torch::bmm(flat, A.transpose(1, 2)), B.transpose(1, 2));  // (n, L, out)
+  auto shape = xs.sizes().vec();
+  shape.back() = B.size(1);
+  return {all_rows, out.view(shape)};
+}
+
+}  // namespace detail
 
 // The deltas attached to one site, in attachment order, each with a name (the DeltaModel's
 // name for it), whether it is active, and, for weight deltas, whether it is merged.
@@ -198,10 +234,25 @@ class WeightSite {
   }
 
   // A mixed batch: each delta's output on its own rows of x (B, ..., in) only, added to
-  // those rows of y0 (B, ..., out); cost in proportion to the rows, as peft's mixed batch.
+  // those rows of y0 (B, ..., out). Two or more low-rank deltas take their rows together in
+  // two batched products (detail::gathered_low_rank_outputs); the others, and a low-rank
+  // delta alone, take products of their own, as peft's mixed batch does for every delta.
   torch::Tensor add_routed_outputs(const torch::Tensor& x, const torch::Tensor& y0, const Routed& routed) {
     auto y = y0;
-    for (const auto& [delta, rows] : routed)
+    std::vector<std::pair<LowRankFactors, torch::Tensor>> low_rank;
+    Routed one_by_one;
+    for (const auto& [delta, rows] : routed) {
+      auto factors = deltas.routing()->gather_low_rank ? delta->low_rank_factors() : std::nullopt;
+      if (factors) low_rank.emplace_back(std::move(*factors), rows);
+      else one_by_one.emplace_back(delta, rows);
+    }
+    if (low_rank.size() > 1) {
+      const auto [rows, out] = detail::gathered_low_rank_outputs(x, low_rank);
+      y = y.index_add(0, rows, out.to(y.dtype()));
+    } else if (low_rank.size() == 1) {
+      one_by_one = routed;  // one low-rank delta: its own products are cheaper than a gather
+    }
+    for (const auto& [delta, rows] : one_by_one)
       y = y.index_add(0, rows, delta->delta_output(x.index_select(0, rows), weight, bias, y0.index_select(0, rows)));
     return y;
   }

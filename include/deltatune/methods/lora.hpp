@@ -164,6 +164,14 @@ class LoRAImpl : public torch::nn::Cloneable<LoRAImpl>, public WeightDelta {
     return (g - 1) * base + g * low_rank;
   }
 
+  // s B A as one pair; PiSSA / OLoRA: s (B A - B0 A0) = [s B, -s B0] [A; A0], of rank 2r.
+  // DoRA rescales by a norm of the whole weight and dropout acts per row: no such pair.
+  std::optional<LowRankFactors> low_rank_factors() override {
+    if (options.use_dora() || (options.dropout() > 0 && is_training())) return std::nullopt;
+    if (!starts_from_weight()) return LowRankFactors{lora_A, lora_B * scaling()};
+    return LowRankFactors{torch::cat({lora_A, lora_A_init}), torch::cat({lora_B, -lora_B_init}, 1) * scaling()};
+  }
+
   void pretty_print(std::ostream& stream) const override {
     stream << "deltatune::LoRA(in_features=" << options.in_features() << ", out_features=" << options.out_features()
            << ", r=" << options.r() << ", alpha=" << options.alpha() << ", dropout=" << options.dropout()

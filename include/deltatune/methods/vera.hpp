@@ -117,6 +117,12 @@ class VeRAImpl : public torch::nn::Cloneable<VeRAImpl>, public WeightDelta {
                                                          sliced_B());
   }
 
+  // diag(l_b) B diag(l_d) A as the pair (diag(l_d) A, diag(l_b) B); not with dropout in training.
+  std::optional<LowRankFactors> low_rank_factors() override {
+    if (options.dropout() > 0 && is_training()) return std::nullopt;
+    return LowRankFactors{vera_lambda_d.unsqueeze(1) * sliced_A(), vera_lambda_b.unsqueeze(1) * sliced_B()};
+  }
+
   void pretty_print(std::ostream& stream) const override {
     stream << "deltatune::VeRA(in_features=" << options.in_features() << ", out_features=" << options.out_features()
            << ", r=" << options.r() << ", dropout=" << options.dropout() << ")";
