@@ -77,14 +77,6 @@ inline void register_at_path(torch::nn::Module& root, const std::string& path,
 
 }  // namespace detail
 
-// A frozen backbone and the named deltas attached to it. The deltas are registered in the
-// backbone's own module tree, under `deltas.<name>.<site path>` (shared modules under
-// `deltas.<name>.<module>`), so that the backbone's to(), train(), eval() and
-// named_parameters() reach them; the checkpoint's own names are left as loaded. One
-// DeltaModel per backbone at a time: destroying it detaches its deltas.
-//   deltatune::DeltaModel model(backbone);
-//   model.add("sst2", deltatune::LoRAOptions().r(8), "q|v");
-//   auto opt = torch::optim::AdamW(model.trainable_parameters(), 1e-3);
 // How DeltaModel::route runs a mixed batch.
 struct RouteOptions {
   // Low-rank deltas (LoRA, PiSSA, OLoRA, VeRA) at a site take their rows together in two batched
@@ -93,6 +85,14 @@ struct RouteOptions {
   TORCH_ARG(bool, gather_low_rank) = true;
 };
 
+// A frozen backbone and the named deltas attached to it. The deltas are registered in the
+// backbone's own module tree, under `deltas.<name>.<site path>` (shared modules under
+// `deltas.<name>.<module>`), so that the backbone's to(), train(), eval() and
+// named_parameters() reach them; the checkpoint's own names are left as loaded. One
+// DeltaModel per backbone at a time: destroying it detaches its deltas.
+//   deltatune::DeltaModel model(backbone);
+//   model.add("sst2", deltatune::LoRAOptions().r(8), "q|v");
+//   auto opt = torch::optim::AdamW(model.trainable_parameters(), 1e-3);
 class DeltaModel {
  public:
   // The child of the backbone that holds every delta.
