@@ -182,7 +182,11 @@ CATCH_TEST_CASE("Low-rank deltas share two batched products per site in a mixed 
   // have their rows gathered (RowRouting::gather_low_rank); DoRA and IA3 beside them take their
   // own products. In float64 the rows equal each row run alone and the one-by-one path.
   const std::vector<std::string> names = {"lora_r2", "lora_r4", "pissa", "vera", "dora", "ia3"};
-  const std::vector<std::string> routing = {"lora_r2", "vera", "pissa", "__base__", "lora_r4", "dora", "ia3", "lora_r2"};
+  // With rows of the base and of other deltas beside them (the routed rows of x gathered), and
+  // with every row on a low-rank delta (the factors gathered in row order, x as it is).
+  const std::vector<std::vector<std::string>> routings = {
+      {"lora_r2", "vera", "pissa", "__base__", "lora_r4", "dora", "ia3", "lora_r2"},
+      {"pissa", "lora_r2", "vera", "lora_r4", "lora_r4", "lora_r2", "pissa", "vera"}};
   for (auto& backbone : backbones()) {
     CATCH_SECTION(backbone.name) {
       backbone.module->to(torch::kFloat64);
@@ -212,22 +216,25 @@ CATCH_TEST_CASE("Low-rank deltas share two batched products per site in a mixed 
         }
       }
 
-      torch::Tensor gathered, one_by_one;
-      {
-        auto guard = model.route(routing);
-        gathered = backbone.run(all_rows());
-      }
-      {
-        auto guard = model.route(routing, dt::RouteOptions().gather_low_rank(false));
-        one_by_one = backbone.run(all_rows());
-      }
-      CATCH_CHECK(max_difference(gathered, one_by_one) < 1e-12);
-      for (int64_t i = 0; i < kRows; ++i) {
-        const auto& name = routing[size_t(i)];
-        for (const auto& d : names) model.set_active(d, d == name);
-        const auto alone = backbone.run(torch::tensor({i}));
-        CATCH_INFO(backbone.name << " row " << i << " (" << name << ")");
-        CATCH_CHECK(max_difference(gathered[i], alone[0]) < 1e-12);
+      for (const auto& routing : routings) {
+        torch::Tensor gathered, one_by_one;
+        {
+          auto guard = model.route(routing);
+          gathered = backbone.run(all_rows());
+        }
+        {
+          auto guard = model.route(routing, dt::RouteOptions().gather_low_rank(false));
+          one_by_one = backbone.run(all_rows());
+        }
+        CATCH_CHECK(max_difference(gathered, one_by_one) < 1e-12);
+        for (int64_t i = 0; i < kRows; ++i) {
+          const auto& name = routing[size_t(i)];
+          for (const auto& d : names) model.set_active(d, d == name);
+          const auto alone = backbone.run(torch::tensor({i}));
+          CATCH_INFO(backbone.name << " row " << i << " (" << name << ")");
+          CATCH_CHECK(max_difference(gathered[i], alone[0]) < 1e-12);
+        }
+        for (const auto& d : names) model.set_active(d, true);
       }
     }
   }

@@ -39,15 +39,16 @@ struct RowRouting {
 
 namespace detail {
 
-// x_i A_k^T B_k^T for each row i of x (B, ..., in) that low-rank delta k takes, all in two
+// y plus x_i A_k^T B_k^T on each row i of x (B, ..., in) that low-rank delta k takes, all in two
 // batched products: each delta's factors zero-padded to the largest rank (a zero row of A and
 // column of B add nothing), stacked, and gathered per row, so that the cost follows the rows,
-// not the number of deltas. Returns the rows (the deltas' own, concatenated in order) and
-// their outputs (n, ..., out).
-inline std::pair<torch::Tensor, torch::Tensor> gathered_low_rank_outputs(
-    const torch::Tensor& x, const std::vector<std::pair<LowRankFactors, torch::Tensor>>& deltas) {
-  int64_t rank = 0;
-  for (const auto& item : deltas) rank = std::max(rank, item.first.A.size(0));
+// not the number of deltas. Where the deltas take every row, the factors are gathered in row
+// order and x and y are used as they are; otherwise the routed rows of x are gathered first and
+// their outputs added back at their rows.
+inline torch::Tensor add_gathered_low_rank(const torch::Tensor& x, const torch::Tensor& y,
+                                           const std::vector<std::pair<LowRankFactors, torch::Tensor>>& deltas) {
+  int64_t rank = 0, routed = 0;
+  for (const auto& item : deltas) rank = std::max(rank, item.first.A.size(0)), routed += item.second.size(0);
   std::vector<torch::Tensor> As, Bs, rows, which;
   for (size_t k = 0; k < deltas.size(); ++k) {
     const auto& [factors, delta_rows] = deltas[k];
@@ -57,15 +58,20 @@ inline std::pair<torch::Tensor, torch::Tensor> gathered_low_rank_outputs(
     rows.push_back(delta_rows);
     which.push_back(torch::full({delta_rows.size(0)}, static_cast<int64_t>(k), delta_rows.options()));
   }
-  const auto all_rows = torch::cat(rows), index = torch::cat(which);
+  const auto all_rows = torch::cat(rows);
+  const bool every_row = routed == x.size(0);  // a row takes one delta (DeltaModel::route)
+  // Row r's delta: in row order where every row has one, else in the order of all_rows.
+  const auto index = every_row ? torch::empty_like(all_rows).index_put_({all_rows}, torch::cat(which))
+                               : torch::cat(which);
   const auto A = torch::stack(As).index_select(0, index);  // (n, rank, in)
   const auto B = torch::stack(Bs).index_select(0, index);  // (n, out, rank)
-  const auto xs = x.index_select(0, all_rows);
-  const auto flat = xs.reshape({xs.size(0), -1, xs.size(-1)});                     // (n, L, in)
-  const auto out = torch::bmm(torch::bmm(flat, A.transpose(1, 2)), B.transpose(1, 2));  // (n, L, out)
+  const auto xs = every_row ? x : x.index_select(0, all_rows);
+  const auto flat = xs.reshape({xs.size(0), -1, xs.size(-1)});                           // (n, L, in)
+  auto out = torch::bmm(torch::bmm(flat, A.transpose(1, 2)), B.transpose(1, 2)).to(y.dtype());  // (n, L, out)
   auto shape = xs.sizes().vec();
   shape.back() = B.size(1);
-  return {all_rows, out.view(shape)};
+  out = out.view(shape);
+  return every_row ? y + out : y.index_add(0, all_rows, out);
 }
 
 }  // namespace detail
@@ -235,7 +241,7 @@ class WeightSite {
 
   // A mixed batch: each delta's output on its own rows of x (B, ..., in) only, added to
   // those rows of y0 (B, ..., out). Two or more low-rank deltas take their rows together in
-  // two batched products (detail::gathered_low_rank_outputs); the others, and a low-rank
+  // two batched products (detail::add_gathered_low_rank); the others, and a low-rank
   // delta alone, take products of their own, as peft's mixed batch does for every delta.
   torch::Tensor add_routed_outputs(const torch::Tensor& x, const torch::Tensor& y0, const Routed& routed) {
     auto y = y0;
@@ -247,8 +253,7 @@ class WeightSite {
       else one_by_one.emplace_back(delta, rows);
     }
     if (low_rank.size() > 1) {
-      const auto [rows, out] = detail::gathered_low_rank_outputs(x, low_rank);
-      y = y.index_add(0, rows, out.to(y.dtype()));
+      y = detail::add_gathered_low_rank(x, y, low_rank);
     } else if (low_rank.size() == 1) {
       one_by_one = routed;  // one low-rank delta: its own products are cheaper than a gather
     }
