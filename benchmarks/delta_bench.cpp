@@ -187,7 +187,7 @@ int main(int argc, char** argv) try {
     backbone->eval();
     step = [&] {
       torch::NoGradGuard no_grad;
-      auto routing = model.route(per_row, dt::RouteOptions().gather_low_rank(num("--gather") != 0));
+      auto routing = model.route(per_row, dt::RouteOptions().gather(num("--gather") != 0));
       backbone->forward(input_ids, attention_mask, {}, labels);
     };
   } else {

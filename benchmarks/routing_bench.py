@@ -5,7 +5,7 @@ i mod K, one forward pass (encoder and decoder, no grad) per step, for each K:
 - bare: the backbone alone, on each side (transformers for the peer);
 - peft: peft's mixed batch, model(..., adapter_names=[...]), which runs each adapter's rows
   through products of their own (huggingface/peft#2283 leaves batching them out of scope);
-- ours, one by one: DeltaModel::route with RouteOptions().gather_low_rank(false), the same plan;
+- ours, one by one: DeltaModel::route with RouteOptions().gather(false), the same plan;
 - ours, gathered: DeltaModel::route as it is, the rows of every LoRA at a site in two batched
   products of gathered factors (core/site.hpp).
 

@@ -4,6 +4,8 @@
 // batched products, exact in float64; the errors.
 #include <deltatune/deltatune.hpp>
 
+#include <set>
+
 #include "test_support.hpp"
 
 namespace routing_test {
@@ -89,6 +91,32 @@ torch::Tensor rows_of(const std::vector<std::string>& routing, const std::string
 }
 
 double max_difference(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+// For each routing: the gathered mixed batch equals the one-by-one one (RouteOptions().gather
+// (false)) and each row run alone with its delta only, to 1e-12 (a float64 model).
+void check_gathered(Backbone& backbone, dt::DeltaModel& model, const std::vector<std::string>& names,
+                    const std::vector<std::vector<std::string>>& routings) {
+  for (const auto& routing : routings) {
+    torch::Tensor gathered, one_by_one;
+    {
+      auto guard = model.route(routing);
+      gathered = backbone.run(all_rows());
+    }
+    {
+      auto guard = model.route(routing, dt::RouteOptions().gather(false));
+      one_by_one = backbone.run(all_rows());
+    }
+    CATCH_CHECK(max_difference(gathered, one_by_one) < 1e-12);
+    for (int64_t i = 0; i < kRows; ++i) {
+      const auto& name = routing[size_t(i)];
+      for (const auto& d : names) model.set_active(d, d == name);
+      const auto alone = backbone.run(torch::tensor({i}));
+      CATCH_INFO(backbone.name << " row " << i << " (" << name << ")");
+      CATCH_CHECK(max_difference(gathered[i], alone[0]) < 1e-12);
+    }
+    for (const auto& d : names) model.set_active(d, true);
+  }
+}
 
 }  // namespace
 
@@ -179,8 +207,8 @@ CATCH_TEST_CASE("In training, a routed batch sends each delta the gradients of i
 CATCH_TEST_CASE("Low-rank deltas share two batched products per site in a mixed batch, exactly in float64",
                 "[routing]") {
   // Deltas whose output is x A^T B^T (LoRA of ranks 2 and 4, rsLoRA, PiSSA of rank 2 r, VeRA)
-  // have their rows gathered (RowRouting::gather_low_rank); DoRA and IA3 beside them take their
-  // own products. In float64 the rows equal each row run alone and the one-by-one path.
+  // have their rows gathered (RowRouting::gather); DoRA beside them takes its own products
+  // and IA3 one scale over the batch. In float64 the rows equal each row run alone and the one-by-one path.
   const std::vector<std::string> names = {"lora_r2", "lora_r4", "pissa", "vera", "dora", "ia3"};
   // With rows of the base and of other deltas beside them (the routed rows of x gathered), and
   // with every row on a low-rank delta (the factors gathered in row order, x as it is).
@@ -216,28 +244,94 @@ CATCH_TEST_CASE("Low-rank deltas share two batched products per site in a mixed 
         }
       }
 
-      for (const auto& routing : routings) {
-        torch::Tensor gathered, one_by_one;
-        {
-          auto guard = model.route(routing);
-          gathered = backbone.run(all_rows());
-        }
-        {
-          auto guard = model.route(routing, dt::RouteOptions().gather_low_rank(false));
-          one_by_one = backbone.run(all_rows());
-        }
-        CATCH_CHECK(max_difference(gathered, one_by_one) < 1e-12);
-        for (int64_t i = 0; i < kRows; ++i) {
-          const auto& name = routing[size_t(i)];
-          for (const auto& d : names) model.set_active(d, d == name);
-          const auto alone = backbone.run(torch::tensor({i}));
-          CATCH_INFO(backbone.name << " row " << i << " (" << name << ")");
-          CATCH_CHECK(max_difference(gathered[i], alone[0]) < 1e-12);
-        }
-        for (const auto& d : names) model.set_active(d, true);
-      }
+      check_gathered(backbone, model, names, routings);
     }
   }
+}
+
+CATCH_TEST_CASE("Bottleneck adapters share two batched products per site in a mixed batch, exactly in float64",
+                "[routing]") {
+  // Houlsby adapters of two bottlenecks, Pfeiffer's (ReLU, reading the normalised output),
+  // PHM-Adapter, Compacter and Compacter++ have their rows gathered by nonlinearity and input;
+  // a LoRA and an IA3 (scaling keys, values and the feed-forward input) take the weight sites.
+  const std::vector<std::string> names = {"houlsby", "houlsby_8", "pfeiffer", "phm", "compacter", "compacter++",
+                                          "lora", "ia3"};
+  const std::vector<std::vector<std::string>> routings = {
+      {"houlsby", "pfeiffer", "compacter++", "__base__", "houlsby_8", "lora", "ia3", "phm"},
+      {"compacter", "houlsby", "houlsby_8", "compacter", "phm", "houlsby_8", "compacter++", "pfeiffer"}};
+  for (auto& backbone : backbones()) {
+    CATCH_SECTION(backbone.name) {
+      dt::DeltaModel model(backbone.module);
+      model.add("houlsby", dt::houlsby_options().reduction_factor(4));
+      model.add("houlsby_8", dt::houlsby_options().bottleneck(8));
+      model.add("pfeiffer", dt::pfeiffer_options().reduction_factor(4));
+      model.add("phm", dt::phm_adapter_options(0, 4).reduction_factor(4));
+      model.add("compacter", dt::compacter_options().reduction_factor(4));
+      model.add("compacter++", dt::compacter_plus_plus_options().reduction_factor(4));
+      model.add("lora", dt::LoRAOptions().r(2).alpha(4));
+      model.add("ia3", dt::IA3Options());
+      backbone.module->to(torch::kFloat64);
+      torch::manual_seed(13);
+      torch::NoGradGuard no_grad;
+      for (const auto& name : names)
+        for (auto& [key, p] : model.named_delta_parameters(name)) p.add_(torch::randn_like(p) * 0.3);
+      backbone.module->eval();
+
+      // The factors are the adapter: act(h D^T + d) U^T + u equals its bottleneck.
+      const auto h = torch::randn({3, 16}, torch::kFloat64);
+      for (const auto& name : {"houlsby", "houlsby_8", "pfeiffer", "phm", "compacter", "compacter++"}) {
+        for (const auto& a : model.deltas().at(name).attachments) {
+          auto& adapter = dynamic_cast<dt::AdapterImpl&>(*a.delta);
+          const auto f = adapter.bottleneck_factors();
+          CATCH_REQUIRE(f.has_value());
+          CATCH_CHECK(f->reads_normed == (adapter.options.placement() == dt::AdapterPlacement::pfeiffer));
+          namespace F = torch::nn::functional;
+          const auto via_factors = F::linear(f->activation(F::linear(h, f->down_weight, f->down_bias)), f->up_weight,
+                                             f->up_bias);
+          CATCH_CHECK(max_difference(via_factors, adapter.bottleneck_forward(h)) < 1e-12);
+        }
+      }
+      check_gathered(backbone, model, names, routings);
+    }
+  }
+}
+
+CATCH_TEST_CASE("Greedy generation over a mixed batch equals each row generated alone, token for token", "[routing]") {
+  // The routing holds through the encoder and every cached decoder step: rows of two LoRAs, an
+  // adapter, Compacter, IA3 and the bare T5, with some rows finishing before others.
+  auto backbone = backbones().front();
+  auto& t5 = dynamic_cast<bb::T5ModelImpl&>(*backbone.module);
+  dt::DeltaModel model(backbone.module);
+  add_deltas(model);
+  model.add("compacter", dt::compacter_options().reduction_factor(4));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& [key, p] : model.named_delta_parameters("compacter")) p.add_(torch::randn_like(p) * 0.3);
+  }
+  t5.eval();
+  const std::vector<std::string> routing = {"lora_a", "compacter", "__base__", "lora_b", "adapter_a", "adapter_b",
+                                            "compacter", "ia3"};
+  const auto b = batch();
+  torch::Tensor mixed;
+  {
+    auto guard = model.route(routing);
+    mixed = t5.generate_greedy(b.ids, b.mask, 6);
+  }
+  std::vector<std::string> names = kDeltas;
+  names.push_back("compacter");
+  std::set<std::string> distinct;
+  for (int64_t i = 0; i < kRows; ++i) {
+    for (const auto& d : names) model.set_active(d, d == routing[size_t(i)]);
+    const auto alone = t5.generate_greedy(b.ids.slice(0, i, i + 1), b.mask.slice(0, i, i + 1), 6)[0];
+    CATCH_INFO("row " << i << " (" << routing[size_t(i)] << ")");
+    // A row that ended early alone is padded in the batch, where others went on.
+    const auto n = alone.size(0);
+    CATCH_CHECK(torch::equal(mixed[i].slice(0, 0, n), alone));
+    CATCH_CHECK((mixed[i].slice(0, n) == t5.config.pad_token_id()).all().item<bool>());
+    distinct.insert(fmt::format("{}", fmt::join(std::vector<int64_t>(alone.data_ptr<int64_t>(),
+                                                                     alone.data_ptr<int64_t>() + n), ",")));
+  }
+  CATCH_CHECK(distinct.size() > 3);  // the deltas answer differently: the check compares something
 }
 
 CATCH_TEST_CASE("DeltaModel::route refuses unknown, inactive, merged and unroutable deltas and a wrong row count",

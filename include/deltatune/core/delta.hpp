@@ -82,6 +82,10 @@ class WeightDelta : public DeltaModule {
   // feed-forward layer); undefined otherwise. A Linear site then computes (x * s) W0^T + b0,
   // one product, where adding delta_output would take a second one.
   virtual torch::Tensor input_scale(const torch::Tensor& /*base_weight*/) { return {}; }
+  // A delta that is a scale s (out) of the Linear's output, y0 * s, returns it here (IA3 on
+  // keys and values); undefined otherwise. A mixed batch scales each row by its delta's s in
+  // one product over the batch, where each delta's delta_output would take its rows apart.
+  virtual torch::Tensor output_scale(const torch::Tensor& /*base_weight*/) { return {}; }
 
   // A delta whose delta_output is x A^T B^T, of rank r at most (LoRA, PiSSA, VeRA), returns
   // its factors here; empty otherwise (DoRA, LoKr, IA3, dropout in training). A mixed batch
@@ -113,6 +117,17 @@ inline torch::Tensor path_dropout(const torch::Tensor& x, double p, bool trainin
 // (BERT, post-norm), or h + residual alone when there is none (T5, pre-norm).
 using LayerNormFn = std::function<torch::Tensor(const torch::Tensor&)>;
 
+// A bottleneck adapter's f(x) = act(x D^T + d) U^T + u as dense matrices: D (m, in), d (m),
+// U (out, m), u (out). act maps 0 to 0, so that bottleneck units padded with zeros add nothing.
+struct BottleneckFactors {
+  torch::Tensor down_weight, down_bias, up_weight, up_bias;
+  std::string non_linearity;  // act's name: adapters with the same one share batched products
+  std::function<torch::Tensor(const torch::Tensor&)> activation;
+  // The sublayer ends as end_sublayer(h + f(x), residual, layer_norm), where x is h itself, or,
+  // where this is true, the sublayer's normalised output end_sublayer(h, residual, layer_norm).
+  bool reads_normed = false;
+};
+
 // Acts on a sublayer's output h (..., d), before the residual and layer norm.
 class ActivationDelta : public DeltaModule {
  public:
@@ -128,6 +143,12 @@ class ActivationDelta : public DeltaModule {
                                          const LayerNormFn& layer_norm) {
     return end_sublayer(forward(hidden), residual, layer_norm);
   }
+
+  // A bottleneck adapter whose forward_sublayer is as BottleneckFactors says returns its
+  // factors here (computed from its parameters, so gradients reach them); empty otherwise. A
+  // mixed batch (DeltaModel::route) gathers each row's factors and runs the rows of every
+  // such adapter at a site in two batched products.
+  virtual std::optional<BottleneckFactors> bottleneck_factors() { return std::nullopt; }
 
   static torch::Tensor end_sublayer(const torch::Tensor& hidden, const torch::Tensor& residual,
                                     const LayerNormFn& layer_norm) {

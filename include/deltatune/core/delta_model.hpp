@@ -80,9 +80,11 @@ inline void register_at_path(torch::nn::Module& root, const std::string& path,
 // How DeltaModel::route runs a mixed batch.
 struct RouteOptions {
   // Low-rank deltas (LoRA, PiSSA, OLoRA, VeRA) at a site take their rows together in two batched
-  // products, each row's factors gathered; false: each delta in products of its own, as peft's
-  // mixed batch (whose cost grows with the number of deltas; kept for comparison).
-  TORCH_ARG(bool, gather_low_rank) = true;
+  // products, each row's factors gathered, and so do bottleneck adapters (Houlsby, Pfeiffer,
+  // PHM-Adapter, Compacter, Compacter++); false: each delta in products of its own, as peft's
+  // mixed batch (whose cost grows with the number of deltas; kept for comparison). IA3's
+  // scales are one (B, features) scale either way.
+  TORCH_ARG(bool, gather) = true;
 };
 
 // A frozen backbone and the named deltas attached to it. The deltas are registered in the
@@ -554,7 +556,7 @@ class DeltaModel {
     }
     auto routing = std::make_shared<RowRouting>();
     routing->batch = static_cast<int64_t>(per_row.size());
-    routing->gather_low_rank = options.gather_low_rank();
+    routing->gather = options.gather();
     const auto parameters = backbone_->parameters();
     const auto device = parameters.empty() ? torch::Device(torch::kCPU) : parameters.front().device();
     for (const auto& [name, indices] : rows) routing->rows[name] = torch::tensor(indices, torch::kInt64).to(device);

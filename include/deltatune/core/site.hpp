@@ -32,46 +32,94 @@ namespace deltatune {
 struct RowRouting {
   int64_t batch = 0;                          // the number of rows routed
   std::map<std::string, torch::Tensor> rows;  // delta name -> (n) int64 row indices, n > 0
-  // Low-rank deltas' rows in two batched products per site (WeightDelta::low_rank_factors);
+  // Low-rank deltas' and bottleneck adapters' rows in two batched products per site, each row's
+  // factors gathered (WeightDelta::low_rank_factors, ActivationDelta::bottleneck_factors);
   // false: each delta's rows in products of their own, as peft's mixed batch (for comparison).
-  bool gather_low_rank = true;
+  bool gather = true;
 };
 
 namespace detail {
 
+// The rows that deltas gathered at a site compute, together. A row takes one delta at most
+// (DeltaModel::route), so where the deltas take every row of the batch, the rows are the
+// batch's own in order: the input is used as it is and the outputs added as they are.
+// Otherwise the deltas' rows, concatenated, are gathered from the input and added back.
+struct GatheredRows {
+  torch::Tensor rows;   // (n): each delta's rows in turn
+  torch::Tensor delta;  // (n): the delta of each computed row, an index into the deltas
+  bool every_row = false;
+
+  GatheredRows(const std::vector<torch::Tensor>& delta_rows, int64_t batch) {
+    std::vector<torch::Tensor> which;
+    for (size_t k = 0; k < delta_rows.size(); ++k)
+      which.push_back(torch::full({delta_rows[k].size(0)}, static_cast<int64_t>(k), delta_rows[k].options()));
+    rows = torch::cat(delta_rows);
+    delta = torch::cat(which);
+    every_row = rows.size(0) == batch;
+    if (every_row) delta = torch::empty_like(delta).index_put_({rows}, delta);  // in row order
+  }
+  // The computed rows of x (B, ..., in), flattened to (n, L, in).
+  torch::Tensor input(const torch::Tensor& x) const {
+    const auto xs = every_row ? x : x.index_select(0, rows);
+    return xs.reshape({xs.size(0), -1, xs.size(-1)});
+  }
+  // y (B, ..., out) plus the computed rows' outputs (n, L, out) at their rows.
+  torch::Tensor add(const torch::Tensor& y, const torch::Tensor& out) const {
+    auto shape = y.sizes().vec();
+    shape.front() = out.size(0);
+    const auto outputs = out.to(y.dtype()).view(shape);
+    return every_row ? y + outputs : y.index_add(0, rows, outputs);
+  }
+  // Per-delta tensors, each zero-padded at its end of dimension `dim` to the largest size
+  // there, stacked, and gathered per computed row: (n, ...).
+  torch::Tensor per_row(const std::vector<torch::Tensor>& tensors, int64_t dim) const {
+    int64_t size = 0;
+    for (const auto& t : tensors) size = std::max(size, t.size(dim));
+    std::vector<torch::Tensor> padded;
+    for (const auto& t : tensors) {
+      std::vector<int64_t> pad(2 * static_cast<size_t>(t.dim()), 0);  // (last dim's left, right, ...)
+      pad[2 * static_cast<size_t>(t.dim() - 1 - dim) + 1] = size - t.size(dim);
+      padded.push_back(size == t.size(dim) ? t : torch::constant_pad_nd(t, pad));
+    }
+    return torch::stack(padded).index_select(0, delta);
+  }
+};
+
 // y plus x_i A_k^T B_k^T on each row i of x (B, ..., in) that low-rank delta k takes, all in two
 // batched products: each delta's factors zero-padded to the largest rank (a zero row of A and
-// column of B add nothing), stacked, and gathered per row, so that the cost follows the rows,
-// not the number of deltas. Where the deltas take every row, the factors are gathered in row
-// order and x and y are used as they are; otherwise the routed rows of x are gathered first and
-// their outputs added back at their rows.
+// column of B add nothing) and gathered per row, so that the cost follows the rows, not the
+// number of deltas.
 inline torch::Tensor add_gathered_low_rank(const torch::Tensor& x, const torch::Tensor& y,
                                            const std::vector<std::pair<LowRankFactors, torch::Tensor>>& deltas) {
-  int64_t rank = 0, routed = 0;
-  for (const auto& item : deltas) rank = std::max(rank, item.first.A.size(0)), routed += item.second.size(0);
-  std::vector<torch::Tensor> As, Bs, rows, which;
-  for (size_t k = 0; k < deltas.size(); ++k) {
-    const auto& [factors, delta_rows] = deltas[k];
-    const int64_t pad = rank - factors.A.size(0);
-    As.push_back(pad ? torch::constant_pad_nd(factors.A, {0, 0, 0, pad}) : factors.A);  // (rank, in)
-    Bs.push_back(pad ? torch::constant_pad_nd(factors.B, {0, pad}) : factors.B);        // (out, rank)
-    rows.push_back(delta_rows);
-    which.push_back(torch::full({delta_rows.size(0)}, static_cast<int64_t>(k), delta_rows.options()));
+  std::vector<torch::Tensor> As, Bs, rows;
+  for (const auto& [factors, delta_rows] : deltas) As.push_back(factors.A), Bs.push_back(factors.B), rows.push_back(delta_rows);
+  const GatheredRows gathered(rows, x.size(0));
+  const auto A = gathered.per_row(As, 0);  // (n, rank, in)
+  const auto B = gathered.per_row(Bs, 1);  // (n, out, rank)
+  return gathered.add(y, torch::bmm(torch::bmm(gathered.input(x), A.transpose(1, 2)), B.transpose(1, 2)));
+}
+
+// h plus f_k(x_i) on each row i of x (B, ..., d) that bottleneck adapter k takes, for adapters
+// of one nonlinearity, in two batched products: bottlenecks zero-padded to the largest (a zero
+// unit adds nothing, act(0) = 0) and gathered per row. One adapter alone takes plain products.
+inline torch::Tensor add_gathered_bottlenecks(const torch::Tensor& x, const torch::Tensor& h,
+                                              const std::vector<std::pair<BottleneckFactors, torch::Tensor>>& deltas) {
+  const auto& act = deltas.front().first.activation;
+  std::vector<torch::Tensor> downs, down_biases, ups, up_biases, rows;
+  for (const auto& [f, delta_rows] : deltas) {
+    downs.push_back(f.down_weight), down_biases.push_back(f.down_bias);
+    ups.push_back(f.up_weight), up_biases.push_back(f.up_bias), rows.push_back(delta_rows);
   }
-  const auto all_rows = torch::cat(rows);
-  const bool every_row = routed == x.size(0);  // a row takes one delta (DeltaModel::route)
-  // Row r's delta: in row order where every row has one, else in the order of all_rows.
-  const auto index = every_row ? torch::empty_like(all_rows).index_put_({all_rows}, torch::cat(which))
-                               : torch::cat(which);
-  const auto A = torch::stack(As).index_select(0, index);  // (n, rank, in)
-  const auto B = torch::stack(Bs).index_select(0, index);  // (n, out, rank)
-  const auto xs = every_row ? x : x.index_select(0, all_rows);
-  const auto flat = xs.reshape({xs.size(0), -1, xs.size(-1)});                           // (n, L, in)
-  auto out = torch::bmm(torch::bmm(flat, A.transpose(1, 2)), B.transpose(1, 2)).to(y.dtype());  // (n, L, out)
-  auto shape = xs.sizes().vec();
-  shape.back() = B.size(1);
-  out = out.view(shape);
-  return every_row ? y + out : y.index_add(0, all_rows, out);
+  const GatheredRows gathered(rows, x.size(0));
+  const auto xs = gathered.input(x);  // (n, L, d)
+  if (deltas.size() == 1) {
+    namespace F = torch::nn::functional;
+    return gathered.add(h, F::linear(act(F::linear(xs, downs[0], down_biases[0])), ups[0], up_biases[0]));
+  }
+  const auto down = torch::baddbmm(gathered.per_row(down_biases, 0).unsqueeze(1), xs,
+                                   gathered.per_row(downs, 0).transpose(1, 2));  // (n, L, m)
+  return gathered.add(h, torch::baddbmm(gathered.per_row(up_biases, 0).unsqueeze(1), act(down),
+                                        gathered.per_row(ups, 1).transpose(1, 2)));  // (n, L, d)
 }
 
 }  // namespace detail
@@ -248,7 +296,7 @@ class WeightSite {
     std::vector<std::pair<LowRankFactors, torch::Tensor>> low_rank;
     Routed one_by_one;
     for (const auto& [delta, rows] : routed) {
-      auto factors = deltas.routing()->gather_low_rank ? delta->low_rank_factors() : std::nullopt;
+      auto factors = deltas.routing()->gather ? delta->low_rank_factors() : std::nullopt;
       if (factors) low_rank.emplace_back(std::move(*factors), rows);
       else one_by_one.emplace_back(delta, rows);
     }
@@ -262,27 +310,35 @@ class WeightSite {
     return y;
   }
 
-  // A mixed batch through the Linear: each input-scaling delta's scale on its own rows of
-  // one (B, in) scale (a row takes one delta), so the whole batch is still one product.
+  // A mixed batch through the Linear: each input- or output-scaling delta's scale on its own
+  // rows of one (B, in) or (B, out) scale (a row takes one delta), so that the whole batch is
+  // still one product and one multiplication; then the other deltas' outputs on their rows
+  // (which the output scale leaves as they are: it is 1 there).
   torch::Tensor routed_linear_with_deltas(const torch::Tensor& x) {
-    torch::Tensor scale;
+    Scales input_scales, output_scales;
     Routed additive;
     for (auto& [delta, rows] : deltas.routed(x.size(0), x.device())) {
-      auto s = delta->input_scale(weight);
-      if (!s.defined()) {
-        additive.emplace_back(delta, rows);
-        continue;
-      }
-      if (!scale.defined()) scale = torch::ones({x.size(0), x.size(-1)}, x.options());
-      scale = scale.index_copy(0, rows, s.to(x.dtype()).expand({rows.size(0), -1}));
+      if (auto s = delta->input_scale(weight); s.defined()) input_scales.emplace_back(s, rows);
+      else if (auto s = delta->output_scale(weight); s.defined()) output_scales.emplace_back(s, rows);
+      else additive.emplace_back(delta, rows);
     }
-    if (scale.defined()) {  // (B, in) -> (B, 1, ..., 1, in), broadcast over x's middle dimensions
-      std::vector<int64_t> shape(x.dim(), 1);
-      shape.front() = x.size(0);
-      shape.back() = x.size(-1);
-      scale = scale.view(shape);
-    }
-    return add_routed_outputs(x, torch::nn::functional::linear(scale.defined() ? x * scale : x, weight, bias), additive);
+    const auto input_scale = row_scales(x, in_features, input_scales);
+    auto y = torch::nn::functional::linear(input_scale.defined() ? x * input_scale : x, weight, bias);
+    if (const auto output_scale = row_scales(y, out_features, output_scales); output_scale.defined()) y = y * output_scale;
+    return add_routed_outputs(x, y, additive);
+  }
+
+  // Each scale s (features) on its own rows of a (B, features) scale, 1 elsewhere, viewed as
+  // (B, 1, ..., 1, features) to broadcast over like's middle dimensions; undefined for none.
+  using Scales = std::vector<std::pair<torch::Tensor, torch::Tensor>>;  // (scale, rows)
+  static torch::Tensor row_scales(const torch::Tensor& like, int64_t features, const Scales& scales) {
+    if (scales.empty()) return {};
+    auto scale = torch::ones({like.size(0), features}, like.options());
+    for (const auto& [s, rows] : scales) scale = scale.index_copy(0, rows, s.to(like.dtype()).expand({rows.size(0), -1}));
+    std::vector<int64_t> shape(like.dim(), 1);
+    shape.front() = like.size(0);
+    shape.back() = features;
+    return scale.view(shape);
   }
 
   // Adds dW and db (computed before either changes: IA3's db reads the bias).
@@ -356,11 +412,27 @@ class OutputSite {
     return running.back()->forward_sublayer(h, residual, layer_norm);
   }
 
-  // A mixed batch: h and residual (B, T, d); every row ends as the bare sublayer, then each
-  // delta's rows are replaced by the delta's ending of those rows alone.
+  // A mixed batch: h and residual (B, T, d). Bottleneck adapters add f(x) to their own rows
+  // of h, those of one nonlinearity and input together (detail::add_gathered_bottlenecks), and
+  // every row ends as the bare sublayer does; then each other delta's rows are replaced by
+  // the delta's ending of those rows alone.
   torch::Tensor finish_routed(const torch::Tensor& h, const torch::Tensor& residual, const LayerNormFn& layer_norm) {
-    auto out = ActivationDelta::end_sublayer(h, residual, layer_norm);
-    for (const auto& [delta, rows] : output_deltas.routed(h.size(0), h.device()))
+    using Gathered = std::vector<std::pair<BottleneckFactors, torch::Tensor>>;
+    std::map<std::pair<bool, std::string>, Gathered> bottlenecks;  // by (reads_normed, nonlinearity)
+    std::vector<std::pair<ActivationDelta*, torch::Tensor>> own;
+    for (const auto& [delta, rows] : output_deltas.routed(h.size(0), h.device())) {
+      auto factors = output_deltas.routing()->gather ? delta->bottleneck_factors() : std::nullopt;
+      if (!factors) own.emplace_back(delta, rows);
+      else bottlenecks[{factors->reads_normed, factors->non_linearity}].emplace_back(std::move(*factors), rows);
+    }
+    auto hidden = h;
+    torch::Tensor normed;  // the bare sublayer's output, for adapters that read it (computed once)
+    for (const auto& [key, group] : bottlenecks) {
+      if (key.first && !normed.defined()) normed = ActivationDelta::end_sublayer(h, residual, layer_norm);
+      hidden = detail::add_gathered_bottlenecks(key.first ? normed : h, hidden, group);
+    }
+    auto out = ActivationDelta::end_sublayer(hidden, residual, layer_norm);
+    for (const auto& [delta, rows] : own)
       out = out.index_copy(0, rows, delta->forward_sublayer(h.index_select(0, rows), residual.index_select(0, rows),
                                                             layer_norm));
     return out;

@@ -18,6 +18,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <optional>
 #include <string>
 
 #include <deltatune/core/delta.hpp>
@@ -165,6 +166,22 @@ class AdapterImpl : public torch::nn::Cloneable<AdapterImpl>, public ActivationD
     return end_sublayer(hidden + bottleneck_forward(normed), residual, layer_norm);
   }
 
+  // The projections as dense matrices (a PHMLinear's W = sum_i A_i (x) B_i is (in, out)).
+  std::optional<BottleneckFactors> bottleneck_factors() override {
+    BottleneckFactors f;
+    if (adapter_down.is_empty()) {
+      f.down_weight = linear_down->weight, f.down_bias = linear_down->bias;
+      f.up_weight = linear_up->weight, f.up_bias = linear_up->bias;
+    } else {
+      f.down_weight = adapter_down->weight().t(), f.down_bias = phm_bias(*adapter_down);
+      f.up_weight = adapter_up->weight().t(), f.up_bias = phm_bias(*adapter_up);
+    }
+    f.non_linearity = options.non_linearity();
+    f.activation = [name = options.non_linearity()](const torch::Tensor& x) { return detail::adapter_activation(name, x); };
+    f.reads_normed = options.placement() == AdapterPlacement::pfeiffer;
+    return f;
+  }
+
   std::string method() const override { return adapter_method(options); }
   nlohmann::json options_json() const override {
     auto j = adapter_options_json(options);
@@ -185,6 +202,9 @@ class AdapterImpl : public torch::nn::Cloneable<AdapterImpl>, public ActivationD
   PHMLinear adapter_down{nullptr}, adapter_up{nullptr};
 
  private:
+  static torch::Tensor phm_bias(PHMLinearImpl& layer) {
+    return layer.b.defined() ? layer.b : torch::zeros({layer.options.out_features()}, layer.rule().options());
+  }
   PHMLinearOptions phm(int64_t in, int64_t out) const {
     return PHMLinearOptions(in, out).n(options.phm_n()).rank(options.phm_rank());
   }

@@ -75,6 +75,12 @@ class IA3Impl : public torch::nn::Cloneable<IA3Impl>, public WeightDelta {
     return ia3_l;
   }
 
+  torch::Tensor output_scale(const torch::Tensor& base_weight) override {
+    if (options.feedforward()) return {};
+    check_features(base_weight);
+    return ia3_l;
+  }
+
   void pretty_print(std::ostream& stream) const override {
     stream << "deltatune::IA3(features=" << options.features()
            << ", feedforward=" << (options.feedforward() ? "true" : "false") << ")";
