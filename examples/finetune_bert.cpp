@@ -20,10 +20,8 @@
 #include "finetune_common.hpp"
 
 #include <algorithm>
-#include <cctype>
 #include <iostream>
 #include <numeric>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -48,6 +46,13 @@ const char* const kIntro = R"(finetune_bert: delta-tune a frozen BERT with a cla
   --head-lr X          the new task head's peak learning rate (default: --lr, at which peft's
                        modules_to_save train too)
 )";
+
+// The examples' first texts: the built-in task's vocabulary.
+std::vector<std::string> texts_of(const std::vector<dt::GlueExample>& data) {
+  std::vector<std::string> out;
+  for (const auto& e : data) out.push_back(e.text_a);
+  return out;
+}
 
 // Token ids, segments and labels of every example.
 struct Encoded {
@@ -102,29 +107,6 @@ std::vector<double> predict(bb::BertForSequenceClassification& bert, const Encod
   return out;
 }
 
-// The built-in task's vocabulary, written as a vocab.txt: BERT's specials, then every word and
-// punctuation mark of the generated text, lower-cased and split as BERT's pre-tokeniser does.
-std::string write_builtin_vocabulary(const std::vector<dt::GlueExample>& corpus, const std::string& dir) {
-  std::set<std::string> words;
-  for (const auto& e : corpus) {
-    std::string word;
-    for (const char c : e.text_a + " ") {
-      if (std::isalnum(static_cast<unsigned char>(c))) {
-        word += char(std::tolower(static_cast<unsigned char>(c)));
-        continue;
-      }
-      if (!word.empty()) words.insert(word), word.clear();
-      if (!std::isspace(static_cast<unsigned char>(c))) words.insert(std::string(1, c));
-    }
-  }
-  std::string text;
-  for (const char* special : {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}) text += std::string(special) + "\n";
-  for (const auto& w : words) text += w + "\n";
-  const auto path = dir + "/vocab.txt";
-  dt::detail::write_text_atomically(path, text, "finetune_bert's vocab.txt");
-  return path;
-}
-
 // Width 128, as the built-in T5's: Compacter's reduction 32 leaves a bottleneck of 4, which its
 // n = 4 Kronecker factors divide.
 bb::BertConfig tiny_config(int64_t vocab_size, int64_t num_labels) {
@@ -170,7 +152,7 @@ TaskData read_task(const Flags& flags, const dt::GlueTask& task) {
   auto splits = finetune::read_splits(flags, task);
   // Threads spin on a shared machine, and the tiny model's matrices are too small to split.
   if (flags.threads > 0 || splits.builtin) torch::set_num_threads(int(flags.threads > 0 ? flags.threads : 1));
-  dt::WordPieceTokenizer tok(splits.builtin ? write_builtin_vocabulary(splits.train, flags.out)
+  dt::WordPieceTokenizer tok(splits.builtin ? finetune::write_word_vocabulary(texts_of(splits.train), flags.out, "finetune_bert's vocab.txt")
                                             : finetune::tokenizer_path(flags, "vocab.txt", "BERT's vocab.txt"));
   auto train = encode_all(tok, task, splits.train, flags.max_length);
   auto dev = encode_all(tok, task, splits.dev, flags.max_length);

@@ -1,21 +1,25 @@
 // finetune_common.hpp: what examples/finetune_t5 and examples/finetune_bert share: their
-// flags, the built-in generated task, each method's published options and learning rate,
-// shuffled batches, and the run itself (train the delta, save it, reload it into a fresh
-// backbone, check the predictions, print the closing table, write results.json).
+// flags, the built-in generated task and its tokenizers, each method's published options and
+// learning rate, shuffled batches, and the run itself (train the delta, save it, reload it
+// into a fresh backbone, check the predictions, print the closing table, write results.json).
+// examples/serve_deltas takes the generated task, its tokenizers and the flag helpers.
 #pragma once
 
 #include <deltatune/deltatune.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <filesystem>
 #include <functional>
 #include <iostream>
 #include <limits>
 #include <map>
+#include <memory>
 #include <numeric>
 #include <optional>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -321,6 +325,74 @@ dt::BatchSource<Batch> shuffled_batches(int64_t n, int64_t batch_size, int64_t s
             return make(std::vector<int64_t>(begin, begin + std::min(batch_size, n - index * batch_size)));
           }};
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tokenizers of the built-in backbones' generated text (and T5's SentencePiece).
+
+// A vocab.txt of generated text, in `dir`, for a BERT WordPieceTokenizer: BERT's specials, then
+// every word and punctuation mark of `corpus`, lower-cased and split as BERT's pre-tokeniser does.
+inline std::string write_word_vocabulary(const std::vector<std::string>& corpus, const std::string& dir,
+                                         const char* what) {
+  std::set<std::string> words;
+  for (const auto& text : corpus) {
+    std::string word;
+    for (const char c : text + " ") {
+      if (std::isalnum(static_cast<unsigned char>(c))) {
+        word += char(std::tolower(static_cast<unsigned char>(c)));
+        continue;
+      }
+      if (!word.empty()) words.insert(word), word.clear();
+      if (!std::isspace(static_cast<unsigned char>(c))) words.insert(std::string(1, c));
+    }
+  }
+  std::string text;
+  for (const char* special : {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}) text += std::string(special) + "\n";
+  for (const auto& w : words) text += w + "\n";
+  const auto path = dir + "/vocab.txt";
+  dt::detail::write_text_atomically(path, text, what);
+  return path;
+}
+
+// T5's tokenizer: its SentencePiece model, or a word-level vocabulary of generated text (pad
+// 0, eos 1, unk 2, <mask> 3, then every word of `corpus`, sorted: the same ids every run).
+class Tokenizer {
+ public:
+  explicit Tokenizer(const std::string& spiece) : spiece_(std::make_shared<dt::T5Tokenizer>(spiece)) {}
+  explicit Tokenizer(const std::vector<std::string>& corpus) {
+    std::set<std::string> words;
+    for (const auto& text : corpus)
+      for (const auto& w : split(text, ' ')) words.insert(w);
+    words_ = {"<pad>", "</s>", "<unk>", "<mask>"};
+    words_.insert(words_.end(), words.begin(), words.end());
+    for (size_t i = 0; i < words_.size(); ++i) ids_[words_[i]] = int64_t(i);
+  }
+  int64_t vocab_size() const { return spiece_ ? spiece_->vocab_size() : int64_t(words_.size()); }
+  int64_t mask_id() const { return 3; }  // word-level vocabulary only
+  // Ids with eos last, at most max_length of them.
+  std::vector<int64_t> encode(const std::string& text, int64_t max_length) const {
+    if (spiece_) return spiece_->encode(text, max_length);
+    std::vector<int64_t> ids;
+    for (const auto& w : split(text, ' ')) {
+      const auto it = ids_.find(w);
+      ids.push_back(it == ids_.end() ? 2 : it->second);
+    }
+    if (int64_t(ids.size()) > max_length - 1) ids.resize(size_t(max_length - 1));
+    ids.push_back(1);
+    return ids;
+  }
+  std::string decode(const std::vector<int64_t>& ids) const {
+    if (spiece_) return spiece_->decode(ids);
+    std::vector<std::string> words;
+    for (const auto id : ids)
+      if (id > 3 && id < vocab_size()) words.push_back(words_[size_t(id)]);
+    return fmt::format("{}", fmt::join(words, " "));
+  }
+
+ private:
+  std::shared_ptr<dt::T5Tokenizer> spiece_;
+  std::vector<std::string> words_;
+  std::map<std::string, int64_t> ids_;
+};
 
 // ---------------------------------------------------------------------------------------------
 // Delta: each method's options at its published defaults, attached one after another.

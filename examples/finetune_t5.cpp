@@ -16,10 +16,8 @@
 #include <filesystem>
 #include <iostream>
 #include <map>
-#include <memory>
 #include <optional>
 #include <random>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -27,6 +25,7 @@ namespace dt = deltatune;
 namespace bb = deltatune::backbones;
 using finetune::Flags;
 using finetune::split;
+using finetune::Tokenizer;
 using finetune::UsageError;
 
 namespace {
@@ -59,47 +58,12 @@ std::vector<Example> to_text_to_text(const dt::GlueTask& task, const std::vector
   return out;
 }
 
-// Either T5's SentencePiece tokenizer or a word-level vocabulary of the generated text
-// (pad 0, eos 1, unk 2, <mask> 3, then every word seen, sorted: the same ids every run).
-class Tokenizer {
- public:
-  explicit Tokenizer(const std::string& spiece) : spiece_(std::make_shared<dt::T5Tokenizer>(spiece)) {}
-  explicit Tokenizer(const std::vector<Example>& corpus) {
-    std::set<std::string> words;
-    for (const auto& e : corpus)
-      for (const auto* text : {&e.source, &e.target})
-        for (const auto& w : split(*text, ' ')) words.insert(w);
-    words_ = {"<pad>", "</s>", "<unk>", "<mask>"};
-    words_.insert(words_.end(), words.begin(), words.end());
-    for (size_t i = 0; i < words_.size(); ++i) ids_[words_[i]] = int64_t(i);
-  }
-  int64_t vocab_size() const { return spiece_ ? spiece_->vocab_size() : int64_t(words_.size()); }
-  int64_t mask_id() const { return 3; }  // word-level vocabulary only
-  // Ids with eos last, at most max_length of them.
-  std::vector<int64_t> encode(const std::string& text, int64_t max_length) const {
-    if (spiece_) return spiece_->encode(text, max_length);
-    std::vector<int64_t> ids;
-    for (const auto& w : split(text, ' ')) {
-      const auto it = ids_.find(w);
-      ids.push_back(it == ids_.end() ? 2 : it->second);
-    }
-    if (int64_t(ids.size()) > max_length - 1) ids.resize(size_t(max_length - 1));
-    ids.push_back(1);
-    return ids;
-  }
-  std::string decode(const std::vector<int64_t>& ids) const {
-    if (spiece_) return spiece_->decode(ids);
-    std::vector<std::string> words;
-    for (const auto id : ids)
-      if (id > 3 && id < vocab_size()) words.push_back(words_[size_t(id)]);
-    return fmt::format("{}", fmt::join(words, " "));
-  }
-
- private:
-  std::shared_ptr<dt::T5Tokenizer> spiece_;
-  std::vector<std::string> words_;
-  std::map<std::string, int64_t> ids_;
-};
+// Every source and target text: the built-in task's word-level vocabulary.
+std::vector<std::string> texts_of(const std::vector<Example>& data) {
+  std::vector<std::string> out;
+  for (const auto& e : data) out.push_back(e.source), out.push_back(e.target);
+  return out;
+}
 
 // Token ids of every example, and padded batches of them.
 struct Encoded {
@@ -237,7 +201,7 @@ int run(const Flags& flags) {
 
   // Model.
   std::optional<Tokenizer> tok;
-  if (builtin) tok.emplace(train);
+  if (builtin) tok.emplace(texts_of(train));
   else tok.emplace(finetune::tokenizer_path(flags, "spiece.model", "T5's spiece.model"));
   const auto train_ids = encode_all(*tok, train, flags.max_length);
   const auto dev_ids = encode_all(*tok, dev, flags.max_length);
