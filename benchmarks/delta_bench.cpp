@@ -6,7 +6,7 @@
 // Prints one JSON line (prefix "JSON ").
 //   delta_bench --model DIR --method M [--mode train|infer] [--batch 8] [--src 128] [--tgt 8]
 //               [--steps 5] [--warmup 2] [--threads 0] [--device cpu|cuda] [--profile 0|1]
-//               [--interleave N] [--mixed K --gather 0|1]
+//               [--interleave N] [--mixed K --gather 0|1] [--backbone t5|bert]
 // Methods: any preset of the method table (deltatune::builtin_methods(), the examples' --method);
 // for --mode infer also bare (no delta) and lora-merged.
 //
@@ -21,7 +21,8 @@
 // --mixed K (inference, --method lora): K LoRA deltas (r 8 on q, v, B drawn at random so that
 // each acts), batch row i routed to delta i mod K (DeltaModel::route); --gather 1 runs their rows
 // in batched products with gathered factors, --gather 0 one delta at a time, as peft does.
-// benchmarks/routing_bench.py runs it against peft's mixed batch.
+// benchmarks/routing_bench.py runs it against peft's mixed batch. --backbone bert: the same on a
+// BERT (MiniLM), inference only (bert_infer).
 //
 // --profile 1: after the timed steps, as many again under an operator profile (op_profile.hpp),
 // printed per step with those steps' median time as a second line (prefix "OPS ").
@@ -139,6 +140,53 @@ std::vector<torch::Tensor> at_rest(const dt::backbones::T5Model& backbone, const
   return tensors;
 }
 
+// --backbone bert, inference only: a BertModel loaded with load_bert from a Hugging Face folder
+// (all-MiniLM-L6-v2), bare or with --mixed K LoRA deltas routed, input_ids and attention_mask
+// (B, --src) per forward, --interleave N as for T5; the same JSON line, without the T5-only figures.
+int bert_infer(std::map<std::string, std::string>& flags, const torch::Device& device) {
+  auto num = [&](const char* flag) { return std::stoll(flags[flag]); };
+  const int64_t batch = num("--batch"), src = num("--src"), mixed = num("--mixed");
+  if (flags["--mode"] != "infer" || (mixed == 0) != (flags["--method"] == "bare"))
+    throw dt::OptionError("delta_bench: --backbone bert runs inference (--mode infer) of --method bare, or of lora "
+                          "with --mixed K");
+  auto backbone = dt::backbones::load_bert(flags["--model"]);
+  dt::DeltaModel model(backbone);
+  torch::manual_seed(0);
+  const auto per_row = mixed > 0 ? add_mixed_loras(model, mixed, batch) : std::vector<std::string>{};
+  model.backbone().to(device);
+  backbone->eval();
+  const auto input_ids = torch::randint(2, backbone->config.vocab_size(), {batch, src}, torch::kLong).to(device);
+  const auto attention_mask = torch::ones_like(input_ids);
+  const auto options = dt::RouteOptions().gather(num("--gather") != 0);
+  const std::function<void()> step = [&] {
+    torch::NoGradGuard no_grad;
+    if (mixed == 0) {
+      backbone->forward(input_ids, attention_mask);
+      return;
+    }
+    auto routing = model.route(per_row, options);
+    backbone->forward(input_ids, attention_mask);
+  };
+  reset_peak(device);
+  const auto times = times_ms(step, int(num("--steps")), int(num("--warmup")), device);
+  nlohmann::json result{{"impl", "deltatune"},   {"backbone", "bert"},          {"method", flags["--method"]},
+                        {"mode", "infer"},       {"threads", at::get_num_threads()}, {"times_ms", times},
+                        {"median_ms", median(times)}, {"peak_mb", peak_mb(device)}};
+  if (mixed > 0) result.update({{"mixed", mixed}, {"gather", num("--gather") != 0}});
+  if (mixed > 0 && num("--interleave") > 0) {
+    auto bare = dt::backbones::load_bert(flags["--model"]);
+    bare->to(device);
+    bare->eval();
+    const auto bare_step = [&] {
+      torch::NoGradGuard no_grad;
+      bare->forward(input_ids, attention_mask);
+    };
+    result.update(interleaved(step, bare_step, int(num("--interleave")), device));
+  }
+  std::cout << "JSON " << result.dump() << "\n";
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -146,7 +194,8 @@ int main(int argc, char** argv) try {
                                            {"--batch", "8"},   {"--src", "128"},     {"--tgt", "8"},
                                            {"--steps", "5"},   {"--warmup", "2"},    {"--threads", "0"},
                                            {"--device", "cpu"}, {"--lr", "1e-4"}, {"--profile", "0"},
-                                           {"--interleave", "0"}, {"--mixed", "0"}, {"--gather", "1"}};
+                                           {"--interleave", "0"}, {"--mixed", "0"}, {"--gather", "1"},
+                                           {"--backbone", "t5"}};
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!flags.count(argv[i])) throw dt::OptionError(fmt::format("delta_bench: unknown flag {}", argv[i]));
     flags[argv[i]] = argv[i + 1];
@@ -154,6 +203,8 @@ int main(int argc, char** argv) try {
   auto num = [&](const char* flag) { return std::stoll(flags[flag]); };
   if (num("--threads") > 0) at::set_num_threads(int(num("--threads")));
   const torch::Device device(flags["--device"]);
+  if (flags["--backbone"] == "bert") return bert_infer(flags, device);
+  if (flags["--backbone"] != "t5") throw dt::OptionError("delta_bench: --backbone is t5 or bert, got " + flags["--backbone"]);
   const std::string method = flags["--method"];
   const bool train = flags["--mode"] == "train";
 

