@@ -15,8 +15,8 @@
 // ("text" in place of label and scores on T5; "error" for a request that cannot be served).
 //
 // With no --model it needs nothing from outside: a tiny random BERT (or T5, --backbone t5),
-// four deltas it makes with random values (LoRA, Houlsby adapter, Compacter, IA3) saved and
-// loaded back as any delta, and generated requests that remove and re-add one delta midway.
+// deltas it makes with random values (by default LoRA, Houlsby adapter, Compacter, IA3) saved
+// and loaded back as any delta, and generated requests that remove and re-add one midway.
 //   serve_deltas --verify                          # each answer checked against the request run alone
 //   serve_deltas --model all-MiniLM-L6-v2 --delta sst2=runs/sst2/best/lora
 //                --delta mrpc=runs/mrpc/best/lora --requests requests.jsonl
@@ -55,6 +55,8 @@ const char* const kUsage = R"(serve_deltas: serve many deltas on one frozen BERT
   --max-wait-ms N      how long a batch waits for more requests after its first (default 5)
   --max-length N       tokens per request text at most (default 128)
   --max-new-tokens N   T5: tokens generated per answer at most (default 8)
+  --demo-deltas M,M... without --model: the deltas made, the method table's presets of those
+                       names (default lora,adapter,compacter,ia3)
   --demo-requests N    the generated requests' count (default 256)
   --work DIR           where the tiny backbone's vocabulary, deltas and requests go (default
                        runs/serve_deltas)
@@ -65,6 +67,7 @@ const char* const kUsage = R"(serve_deltas: serve many deltas on one frozen BERT
 
 struct Flags {
   std::string model, backbone, tokenizer, requests, out, work = "runs/serve_deltas";
+  std::string demo_deltas = "lora,adapter,compacter,ia3";
   std::vector<std::pair<std::string, std::string>> deltas;  // --delta NAME=DIR, in order
   int64_t labels = 2, seed = 42, batch_size = 64, max_wait_ms = 5, max_length = 128, max_new_tokens = 8;
   int64_t demo_requests = 256, threads = 0;
@@ -96,7 +99,8 @@ std::optional<Flags> parse_flags(int argc, char** argv) {
   Flags f;
   const std::map<std::string, std::string*> text{{"--model", &f.model},       {"--backbone", &f.backbone},
                                                  {"--tokenizer", &f.tokenizer}, {"--requests", &f.requests},
-                                                 {"--out", &f.out},           {"--work", &f.work}};
+                                                 {"--out", &f.out},           {"--work", &f.work},
+                                                 {"--demo-deltas", &f.demo_deltas}};
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "--help" || flag == "-h") return std::nullopt;
@@ -404,7 +408,6 @@ void check_shared_tensors_unchanged(dt::DeltaModel& model, const std::string& na
   }
 }
 
-
 class Server {
  public:
   Server(std::unique_ptr<Backbone> backbone, const Flags& flags, std::ostream& out)
@@ -418,7 +421,8 @@ class Server {
     dt::detail::check<dt::OptionError>(!model.deltas().count(name), "delta '{}' is served already; remove it first", name);
     check_shared_tensors_unchanged(model, name, dir);
     const auto start = Clock::now();
-    auto& entry = model.load(name, dir);
+    const auto& entry = model.load(name, dir);
+    const auto method = entry.recipe->method();
     const bool routable = !entry.attachments.empty() &&
                           std::none_of(entry.attachments.begin(), entry.attachments.end(), [](const auto& a) {
                             return a.delta->family() == dt::DeltaFamily::input;
@@ -427,7 +431,7 @@ class Server {
       model.remove(name);
       throw dt::OptionError(fmt::format("delta '{}' ({}) cannot be served per request: prompt and prefix tuning "
                                         "change every row's sequence, and a delta with no sites is the backbone "
-                                        "itself", name, entry.recipe->method()));
+                                        "itself", name, method));
     }
     try {
       backbone_->added(name, dir);
@@ -437,7 +441,7 @@ class Server {
     }
     const auto ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
     std::cerr << fmt::format("serve_deltas: delta '{}' ({}, {} parameters, {:.1f} KB) loaded from {} in {:.1f} ms; "
-                             "the backbone was not reloaded\n", name, entry.recipe->method(),
+                             "the backbone was not reloaded\n", name, method,
                              delta_parameters(name), double(delta_bytes(name)) / 1024, dir, ms);
   }
 
@@ -608,15 +612,21 @@ std::unique_ptr<Backbone> make_backbone(const Flags& flags, const std::string& k
   return std::make_unique<BertBackbone>(bert, std::move(tok), flags.max_length);
 }
 
-// The tiny backbone's deltas: four methods with random values (so that each changes the
-// answers), saved as finetune runs save theirs, <work>/deltas/<name>/delta with a BERT head
-// beside it. The backbone's own tensors are left as they are.
+// The tiny backbone's deltas: --demo-deltas, the method table's presets of those names, with
+// random values (so that each changes the answers), saved as finetune runs save theirs,
+// <work>/deltas/<name>/delta with a BERT head beside it. The backbone's own tensors are left as
+// they are.
 std::vector<std::pair<std::string, std::string>> make_demo_deltas(Backbone& backbone, const Flags& flags, bool bert) {
   auto& model = backbone.model();
   std::vector<std::pair<std::string, std::string>> made;
-  auto make = [&](const std::string& name, auto options) {
+  torch::manual_seed(uint64_t(flags.seed) + 1);
+  for (const auto& name : finetune::split(flags.demo_deltas, ',')) {
     const auto dir = fmt::format("{}/deltas/{}", flags.work, name);
-    model.add(name, options);
+    try {
+      model.add(name, dt::builtin_methods().preset(name).make({}));
+    } catch (const dt::OptionError& e) {
+      throw UsageError(fmt::format("--demo-deltas {}: {}", flags.demo_deltas, e.what()));
+    }
     torch::NoGradGuard no_grad;
     for (auto& [key, p] : model.named_delta_parameters(name)) p.add_(torch::randn_like(p) * 0.5);
     model.save(name, dir + "/delta");
@@ -630,26 +640,22 @@ std::vector<std::pair<std::string, std::string>> make_demo_deltas(Backbone& back
                             {{"format", "pt"}});
     }
     made.emplace_back(name, dir + "/delta");
-  };
-  torch::manual_seed(uint64_t(flags.seed) + 1);
-  make("lora", dt::LoRAOptions().r(8).alpha(16));
-  make("adapter", dt::houlsby_options());
-  make("compacter", dt::compacter_options());
-  make("ia3", dt::IA3Options());
+  }
   return made;
 }
 
-// The generated requests: reviews sent to each delta and the bare backbone in turn; midway
-// "ia3" is removed, and added back a quarter later (no request names it in between).
+// The generated requests: reviews sent to each delta and the bare backbone in turn; midway the
+// last delta is removed, and added back a quarter later (its requests go to the first meanwhile).
 std::string write_demo_requests(const Flags& flags, const std::vector<std::pair<std::string, std::string>>& deltas) {
   const auto texts = review_texts(flags.demo_requests);
   std::string lines;
-  const int64_t n = flags.demo_requests;
+  const int64_t n = flags.demo_requests, k = int64_t(deltas.size()) + 1;
+  const auto& [last, last_path] = deltas.back();
   for (int64_t i = 0; i < n; ++i) {
-    if (i == n / 2) lines += nlohmann::json{{"remove", "ia3"}}.dump() + "\n";
-    if (i == 3 * n / 4) lines += nlohmann::json{{"add", "ia3"}, {"path", deltas.back().second}}.dump() + "\n";
-    auto name = i % 5 == 4 ? std::string("__base__") : deltas[size_t(i % 5)].first;
-    if (name == "ia3" && i >= n / 2 && i < 3 * n / 4) name = "lora";
+    if (i == n / 2) lines += nlohmann::json{{"remove", last}}.dump() + "\n";
+    if (i == 3 * n / 4) lines += nlohmann::json{{"add", last}, {"path", last_path}}.dump() + "\n";
+    auto name = i % k == k - 1 ? std::string("__base__") : deltas[size_t(i % k)].first;
+    if (name == last && i >= n / 2 && i < 3 * n / 4) name = deltas.front().first;
     lines += nlohmann::json{{"id", i}, {"delta", name}, {"text", texts[size_t(i)]}}.dump() + "\n";
   }
   const auto path = flags.work + "/requests.jsonl";
