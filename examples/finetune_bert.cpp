@@ -153,7 +153,7 @@ TaskData read_task(const Flags& flags, const dt::GlueTask& task) {
   // Threads spin on a shared machine, and the tiny model's matrices are too small to split.
   if (flags.threads > 0 || splits.builtin) torch::set_num_threads(int(flags.threads > 0 ? flags.threads : 1));
   dt::WordPieceTokenizer tok(splits.builtin ? finetune::write_word_vocabulary(texts_of(splits.train), flags.out, "finetune_bert's vocab.txt")
-                                            : finetune::tokenizer_path(flags, "vocab.txt", "BERT's vocab.txt"));
+                                            : finetune::tokenizer_path(flags.model, flags.tokenizer, "vocab.txt", "BERT's vocab.txt"));
   auto train = encode_all(tok, task, splits.train, flags.max_length);
   auto dev = encode_all(tok, task, splits.dev, flags.max_length);
   return {std::move(splits), std::move(tok), std::move(train), std::move(dev)};

@@ -204,13 +204,14 @@ inline std::vector<std::string> split(const std::string& s, char sep) {
   return out;
 }
 
-// The tokenizer file `name` beside the model: in the folder, or beside a TorchScript archive;
-// --tokenizer overrides it.
-inline std::string tokenizer_path(const Flags& flags, const std::string& name, const std::string& what) {
-  const std::filesystem::path model(flags.model);
-  const auto path = !flags.tokenizer.empty() ? flags.tokenizer
-                    : std::filesystem::is_directory(model) ? (model / name).string()
-                                                           : (model.parent_path() / name).string();
+// The tokenizer file `name` beside `model`: in the folder, or beside a TorchScript archive;
+// `tokenizer` (the --tokenizer flag) overrides it. `what` says which file it is.
+inline std::string tokenizer_path(const std::string& model, const std::string& tokenizer, const std::string& name,
+                                  const std::string& what) {
+  const std::filesystem::path folder(model);
+  const auto path = !tokenizer.empty()                        ? tokenizer
+                    : std::filesystem::is_directory(folder) ? (folder / name).string()
+                                                            : (folder.parent_path() / name).string();
   if (!std::filesystem::exists(path))
     throw UsageError(fmt::format("no tokenizer at {}; pass --tokenizer FILE ({})", path, what));
   return path;

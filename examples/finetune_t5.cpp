@@ -202,7 +202,7 @@ int run(const Flags& flags) {
   // Model.
   std::optional<Tokenizer> tok;
   if (builtin) tok.emplace(texts_of(train));
-  else tok.emplace(finetune::tokenizer_path(flags, "spiece.model", "T5's spiece.model"));
+  else tok.emplace(finetune::tokenizer_path(flags.model, flags.tokenizer, "spiece.model", "T5's spiece.model"));
   const auto train_ids = encode_all(*tok, train, flags.max_length);
   const auto dev_ids = encode_all(*tok, dev, flags.max_length);
 

@@ -56,7 +56,7 @@ const char* const kUsage = R"(serve_deltas: serve many deltas on one frozen BERT
   --max-length N       tokens per request text at most (default 128)
   --max-new-tokens N   T5: tokens generated per answer at most (default 8)
   --demo-deltas M,M... without --model: the deltas made, the method table's presets of those
-                       names (default lora,adapter,compacter,ia3)
+                       names (default lora,adapter,compacter,prompt,ia3)
   --demo-requests N    the generated requests' count (default 256)
   --work DIR           where the tiny backbone's vocabulary, deltas and requests go (default
                        runs/serve_deltas)
@@ -67,7 +67,7 @@ const char* const kUsage = R"(serve_deltas: serve many deltas on one frozen BERT
 
 struct Flags {
   std::string model, backbone, tokenizer, requests, out, work = "runs/serve_deltas";
-  std::string demo_deltas = "lora,adapter,compacter,ia3";
+  std::string demo_deltas = "lora,adapter,compacter,prompt,ia3";
   std::vector<std::pair<std::string, std::string>> deltas;  // --delta NAME=DIR, in order
   int64_t labels = 2, seed = 42, batch_size = 64, max_wait_ms = 5, max_length = 128, max_new_tokens = 8;
   int64_t demo_requests = 256, threads = 0;
@@ -415,7 +415,7 @@ class Server {
 
   // Loads a saved delta, with no change to the backbone: a delta that would change tensors
   // every row shares (layer norms an adapter trained) is refused, as is one that cannot be
-  // routed per row (prompt and prefix tuning change the sequence; spec tuning the backbone).
+  // routed per row (prefix tuning's keys reach every row; spec tuning trains the backbone).
   void add(const std::string& name, const std::string& dir) {
     auto& model = backbone_->model();
     dt::detail::check<dt::OptionError>(!model.deltas().count(name), "delta '{}' is served already; remove it first", name);
@@ -423,26 +423,17 @@ class Server {
     const auto start = Clock::now();
     const auto& entry = model.load(name, dir);
     const auto method = entry.recipe->method();
-    const bool routable = !entry.attachments.empty() &&
-                          std::none_of(entry.attachments.begin(), entry.attachments.end(), [](const auto& a) {
-                            return a.delta->family() == dt::DeltaFamily::input;
-                          });
-    if (!routable) {
-      model.remove(name);
-      throw dt::OptionError(fmt::format("delta '{}' ({}) cannot be served per request: prompt and prefix tuning "
-                                        "change every row's sequence, and a delta with no sites is the backbone "
-                                        "itself", name, method));
-    }
     try {
+      model.check_routable(name);
       backbone_->added(name, dir);
     } catch (...) {
       model.remove(name);
       throw;
     }
     const auto ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    const auto [parameters, bytes] = delta_size(name);
     std::cerr << fmt::format("serve_deltas: delta '{}' ({}, {} parameters, {:.1f} KB) loaded from {} in {:.1f} ms; "
-                             "the backbone was not reloaded\n", name, method,
-                             delta_parameters(name), double(delta_bytes(name)) / 1024, dir, ms);
+                             "the backbone was not reloaded\n", name, method, parameters, double(bytes) / 1024, dir, ms);
   }
 
   void remove(const std::string& name) {
@@ -533,15 +524,14 @@ class Server {
     for (const auto& [name, entry] : backbone_->model().deltas()) names.push_back(name);
     return names.empty() ? "none" : fmt::format("{}", fmt::join(names, ", "));
   }
-  int64_t delta_parameters(const std::string& name) {
-    int64_t count = 0;
-    for (const auto& [key, p] : backbone_->model().named_delta_parameters(name)) count += p.numel();
-    return count;
-  }
-  int64_t delta_bytes(const std::string& name) {
-    int64_t bytes = 0;
-    for (const auto& [key, p] : backbone_->model().named_delta_parameters(name)) bytes += p.numel() * p.element_size();
-    return bytes;
+  // A delta's parameter count and bytes.
+  std::pair<int64_t, int64_t> delta_size(const std::string& name) {
+    int64_t count = 0, bytes = 0;
+    for (const auto& [key, p] : backbone_->model().named_delta_parameters(name)) {
+      count += p.numel();
+      bytes += p.numel() * p.element_size();
+    }
+    return {count, bytes};
   }
 
   // Throughput, latency (from a request's arrival to its answer, waiting included) and the
@@ -571,16 +561,6 @@ class Server {
 // ---------------------------------------------------------------------------------------------
 // The backbone: --model, or a tiny random one with deltas made here.
 
-// The tokenizer file `name` beside --model, or --tokenizer.
-std::string tokenizer_file(const Flags& flags, const std::string& name) {
-  if (!flags.tokenizer.empty()) return flags.tokenizer;
-  const auto beside = std::filesystem::is_directory(flags.model) ? std::filesystem::path(flags.model) / name
-                                                                 : std::filesystem::path(flags.model).parent_path() / name;
-  if (!std::filesystem::exists(beside))
-    throw UsageError(fmt::format("no {} beside --model {}; give it with --tokenizer", name, flags.model));
-  return beside.string();
-}
-
 // The generated reviews' texts: the tiny backbones' vocabulary and the generated requests.
 std::vector<std::string> review_texts(int64_t n) {
   std::vector<std::string> out;
@@ -591,7 +571,9 @@ std::vector<std::string> review_texts(int64_t n) {
 std::unique_ptr<Backbone> make_backbone(const Flags& flags, const std::string& kind) {
   const bool tiny = flags.model.empty();
   if (kind == "t5") {
-    auto tok = tiny ? finetune::Tokenizer(review_texts(2000)) : finetune::Tokenizer(tokenizer_file(flags, "spiece.model"));
+    auto tok = tiny ? finetune::Tokenizer(review_texts(2000))
+                    : finetune::Tokenizer(
+                          finetune::tokenizer_path(flags.model, flags.tokenizer, "spiece.model", "T5's spiece.model"));
     torch::manual_seed(uint64_t(flags.seed));
     auto t5 = tiny ? bb::T5Model(bb::T5Config().vocab_size(tok.vocab_size()).d_model(128).d_kv(32).d_ff(256)
                                      .num_layers(2).num_heads(4).dropout_rate(0))
@@ -600,7 +582,7 @@ std::unique_ptr<Backbone> make_backbone(const Flags& flags, const std::string& k
   }
   std::filesystem::create_directories(flags.work);
   dt::WordPieceTokenizer tok(tiny ? finetune::write_word_vocabulary(review_texts(2000), flags.work, "serve_deltas' vocab.txt")
-                                  : tokenizer_file(flags, "vocab.txt"));
+                                  : finetune::tokenizer_path(flags.model, flags.tokenizer, "vocab.txt", "BERT's vocab.txt"));
   // Seeded as finetune_bert seeds it, so that the new head is the one its runs started from
   // (it is part of the backbone's fingerprint, which their deltas carry).
   torch::manual_seed(uint64_t(flags.seed));

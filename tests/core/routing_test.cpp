@@ -1,5 +1,5 @@
 // Tests of DeltaModel::route (core/delta_model.hpp, core/site.hpp): mixed batches on tiny
-// random T5 and BERT with two LoRA deltas, two adapters and an IA3, each row against that row
+// random T5 and BERT with two LoRA deltas, two adapters, an IA3 and prompts, each row against that row
 // run alone with only its delta active; gradients in training; low-rank deltas gathered into
 // batched products, exact in float64; the errors.
 #include <deltatune/deltatune.hpp>
@@ -56,20 +56,26 @@ std::vector<Backbone> backbones() {
            }}};
 }
 
-const std::vector<std::string> kDeltas = {"lora_a", "lora_b", "adapter_a", "adapter_b", "ia3"};
+const std::vector<std::string> kDeltas = {"lora_a", "lora_b", "adapter_a", "adapter_b", "ia3", "prompt"};
 
-// Every delta in kDeltas at its default sites, active, with noise added to its parameters
-// so that each changes the outputs (LoRA's B starts at zero, adapters near it, IA3 at one).
+// Noise added to the named deltas' parameters, so that each changes the outputs (LoRA's B
+// starts at zero, adapters near it, IA3 at one).
+void perturb(dt::DeltaModel& model, const std::vector<std::string>& names, uint64_t seed) {
+  torch::manual_seed(seed);
+  torch::NoGradGuard no_grad;
+  for (const auto& name : names)
+    for (auto& [key, p] : model.named_delta_parameters(name)) p.add_(torch::randn_like(p) * 0.3);
+}
+
+// Every delta in kDeltas at its default sites, active and perturbed.
 void add_deltas(dt::DeltaModel& model) {
   model.add("lora_a", dt::LoRAOptions().r(2).alpha(4));
   model.add("lora_b", dt::LoRAOptions().r(4).alpha(8));
   model.add("adapter_a", dt::houlsby_options().reduction_factor(4));
   model.add("adapter_b", dt::pfeiffer_options().reduction_factor(4));
   model.add("ia3", dt::IA3Options());
-  torch::manual_seed(11);
-  torch::NoGradGuard no_grad;
-  for (const auto& name : kDeltas)
-    for (auto& [key, p] : model.named_delta_parameters(name)) p.add_(torch::randn_like(p) * 0.3);
+  model.add("prompt", dt::PromptTuningOptions(3));
+  perturb(model, kDeltas, 11);
 }
 
 // Only `name` active ("" or "__base__": none).
@@ -78,7 +84,7 @@ void activate_only(dt::DeltaModel& model, const std::string& name) {
 }
 
 const std::vector<std::string> kRouting = {"lora_a", "adapter_b", "__base__", "lora_b",
-                                           "adapter_a", "", "lora_a", "ia3"};
+                                           "adapter_a", "", "prompt", "ia3"};
 
 torch::Tensor all_rows() { return torch::arange(kRows); }
 
@@ -182,7 +188,7 @@ CATCH_TEST_CASE("In training, a routed batch sends each delta the gradients of i
       model.deactivate("unused");
       clear_grads();
       auto loss = torch::zeros({});
-      for (const auto& name : {"", "lora_a", "lora_b", "adapter_a", "adapter_b", "ia3"}) {
+      for (const auto& name : {"", "lora_a", "lora_b", "adapter_a", "adapter_b", "ia3", "prompt"}) {
         activate_only(model, name);
         const auto rows = rows_of(kRouting, name);
         loss = loss + (backbone.run(rows) * weights.index_select(0, rows)).sum();
@@ -226,10 +232,8 @@ CATCH_TEST_CASE("Low-rank deltas share two batched products per site in a mixed 
       model.add("dora", dt::LoRAOptions().r(2).alpha(2).use_dora(true));
       model.add("ia3", dt::IA3Options());
       backbone.module->to(torch::kFloat64);
-      torch::manual_seed(12);
+      perturb(model, names, 12);
       torch::NoGradGuard no_grad;
-      for (const auto& name : names)
-        for (auto& [key, p] : model.named_delta_parameters(name)) p.add_(torch::randn_like(p) * 0.3);
       backbone.module->eval();
 
       // The factors are the delta: B A equals dW at every site; DoRA and IA3 have none.
@@ -271,10 +275,8 @@ CATCH_TEST_CASE("Bottleneck adapters share two batched products per site in a mi
       model.add("lora", dt::LoRAOptions().r(2).alpha(4));
       model.add("ia3", dt::IA3Options());
       backbone.module->to(torch::kFloat64);
-      torch::manual_seed(13);
+      perturb(model, names, 13);
       torch::NoGradGuard no_grad;
-      for (const auto& name : names)
-        for (auto& [key, p] : model.named_delta_parameters(name)) p.add_(torch::randn_like(p) * 0.3);
       backbone.module->eval();
 
       // The factors are the adapter: act(h D^T + d) U^T + u equals its bottleneck.
@@ -296,6 +298,30 @@ CATCH_TEST_CASE("Bottleneck adapters share two batched products per site in a mi
   }
 }
 
+CATCH_TEST_CASE("Prompts of different lengths share a mixed batch with other deltas and bare rows, exactly in float64",
+                "[routing]") {
+  // Each row's prompts end where its tokens begin, after masked slots (T5: the same relative
+  // positions as alone; BERT: positions counted from the row's start, pooled there).
+  const std::vector<std::string> names = {"prompt_3", "prompt_5", "lora", "adapter"};
+  const std::vector<std::vector<std::string>> routings = {
+      {"prompt_3", "prompt_5", "__base__", "lora", "prompt_5", "adapter", "prompt_3", ""},
+      {"prompt_5", "prompt_3", "prompt_3", "prompt_5", "prompt_5", "prompt_3", "prompt_5", "prompt_3"}};
+  for (auto& backbone : backbones()) {
+    CATCH_SECTION(backbone.name) {
+      dt::DeltaModel model(backbone.module);
+      model.add("prompt_3", dt::PromptTuningOptions(3));
+      model.add("prompt_5", dt::PromptTuningOptions(5).init(dt::PromptInit::sampled_vocabulary));
+      model.add("lora", dt::LoRAOptions().r(2).alpha(4));
+      model.add("adapter", dt::houlsby_options().reduction_factor(4));
+      backbone.module->to(torch::kFloat64);
+      perturb(model, names, 14);
+      torch::NoGradGuard no_grad;
+      backbone.module->eval();
+      check_gathered(backbone, model, names, routings);
+    }
+  }
+}
+
 CATCH_TEST_CASE("Greedy generation over a mixed batch equals each row generated alone, token for token", "[routing]") {
   // The routing holds through the encoder and every cached decoder step: rows of two LoRAs, an
   // adapter, Compacter, IA3 and the bare T5, with some rows finishing before others.
@@ -304,13 +330,10 @@ CATCH_TEST_CASE("Greedy generation over a mixed batch equals each row generated 
   dt::DeltaModel model(backbone.module);
   add_deltas(model);
   model.add("compacter", dt::compacter_options().reduction_factor(4));
-  {
-    torch::NoGradGuard no_grad;
-    for (auto& [key, p] : model.named_delta_parameters("compacter")) p.add_(torch::randn_like(p) * 0.3);
-  }
+  perturb(model, {"compacter"}, 15);
   t5.eval();
   const std::vector<std::string> routing = {"lora_a", "compacter", "__base__", "lora_b", "adapter_a", "adapter_b",
-                                            "compacter", "ia3"};
+                                            "prompt", "ia3"};
   const auto b = batch();
   torch::Tensor mixed;
   {
@@ -343,7 +366,7 @@ CATCH_TEST_CASE("DeltaModel::route refuses unknown, inactive, merged and unrouta
 
   CATCH_REQUIRE_THROWS_WITH(model.set_routing({}), Catch::Contains("needs one delta name"));
   CATCH_REQUIRE_THROWS_WITH(model.set_routing({"lora_a", "lora_c"}),
-                            Catch::Contains("no delta named 'lora_c'; this model has: adapter_a, adapter_b, ia3, lora_a, lora_b"));
+                            Catch::Contains("no delta named 'lora_c'; this model has: adapter_a, adapter_b, ia3, lora_a, lora_b, prompt"));
   model.deactivate("lora_b");
   CATCH_REQUIRE_THROWS_WITH(model.set_routing({"lora_b"}), Catch::Contains("delta 'lora_b' is inactive; activate('lora_b')"));
   model.activate("lora_b");

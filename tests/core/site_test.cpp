@@ -54,7 +54,7 @@ TORCH_MODULE(ToySublayer);
 
 struct ToyEncoderImpl : torch::nn::Module, dt::PromptSite {
   ToySublayer block = register_module("block", ToySublayer());
-  std::pair<torch::Tensor, torch::Tensor> embed(const torch::Tensor& e, const torch::Tensor& m) {
+  dt::PromptedInput embed(const torch::Tensor& e, const torch::Tensor& m) {
     return prepend_prompts(e, m);
   }
 };
@@ -133,12 +133,13 @@ CATCH_TEST_CASE("find_sites names every site by module path, output, prefix and 
   CATCH_CHECK(torch::equal(value[1], -virtual_tokens->key));
 
   encoder->prompt_deltas.attach("v", virtual_tokens);
-  auto [embeds, mask] = encoder->embed(torch::zeros({2, 5, 4}), torch::zeros({2, 5}, torch::kLong));
+  auto [embeds, mask, start] = encoder->embed(torch::zeros({2, 5, 4}), torch::zeros({2, 5}, torch::kLong));
   CATCH_CHECK(embeds.sizes() == torch::IntArrayRef{2, 7, 4});
   CATCH_CHECK(torch::equal(embeds.slice(1, 0, 2), torch::ones({2, 2, 4})));
   CATCH_CHECK(mask.sum().item<int64_t>() == 4);  // two prompt columns per row, visible
+  CATCH_CHECK_FALSE(start.defined());              // every row begins at 0 outside a mixed batch
   encoder->prompt_deltas.set_active("v", false);
-  CATCH_CHECK(encoder->embed(torch::zeros({2, 5, 4}), {}).first.size(1) == 5);
+  CATCH_CHECK(encoder->embed(torch::zeros({2, 5, 4}), {}).embeds.size(1) == 5);
 }
 
 }  // namespace site_test

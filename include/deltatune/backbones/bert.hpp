@@ -148,7 +148,8 @@ inline BertConfig bert_config(const Checkpoint& checkpoint) {
 // deltas prepend their vectors to the word embeddings, before positions and token types are
 // added, as peft's prompt tuning feeds inputs_embeds: positions run over P + T and the
 // prompts take token type 0. Under a prefix of P keys, positions start at P, as transformers
-// numbers tokens after the past keys that peft hands a prefix over as.
+// numbers tokens after the past keys that peft hands a prefix over as. In a mixed batch
+// whose rows have prompts of different lengths, each row's positions count from its start.
 class BertEmbeddingsImpl : public torch::nn::Module, public PromptSite {
  public:
   explicit BertEmbeddingsImpl(const BertConfig& c) : max_positions(c.max_position_embeddings()) {
@@ -163,20 +164,22 @@ class BertEmbeddingsImpl : public torch::nn::Module, public PromptSite {
   }
 
   // input_ids (B, T), token_type_ids (B, T) or undefined (all 0), mask (B, T) or undefined,
-  // and the first position (the first layer's prefix length)
-  // -> embeddings (B, P + T, d) and the mask grown to (B, P + T) (undefined stays undefined).
-  std::pair<torch::Tensor, torch::Tensor> forward(const torch::Tensor& input_ids, const torch::Tensor& token_type_ids,
-                                                  const torch::Tensor& mask, int64_t first_position = 0) {
-    auto [embeds, full_mask] = prepend_prompts(word_embeddings(input_ids), mask);  // (B, P + T, d)
-    const int64_t batch = embeds.size(0), length = embeds.size(1), prompts = length - input_ids.size(1);
+  // and the first position (the first layer's prefix length) -> embeddings (B, P + T, d), the
+  // mask grown to (B, P + T) (undefined stays undefined but in a mixed batch of prompts) and
+  // each row's start (PromptedInput).
+  PromptedInput forward(const torch::Tensor& input_ids, const torch::Tensor& token_type_ids, const torch::Tensor& mask,
+                        int64_t first_position = 0) {
+    auto in = prepend_prompts(word_embeddings(input_ids), mask);  // (B, P + T, d)
+    const int64_t batch = in.embeds.size(0), length = in.embeds.size(1), prompts = length - input_ids.size(1);
     detail::check<ShapeError>(first_position + length <= max_positions,
                               "BERT takes at most max_position_embeddings = {} positions; got {} ({} of them prompts, "
                               "{} prefix)", max_positions, first_position + length, prompts, first_position);
     auto types = token_type_ids.defined() ? token_type_ids : torch::zeros_like(input_ids);
     if (prompts > 0) types = torch::cat({torch::zeros({batch, prompts}, types.options()), types}, 1);
     auto positions = torch::arange(first_position, first_position + length, input_ids.options().dtype(torch::kLong));
-    auto x = embeds + token_type_embeddings(types) + position_embeddings(positions);  // transformers' order
-    return {dropout(layer_norm(x)), full_mask};
+    if (in.start.defined()) positions = (positions.unsqueeze(0) - in.start.unsqueeze(1)).clamp_min(first_position);
+    in.embeds = dropout(layer_norm(in.embeds + token_type_embeddings(types) + position_embeddings(positions)));
+    return in;  // the sum in transformers' order
   }
 
   int64_t max_positions;
@@ -323,8 +326,11 @@ class BertPoolerImpl : public torch::nn::Module {
   explicit BertPoolerImpl(const BertConfig& c) {
     dense = register_module("dense", FrozenLinear(c.hidden_size(), c.hidden_size(), true));
   }
-  torch::Tensor forward(const torch::Tensor& hidden) {  // (B, T, d) -> (B, d)
-    return torch::tanh(dense(hidden.select(1, 0)));
+  // hidden (B, T, d), and each row's first position (B) or undefined (all 0) -> (B, d).
+  torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& start = {}) {
+    const auto first = start.defined() ? hidden.index({torch::arange(hidden.size(0), start.options()), start})
+                                       : hidden.select(1, 0);
+    return torch::tanh(dense(first));
   }
   FrozenLinear dense{nullptr};
 };
@@ -332,8 +338,9 @@ TORCH_MODULE(BertPooler);
 
 struct BertModelOutput {
   torch::Tensor last_hidden_state;  // (B, P + T, d), P the prompt deltas' length (0 without)
-  torch::Tensor pooler_output;      // (B, d): of the first position, a prompt's where prompts run
-  torch::Tensor attention_mask;     // (B, P + T) bool, for pooling over tokens; undefined if none was given
+  torch::Tensor pooler_output;      // (B, d): of each row's first position, a prompt's where prompts run
+  torch::Tensor attention_mask;     // (B, P + T) bool, for pooling over tokens; undefined if none was given (but
+                                    // a mixed batch of prompts makes one)
 };
 
 // transformers' BertModel, every weight frozen when built (deltas bring the trained ones).
@@ -365,9 +372,9 @@ class BertModelImpl : public torch::nn::Module, public ReportsModelType {
                                 input_ids.sizes(), t->sizes());
     auto mask = attention_mask.defined() ? attention_mask.to(torch::kBool) : attention_mask;
     const int64_t prefix = encoder->layers.empty() ? 0 : encoder->layers.front()->attention->self->prefix_length();
-    auto [hidden, full_mask] = embeddings(input_ids, token_type_ids, mask, prefix);  // (B, P + T, d)
-    hidden = encoder(hidden, full_mask);
-    return {hidden, pooler ? pooler(hidden) : torch::Tensor(), full_mask};
+    const auto in = embeddings(input_ids, token_type_ids, mask, prefix);  // (B, P + T, d)
+    const auto hidden = encoder(in.embeds, in.mask);
+    return {hidden, pooler ? pooler(hidden, in.start) : torch::Tensor(), in.mask};
   }
 
   BertConfig config;

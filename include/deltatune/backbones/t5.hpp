@@ -578,11 +578,12 @@ class T5EncoderImpl : public T5StackImpl, public PromptSite {
   explicit T5EncoderImpl(const T5Config& c) : T5StackImpl(c, /*is_decoder=*/false) {}
 
   // embeds (B, T, d), attention_mask (B, T) or undefined -> hidden (B, P + T, d) and the
-  // mask (B, P + T) cross-attention uses, P prompt positions first.
+  // mask (B, P + T) cross-attention uses, P prompt positions first (in a mixed batch, the
+  // longest prompts' P: a row with shorter prompts, or none, has masked slots before them).
   std::pair<torch::Tensor, torch::Tensor> forward(const torch::Tensor& embeds, const torch::Tensor& attention_mask) {
-    auto [h, mask] = prepend_prompts(embeds, attention_mask);
-    T5AttentionMask self_mask(mask, /*causal=*/false, position_bias());
-    return {run(h, self_mask, {}, nullptr, nullptr), mask};
+    auto in = prepend_prompts(embeds, attention_mask);
+    T5AttentionMask self_mask(in.mask, /*causal=*/false, position_bias());
+    return {run(in.embeds, self_mask, {}, nullptr, nullptr), in.mask};
   }
 };
 TORCH_MODULE(T5Encoder);

@@ -269,8 +269,9 @@ class DeltaModel {
   // A mixed batch (peft's adapter_names): in the forward passes that follow, row i runs
   // through delta per_row[i] alone, or the bare backbone where it is "" or "__base__";
   // each delta computes on its own rows only, so gradients reach it from those rows only.
-  // Weight and activation deltas can be routed; deltas no row names act on no row. Refused
-  // while a delta is merged or a prompt or prefix is active (they would act on every row).
+  // Weight, activation and prompt deltas can be routed (prompts of different lengths, or
+  // none, end where each row's tokens begin: PromptSite); deltas no row names act on no row.
+  // Refused while a delta is merged or a prefix is active (they would act on every row).
   // Backbone parameters a method trains (adapters' layer norms) are the backbone's, shared
   // by every row. Until the guard ends:
   //   auto routing = model.route({"sst2", "__base__", "rte"});
@@ -285,6 +286,18 @@ class DeltaModel {
   void clear_routing() { apply_routing(nullptr); }
   // The routing in force, or null when every row runs through every active delta.
   const RowRouting* routing() const { return routing_.get(); }
+  // Throws unless rows can be routed to delta `name` (route() checks every name it is given):
+  // it must be active and act through sites that route rows, not through a prefix's keys
+  // (every row's attention) nor with no sites (a method that trains the backbone itself).
+  void check_routable(const std::string& name) {
+    auto& entry = at(name);
+    const bool routable = !entry.attachments.empty() && !acts_on_every_row(entry);
+    detail::check<OptionError>(routable, "delta '{}' ({}) cannot be routed per row: only weight, activation and "
+                               "prompt deltas (on linear, output and prompt sites) can; a prefix adds keys to every "
+                               "row's attention and a delta with no sites trains the backbone itself", name,
+                               entry.recipe->method());
+    detail::check<OptionError>(entry.active, "delta '{}' is inactive; activate('{}') before routing rows to it", name, name);
+  }
 
   // What an optimizer should see, by name: every active delta's parameters that require grad
   // ("deltas.<delta>.<site>.<parameter>", each once), then the backbone parameters the
@@ -535,16 +548,16 @@ class DeltaModel {
     match.copy();
   }
 
-  // Row indices per routed delta, after checking that each name is an active weight or
-  // activation delta and that no delta would act on every row regardless.
+  // Row indices per routed delta, after checking that each name is routable (check_routable)
+  // and that no delta would act on every row regardless.
   std::shared_ptr<const RowRouting> make_routing(const std::vector<std::string>& per_row, const RouteOptions& options) {
     detail::check<OptionError>(!per_row.empty(), "DeltaModel::route needs one delta name (or \"{}\") per batch row, "
                                "got none", base_row);
     for (auto& [name, entry] : entries_) {
       detail::check(!is_merged(name, entry), "delta '{}' is merged into the backbone's weights, so every row would get "
                     "it; unmerge('{}') before routing rows", name, name);
-      detail::check(!entry.active || !acts_on_input(entry), "delta '{}' ({}) is active and changes every row's sequence "
-                    "length, so rows cannot leave it out; deactivate('{}') before routing rows", name,
+      detail::check(!entry.active || !acts_on_every_row(entry), "delta '{}' ({}) is active and adds keys to every "
+                    "row's attention, so rows cannot leave it out; deactivate('{}') before routing rows", name,
                     entry.recipe->method(), name);
     }
     std::map<std::string, std::vector<int64_t>> rows;
@@ -563,18 +576,9 @@ class DeltaModel {
     return routing;
   }
 
-  void check_routable(const std::string& name) {
-    auto& entry = at(name);
-    const bool routable = !entry.attachments.empty() && !acts_on_input(entry);
-    detail::check<OptionError>(routable, "delta '{}' ({}) cannot be routed per row: only weight and activation deltas "
-                               "(on linear and output sites) can; input deltas change the sequence length and a "
-                               "delta with no sites trains the backbone itself", name, entry.recipe->method());
-    detail::check<OptionError>(entry.active, "delta '{}' is inactive; activate('{}') before routing rows to it", name, name);
-  }
-
-  static bool acts_on_input(const Entry& entry) {
+  static bool acts_on_every_row(const Entry& entry) {
     return std::any_of(entry.attachments.begin(), entry.attachments.end(),
-                       [](const Attachment& a) { return a.delta->family() == DeltaFamily::input; });
+                       [](const Attachment& a) { return a.site.kind == Site::Kind::attention; });
   }
   static bool is_merged(const std::string& name, const Entry& entry) {
     return std::any_of(entry.attachments.begin(), entry.attachments.end(), [&](const Attachment& a) {
@@ -582,12 +586,13 @@ class DeltaModel {
     });
   }
 
-  // Hands the routing to every site that routes rows (weight and output sites); null ends it.
+  // Hands the routing to every site that routes rows (weight, output and prompt sites); null ends it.
   void apply_routing(std::shared_ptr<const RowRouting> routing) {
     routing_ = std::move(routing);
     for (auto& site : sites_) {
       if (site.kind == Site::Kind::linear) site.linear->deltas.set_routing(routing_);
       if (site.kind == Site::Kind::output) site.output->output_deltas.set_routing(routing_);
+      if (site.kind == Site::Kind::prompt) site.prompt->prompt_deltas.set_routing(routing_);
     }
   }
 

@@ -8,7 +8,7 @@
 // under its Hugging Face module path, so backbones know nothing of methods and methods
 // nothing of backbones. Sites hold shared references to the deltas attached to them;
 // DeltaModel registers the deltas themselves in the backbone's module tree, under `deltas`.
-// Weight and output sites also run mixed batches, each delta on its own rows (RowRouting).
+// Weight, output and prompt sites also run mixed batches, each delta on its own rows (RowRouting).
 #pragma once
 
 #include <torch/torch.h>
@@ -492,6 +492,15 @@ class ForwardPass {
   std::vector<InputDelta*> deltas_;
 };
 
+// What PromptSite::prepend_prompts returns.
+struct PromptedInput {
+  torch::Tensor embeds;  // (B, P + T, d)
+  torch::Tensor mask;    // (B, P + T); undefined where none was given and every position is seen
+  // (B) int64: the position each row begins at, after the empty prompt slots of a mixed batch
+  // (rows with shorter prompts, or none); undefined where every row begins at 0.
+  torch::Tensor start;
+};
+
 // The input of an encoder that prompt deltas prepend trained embeddings to: T5's
 // `encoder`, BERT's `embeddings` (before position embeddings are added).
 class PromptSite {
@@ -503,16 +512,47 @@ class PromptSite {
  protected:
   // embeds (B, T, d) -> (B, P + T, d); mask (B, T) -> (B, P + T), prompts always visible.
   // An undefined mask stays undefined.
-  std::pair<torch::Tensor, torch::Tensor> prepend_prompts(const torch::Tensor& embeds, const torch::Tensor& mask) {
+  PromptedInput prepend_prompts(const torch::Tensor& embeds, const torch::Tensor& mask) {
+    if (prompt_deltas.routing() != nullptr) return prepend_routed_prompts(embeds, mask);
     std::vector<torch::Tensor> prompts;
     for (auto* delta : prompt_deltas.running())
       if (auto p = delta->prompt_embeddings(); p.defined()) prompts.push_back(p.to(embeds.dtype()));
-    if (prompts.empty()) return {embeds, mask};
+    if (prompts.empty()) return {embeds, mask, {}};
     const int64_t batch = embeds.size(0);
     auto prompt = torch::cat(prompts).unsqueeze(0).expand({batch, -1, -1});  // (B, P, d)
     auto new_mask = mask;
     if (mask.defined()) new_mask = torch::cat({torch::ones({batch, prompt.size(1)}, mask.options()), mask}, 1);
-    return {torch::cat({prompt, embeds}, 1), new_mask};
+    return {torch::cat({prompt, embeds}, 1), new_mask, {}};
+  }
+
+ private:
+  // A mixed batch (DeltaModel::route): each row's prompts, its delta's or none, end where its
+  // tokens begin, in as many slots as the longest prompts take; the slots before them are
+  // masked. A row then sees what it sees alone, at the same distances (T5's relative
+  // positions); BERT numbers positions from each row's start and pools there.
+  PromptedInput prepend_routed_prompts(const torch::Tensor& embeds, const torch::Tensor& mask) {
+    using torch::indexing::Slice;
+    const int64_t batch = embeds.size(0);
+    std::vector<std::pair<torch::Tensor, torch::Tensor>> routed;  // (P, d) prompts, their rows
+    int64_t slots = 0;
+    for (const auto& [delta, rows] : prompt_deltas.routed(batch, embeds.device())) {
+      auto p = delta->prompt_embeddings();
+      if (!p.defined()) continue;
+      slots = std::max(slots, p.size(0));
+      routed.emplace_back(p.to(embeds.dtype()), rows);
+    }
+    if (routed.empty()) return {embeds, mask, {}};
+    auto prompts = torch::zeros({batch, slots, embeds.size(2)}, embeds.options());
+    auto lengths = torch::zeros({batch}, embeds.options().dtype(torch::kLong));
+    for (const auto& [p, rows] : routed) {
+      const int64_t P = p.size(0);
+      prompts.index_put_({rows, Slice(slots - P, torch::indexing::None)}, p.expand({rows.size(0), P, p.size(1)}));
+      lengths.index_fill_(0, rows, P);
+    }
+    const auto start = slots - lengths;  // (B)
+    const auto seen = torch::arange(slots, lengths.options()).unsqueeze(0) >= start.unsqueeze(1);  // (B, slots)
+    const auto tokens = mask.defined() ? mask : torch::ones({batch, embeds.size(1)}, seen.options());
+    return {torch::cat({prompts, embeds}, 1), torch::cat({seen.to(tokens.dtype()), tokens}, 1), start};
   }
 };
 
