@@ -46,13 +46,18 @@ std::vector<Backbone> backbones() {
                                                     .max_position_embeddings(32).num_labels(3)
                                                     .hidden_dropout_prob(0).attention_probs_dropout_prob(0));
   const auto b = batch();
+  // The chosen rows of t, on the model's device.
+  auto pick = [](const torch::Tensor& t, const torch::Tensor& rows, const torch::Tensor& weight) {
+    return t.index_select(0, rows).to(weight.device());
+  };
   return {{"t5", t5.ptr(),
-           [t5, b](const torch::Tensor& rows) mutable {
-             return t5->forward(b.ids.index_select(0, rows), b.mask.index_select(0, rows),
-                                b.decoder_ids.index_select(0, rows), {}).logits;
+           [t5, b, pick](const torch::Tensor& rows) mutable {
+             const auto& w = t5->shared->weight;
+             return t5->forward(pick(b.ids, rows, w), pick(b.mask, rows, w), pick(b.decoder_ids, rows, w), {}).logits;
            }},
-          {"bert", bert.ptr(), [bert, b](const torch::Tensor& rows) mutable {
-             return bert->forward(b.ids.index_select(0, rows), b.mask.index_select(0, rows)).logits;
+          {"bert", bert.ptr(), [bert, b, pick](const torch::Tensor& rows) mutable {
+             const auto& w = bert->bert->embeddings->word_embeddings->weight;
+             return bert->forward(pick(b.ids, rows, w), pick(b.mask, rows, w)).logits;
            }}};
 }
 
@@ -97,6 +102,14 @@ torch::Tensor rows_of(const std::vector<std::string>& routing, const std::string
 }
 
 double max_difference(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
+
+// The model in float64 on `device`, eval mode, with `names` perturbed (seed): for the exact checks.
+void prepare_float64(Backbone& backbone, dt::DeltaModel& model, const std::vector<std::string>& names, uint64_t seed,
+                     torch::Device device = torch::kCPU) {
+  backbone.module->to(device, torch::kFloat64);
+  perturb(model, names, seed);
+  backbone.module->eval();
+}
 
 // For each routing: the gathered mixed batch equals the one-by-one one (RouteOptions().gather
 // (false)) and each row run alone with its delta only, to 1e-12 (a float64 model).
@@ -231,10 +244,8 @@ CATCH_TEST_CASE("Low-rank deltas share two batched products per site in a mixed 
       model.add("vera", dt::VeRAOptions().r(8));
       model.add("dora", dt::LoRAOptions().r(2).alpha(2).use_dora(true));
       model.add("ia3", dt::IA3Options());
-      backbone.module->to(torch::kFloat64);
-      perturb(model, names, 12);
+      prepare_float64(backbone, model, names, 12);
       torch::NoGradGuard no_grad;
-      backbone.module->eval();
 
       // The factors are the delta: B A equals dW at every site; DoRA and IA3 have none.
       for (const auto& name : names) {
@@ -244,7 +255,7 @@ CATCH_TEST_CASE("Low-rank deltas share two batched products per site in a mixed 
           CATCH_CHECK(factors.has_value() == (name != "dora" && name != "ia3"));
           if (!factors) continue;
           const auto& weight = a.site.linear->weight;
-          CATCH_CHECK(max_difference(factors->B.mm(factors->A), delta.delta_weight(weight)) < 1e-12);
+          CATCH_CHECK(max_difference(factors->B.mm(factors->A) * factors->scale, delta.delta_weight(weight)) < 1e-12);
         }
       }
 
@@ -274,10 +285,8 @@ CATCH_TEST_CASE("Bottleneck adapters share two batched products per site in a mi
       model.add("compacter++", dt::compacter_plus_plus_options().reduction_factor(4));
       model.add("lora", dt::LoRAOptions().r(2).alpha(4));
       model.add("ia3", dt::IA3Options());
-      backbone.module->to(torch::kFloat64);
-      perturb(model, names, 13);
+      prepare_float64(backbone, model, names, 13);
       torch::NoGradGuard no_grad;
-      backbone.module->eval();
 
       // The factors are the adapter: act(h D^T + d) U^T + u equals its bottleneck.
       const auto h = torch::randn({3, 16}, torch::kFloat64);
@@ -313,11 +322,76 @@ CATCH_TEST_CASE("Prompts of different lengths share a mixed batch with other del
       model.add("prompt_5", dt::PromptTuningOptions(5).init(dt::PromptInit::sampled_vocabulary));
       model.add("lora", dt::LoRAOptions().r(2).alpha(4));
       model.add("adapter", dt::houlsby_options().reduction_factor(4));
-      backbone.module->to(torch::kFloat64);
-      perturb(model, names, 14);
+      prepare_float64(backbone, model, names, 14);
       torch::NoGradGuard no_grad;
-      backbone.module->eval();
       check_gathered(backbone, model, names, routings);
+    }
+  }
+}
+
+CATCH_TEST_CASE("On CUDA, every routable method's rows in one mixed batch equal each row run alone, in float64",
+                "[routing][cuda]") {
+  if (!torch::cuda::is_available()) {
+    CATCH_WARN("CUDA tests skipped: no GPU visible");
+    return;
+  }
+  // The gathered products, the bottleneck adapters' Kronecker sums (the CUDA kernels) and the
+  // prompts' slots on the GPU.
+  const std::vector<std::string> names = {"lora_r2", "lora_r4", "vera",      "houlsby", "pfeiffer",
+                                          "compacter", "compacter++", "ia3", "prompt_3", "prompt_5"};
+  const std::vector<std::vector<std::string>> routings = {
+      {"lora_r2", "houlsby", "prompt_3", "__base__", "compacter", "ia3", "vera", "prompt_5"},
+      {"compacter++", "lora_r4", "pfeiffer", "lora_r2", "prompt_5", "compacter", "lora_r4", "houlsby"}};
+  for (auto& backbone : backbones()) {
+    CATCH_SECTION(backbone.name) {
+      dt::DeltaModel model(backbone.module);
+      model.add("lora_r2", dt::LoRAOptions().r(2).alpha(4));
+      model.add("lora_r4", dt::LoRAOptions().r(4).alpha(8));
+      model.add("vera", dt::VeRAOptions().r(8));
+      model.add("houlsby", dt::houlsby_options().reduction_factor(4));
+      model.add("pfeiffer", dt::pfeiffer_options().reduction_factor(4));
+      model.add("compacter", dt::compacter_options().reduction_factor(4));
+      model.add("compacter++", dt::compacter_plus_plus_options().reduction_factor(4));
+      model.add("ia3", dt::IA3Options());
+      model.add("prompt_3", dt::PromptTuningOptions(3));
+      model.add("prompt_5", dt::PromptTuningOptions(5));
+      prepare_float64(backbone, model, names, 16, torch::kCUDA);
+      torch::NoGradGuard no_grad;
+      check_gathered(backbone, model, names, routings);
+    }
+  }
+}
+
+CATCH_TEST_CASE("Under one routing, a delta changed in place acts on its rows from the next forward on",
+                "[routing]") {
+  // Nothing a site gathers outlives a forward pass: a delta loaded or stepped while rows are
+  // routed (a server's hot swap, generation's steps) takes effect at once, on its rows alone.
+  for (auto& backbone : backbones()) {
+    CATCH_SECTION(backbone.name) {
+      dt::DeltaModel model(backbone.module);
+      add_deltas(model);
+      backbone.module->eval();
+      torch::NoGradGuard no_grad;
+      const std::vector<std::string> routing = {"lora_a", "lora_b", "lora_a", "__base__",
+                                                "lora_b", "lora_a", "lora_b", "lora_a"};
+      torch::Tensor first, again, changed, rerouted;
+      {
+        auto guard = model.route(routing);
+        first = backbone.run(all_rows());
+        again = backbone.run(all_rows());
+        perturb(model, {"lora_b"}, 17);
+        changed = backbone.run(all_rows());
+      }
+      {
+        auto guard = model.route(routing);
+        rerouted = backbone.run(all_rows());
+      }
+      CATCH_CHECK(torch::equal(first, again));
+      CATCH_CHECK(torch::equal(changed, rerouted));
+      const auto lora_b_rows = rows_of(routing, "lora_b");
+      CATCH_CHECK(max_difference(changed.index_select(0, lora_b_rows), first.index_select(0, lora_b_rows)) > 1e-3);
+      const auto lora_a_rows = rows_of(routing, "lora_a");
+      CATCH_CHECK(torch::equal(changed.index_select(0, lora_a_rows), first.index_select(0, lora_a_rows)));
     }
   }
 }

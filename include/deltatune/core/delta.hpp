@@ -54,9 +54,11 @@ class DeltaModule {
   }
 };
 
-// A weight delta of low rank, dW = B A with A (r, in) and B (out, r), its scale folded in.
+// A weight delta of low rank, dW = scale B A with A (r, in) and B (out, r). The scale stays a
+// number so that a mixed batch applies every delta's in one multiplication, not one per delta.
 struct LowRankFactors {
   torch::Tensor A, B;
+  double scale = 1.0;
 };
 
 // Acts on a frozen Linear y = x W0^T + b0, W0 (out, in), through its weight and bias.
@@ -87,7 +89,7 @@ class WeightDelta : public DeltaModule {
   // one product over the batch, where each delta's delta_output would take its rows apart.
   virtual torch::Tensor output_scale(const torch::Tensor& /*base_weight*/) { return {}; }
 
-  // A delta whose delta_output is x A^T B^T, of rank r at most (LoRA, PiSSA, VeRA), returns
+  // A delta whose delta_output is scale x A^T B^T, of rank r at most (LoRA, PiSSA, VeRA), returns
   // its factors here; empty otherwise (DoRA, LoKr, IA3, dropout in training). A mixed batch
   // (DeltaModel::route) gathers each row's factors and runs the rows of every such delta at a
   // site in two batched products, where each other delta takes products of its own.

@@ -17,6 +17,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <regex>
 #include <string>
 #include <utility>
@@ -50,13 +51,18 @@ struct GatheredRows {
   bool every_row = false;
 
   GatheredRows(const std::vector<torch::Tensor>& delta_rows, int64_t batch) {
-    std::vector<torch::Tensor> which;
-    for (size_t k = 0; k < delta_rows.size(); ++k)
-      which.push_back(torch::full({delta_rows[k].size(0)}, static_cast<int64_t>(k), delta_rows[k].options()));
     rows = torch::cat(delta_rows);
-    delta = torch::cat(which);
+    delta = delta_of_rows(delta_rows);
     every_row = rows.size(0) == batch;
     if (every_row) delta = torch::empty_like(delta).index_put_({rows}, delta);  // in row order
+  }
+  // Delta k on each of its rows, as cat(delta_rows) holds them, built on the host from the row
+  // counts: one copy to the device, not one operation per delta.
+  static torch::Tensor delta_of_rows(const std::vector<torch::Tensor>& delta_rows) {
+    std::vector<int64_t> which;
+    for (size_t k = 0; k < delta_rows.size(); ++k)
+      which.insert(which.end(), static_cast<size_t>(delta_rows[k].size(0)), static_cast<int64_t>(k));
+    return torch::tensor(which, torch::kLong).to(delta_rows.front().device());
   }
   // The computed rows of x (B, ..., in), flattened to (n, L, in).
   torch::Tensor input(const torch::Tensor& x) const {
@@ -85,19 +91,36 @@ struct GatheredRows {
   }
 };
 
-// y plus x_i A_k^T B_k^T on each row i of x (B, ..., in) that low-rank delta k takes, all in two
-// batched products: each delta's factors zero-padded to the largest rank (a zero row of A and
-// column of B add nothing) and gathered per row, so that the cost follows the rows, not the
-// number of deltas.
-inline torch::Tensor add_gathered_low_rank(const torch::Tensor& x, const torch::Tensor& y,
-                                           const std::vector<std::pair<LowRankFactors, torch::Tensor>>& deltas) {
-  std::vector<torch::Tensor> As, Bs, rows;
-  for (const auto& [factors, delta_rows] : deltas) As.push_back(factors.A), Bs.push_back(factors.B), rows.push_back(delta_rows);
-  const GatheredRows gathered(rows, x.size(0));
-  const auto A = gathered.per_row(As, 0);  // (n, rank, in)
-  const auto B = gathered.per_row(Bs, 1);  // (n, out, rank)
-  return gathered.add(y, torch::bmm(torch::bmm(gathered.input(x), A.transpose(1, 2)), B.transpose(1, 2)));
-}
+// Low-rank deltas' rows with each row's factors, gathered: y plus x_i A_k^T B_k^T on each row i
+// of x (B, ..., in) that low-rank delta k takes, all in two batched products. Each delta's
+// factors are zero-padded to the largest rank (a zero row of A and column of B add nothing), so
+// that the cost follows the rows, not the number of deltas.
+struct GatheredLowRank {
+  GatheredRows rows;
+  torch::Tensor A, B;  // (n, rank, in), (n, out, rank)
+
+  GatheredLowRank(const std::vector<std::pair<LowRankFactors, torch::Tensor>>& deltas, int64_t batch)
+      : rows(rows_of(deltas), batch) {
+    std::vector<torch::Tensor> As, Bs;
+    std::vector<double> scales;
+    for (const auto& [factors, delta_rows] : deltas)
+      As.push_back(factors.A), Bs.push_back(factors.B), scales.push_back(factors.scale);
+    A = rows.per_row(As, 0);
+    B = rows.per_row(Bs, 1);
+    if (std::any_of(scales.begin(), scales.end(), [](double s) { return s != 1.0; }))
+      B = B * torch::tensor(scales, torch::kFloat64).to(B.options()).index_select(0, rows.delta).view({-1, 1, 1});
+  }
+  torch::Tensor add(const torch::Tensor& x, const torch::Tensor& y) const {
+    return rows.add(y, torch::bmm(torch::bmm(rows.input(x), A.transpose(1, 2)), B.transpose(1, 2)));
+  }
+
+ private:
+  static std::vector<torch::Tensor> rows_of(const std::vector<std::pair<LowRankFactors, torch::Tensor>>& deltas) {
+    std::vector<torch::Tensor> out;
+    for (const auto& delta : deltas) out.push_back(delta.second);
+    return out;
+  }
+};
 
 // h plus f_k(x_i) on each row i of x (B, ..., d) that bottleneck adapter k takes, for adapters
 // of one nonlinearity, in two batched products: bottlenecks zero-padded to the largest (a zero
@@ -292,22 +315,36 @@ class WeightSite {
   // two batched products (detail::add_gathered_low_rank); the others, and a low-rank
   // delta alone, take products of their own, as peft's mixed batch does for every delta.
   torch::Tensor add_routed_outputs(const torch::Tensor& x, const torch::Tensor& y0, const Routed& routed) {
-    auto y = y0;
+    const auto plan = plan_low_rank(routed, x.size(0));
+    auto y = plan.gathered ? plan.gathered->add(x, y0) : y0;
+    for (const size_t i : plan.one_by_one) {
+      const auto& [delta, rows] = routed[i];
+      y = y.index_add(0, rows, delta->delta_output(x.index_select(0, rows), weight, bias, y0.index_select(0, rows)));
+    }
+    return y;
+  }
+
+  // Which routed deltas a mixed batch gathers (two or more low-rank ones) and which take
+  // products of their own (the others, and a low-rank delta alone: cheaper than a gather).
+  struct LowRankPlan {
+    std::optional<detail::GatheredLowRank> gathered;
+    std::vector<size_t> one_by_one;  // indices into the routed deltas
+  };
+  LowRankPlan plan_low_rank(const Routed& routed, int64_t batch) {
     std::vector<std::pair<LowRankFactors, torch::Tensor>> low_rank;
-    Routed one_by_one;
-    for (const auto& [delta, rows] : routed) {
-      auto factors = deltas.routing()->gather ? delta->low_rank_factors() : std::nullopt;
-      if (factors) low_rank.emplace_back(std::move(*factors), rows);
-      else one_by_one.emplace_back(delta, rows);
+    LowRankPlan plan;
+    for (size_t i = 0; i < routed.size(); ++i) {
+      auto factors = deltas.routing()->gather ? routed[i].first->low_rank_factors() : std::nullopt;
+      if (factors) low_rank.emplace_back(std::move(*factors), routed[i].second);
+      else plan.one_by_one.push_back(i);
     }
     if (low_rank.size() > 1) {
-      y = detail::add_gathered_low_rank(x, y, low_rank);
+      plan.gathered.emplace(low_rank, batch);
     } else if (low_rank.size() == 1) {
-      one_by_one = routed;  // one low-rank delta: its own products are cheaper than a gather
+      plan.one_by_one.clear();
+      for (size_t i = 0; i < routed.size(); ++i) plan.one_by_one.push_back(i);
     }
-    for (const auto& [delta, rows] : one_by_one)
-      y = y.index_add(0, rows, delta->delta_output(x.index_select(0, rows), weight, bias, y0.index_select(0, rows)));
-    return y;
+    return plan;
   }
 
   // A mixed batch through the Linear: each input- or output-scaling delta's scale on its own

@@ -168,8 +168,8 @@ class LoRAImpl : public torch::nn::Cloneable<LoRAImpl>, public WeightDelta {
   // DoRA rescales by a norm of the whole weight and dropout acts per row: no such pair.
   std::optional<LowRankFactors> low_rank_factors() override {
     if (options.use_dora() || (options.dropout() > 0 && is_training())) return std::nullopt;
-    if (!starts_from_weight()) return LowRankFactors{lora_A, lora_B * scaling()};
-    return LowRankFactors{torch::cat({lora_A, lora_A_init}), torch::cat({lora_B, -lora_B_init}, 1) * scaling()};
+    if (!starts_from_weight()) return LowRankFactors{lora_A, lora_B, scaling()};
+    return LowRankFactors{torch::cat({lora_A, lora_A_init}), torch::cat({lora_B, -lora_B_init}, 1), scaling()};
   }
 
   void pretty_print(std::ostream& stream) const override {
