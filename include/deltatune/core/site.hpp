@@ -312,7 +312,7 @@ class WeightSite {
 
   // A mixed batch: each delta's output on its own rows of x (B, ..., in) only, added to
   // those rows of y0 (B, ..., out). Two or more low-rank deltas take their rows together in
-  // two batched products (detail::add_gathered_low_rank); the others, and a low-rank
+  // two batched products (detail::GatheredLowRank); the others, and a low-rank
   // delta alone, take products of their own, as peft's mixed batch does for every delta.
   torch::Tensor add_routed_outputs(const torch::Tensor& x, const torch::Tensor& y0, const Routed& routed) {
     const auto plan = plan_low_rank(routed, x.size(0));
