@@ -6,7 +6,7 @@
 // Prints one JSON line (prefix "JSON ").
 //   delta_bench --model DIR --method M [--mode train|infer] [--batch 8] [--src 128] [--tgt 8]
 //               [--steps 5] [--warmup 2] [--threads 0] [--device cpu|cuda] [--profile 0|1]
-//               [--interleave N] [--mixed K --gather 0|1] [--backbone t5|bert]
+//               [--interleave N] [--mixed K --gather 0|1] [--backbone t5|bert] [--precision fp32|bf16]
 // Methods: any preset of the method table (deltatune::builtin_methods(), the examples' --method);
 // for --mode infer also bare (no delta) and lora-merged.
 //
@@ -24,6 +24,10 @@
 // benchmarks/routing_bench.py runs it against peft's mixed batch. --backbone bert: the same on a
 // BERT (MiniLM), inference only (bert_infer).
 //
+// --precision bf16 (T5): the frozen backbone loaded in bfloat16, the deltas and optimizer state
+// in float32 (core/precision.hpp); --method full trains every weight in float32 under bf16
+// autocast instead, as peft_bench.py runs the peers.
+//
 // --profile 1: after the timed steps, as many again under an operator profile (op_profile.hpp),
 // printed per step with those steps' median time as a second line (prefix "OPS ").
 #include <deltatune/deltatune.hpp>
@@ -36,6 +40,7 @@
 #include <functional>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -195,7 +200,7 @@ int main(int argc, char** argv) try {
                                            {"--steps", "5"},   {"--warmup", "2"},    {"--threads", "0"},
                                            {"--device", "cpu"}, {"--lr", "1e-4"}, {"--profile", "0"},
                                            {"--interleave", "0"}, {"--mixed", "0"}, {"--gather", "1"},
-                                           {"--backbone", "t5"}};
+                                           {"--backbone", "t5"}, {"--precision", "fp32"}};
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!flags.count(argv[i])) throw dt::OptionError(fmt::format("delta_bench: unknown flag {}", argv[i]));
     flags[argv[i]] = argv[i + 1];
@@ -208,7 +213,12 @@ int main(int argc, char** argv) try {
   const std::string method = flags["--method"];
   const bool train = flags["--mode"] == "train";
 
-  auto backbone = dt::backbones::load_t5(flags["--model"]);
+  const auto& precision = flags["--precision"];
+  if (precision != "fp32" && precision != "bf16")
+    throw dt::OptionError("delta_bench: --precision is fp32 or bf16, got " + precision);
+  const bool bf16 = precision == "bf16", autocast = bf16 && method == "full";
+  const auto dtype = bf16 && !autocast ? torch::kBFloat16 : torch::kFloat;
+  auto backbone = dt::backbones::load_t5(flags["--model"], dt::backbones::T5LoadOptions().dtype(dtype));
   dt::DeltaModel model(backbone);
   const int64_t batch = num("--batch"), src = num("--src"), tgt = num("--tgt"), mixed = num("--mixed");
   torch::manual_seed(0);
@@ -231,7 +241,11 @@ int main(int argc, char** argv) try {
     backbone->train();
     step = [&] {
       optimizer.zero_grad();
-      backbone->forward(input_ids, attention_mask, {}, labels).loss.backward();
+      {
+        std::optional<dt::AutocastGuard> guard;
+        if (autocast) guard.emplace(device.type());
+        backbone->forward(input_ids, attention_mask, {}, labels).loss.backward();
+      }
       optimizer.step();
     };
   } else if (mixed > 0) {
@@ -245,6 +259,8 @@ int main(int argc, char** argv) try {
     backbone->eval();
     step = [&] {
       torch::NoGradGuard no_grad;
+      std::optional<dt::AutocastGuard> guard;
+      if (autocast) guard.emplace(device.type());
       backbone->forward(input_ids, attention_mask, {}, labels);
     };
   }
@@ -256,10 +272,10 @@ int main(int argc, char** argv) try {
                         {"mode", flags["--mode"]},     {"threads", at::get_num_threads()},
                         {"times_ms", times},           {"median_ms", median(times)},
                         {"peak_mb", peak_mb(device)},  {"load_peak_mb", load_peak},
-                        {"trainable", trainable}};
+                        {"trainable", trainable},      {"precision", precision}};
   if (mixed > 0) result.update({{"mixed", mixed}, {"gather", num("--gather") != 0}});
   if (!train && method != "bare" && num("--interleave") > 0) {
-    auto bare = dt::backbones::load_t5(flags["--model"]);
+    auto bare = dt::backbones::load_t5(flags["--model"], dt::backbones::T5LoadOptions().dtype(dtype));
     bare->to(device);
     bare->eval();
     const auto bare_step = [&] {

@@ -23,7 +23,7 @@ torch.profiler's profile_memory).
 
     ~/.cache/deltatune/venv/bin/python benchmarks/peft_bench.py [--device cpu|cuda] [--full]
         [--rows REGEX] [--steps N] [--warmup N] [--threads N] [--out benchmarks/results/cpu.json]
-        [--profile N] [--interleave N]
+        [--profile N] [--interleave N] [--precision fp32|bf16]
 
 Writes the JSON (--out) and a Markdown table beside it (.md) after every row, and prints the table.
 With --profile N, both sides also run their steps again under an operator profile (ours:
@@ -32,6 +32,12 @@ match) and each row prints the N operators whose self time per step differs most
 With --interleave N, an inference row of a method also runs N forwards alternating with N of a
 bare copy of the backbone in the same process, and its time / bare figure becomes the median of
 those N paired ratios: both forwards of a pair see the same machine, however it drifts.
+With --precision bf16, each row runs three ways: ours with the frozen backbone loaded in bf16
+(deltas and optimizer state in float32; full fine-tuning: float32 weights under bf16 autocast),
+ours in float32 (the "ours fp32" columns), and the peer with the backbone loaded in bf16
+(from_pretrained(torch_dtype=torch.bfloat16); full fine-tuning in float32) running under
+torch.autocast(device, torch.bfloat16), transformers' and peft's documented way; the
+"bf16 / fp32" columns are ours in bf16 over ours in float32.
 """
 import argparse
 import json
@@ -63,7 +69,11 @@ def row(model, batch, src, tgt, mode, method, steps=None):
 
 def grid(name):
     """The rows of a grid. cpu: about 15 minutes on a quiet 2-core machine; full: the issue's
-    whole grid, for a GPU; tiny: seconds, for development and the smoke test."""
+    whole grid, for a GPU; tiny: seconds, for development and the smoke test; bf16: the
+    mixed-precision rows (run with --precision bf16)."""
+    if name == "bf16":
+        return [row(model, batch, 128, 8, "train", m) for model in ("t5-small", "t5-base") for batch in (8, 32)
+                for m in ("full", "lora", "adapter", "compacter++")]
     if name == "tiny":
         return [row("t5-tiny", 2, 16, 4, "train", m) for m in METHODS] + \
                [row("t5-tiny", 2, 16, 4, "infer", m) for m in INFER]
@@ -122,11 +132,13 @@ def add_zero_biases(model):
             module.bias = torch.nn.Parameter(torch.zeros(module.out_features))
 
 
-def peer_model(folder, method):
-    """The transformers model with the peer's form of the method, and its trainable parameters."""
+def peer_model(folder, method, precision="fp32"):
+    """The transformers model with the peer's form of the method, and its trainable parameters;
+    in bf16 the backbone is loaded in bfloat16 (full fine-tuning keeps float32 weights)."""
     import torch
     from transformers import T5ForConditionalGeneration
-    model = T5ForConditionalGeneration.from_pretrained(folder)
+    dtype = torch.bfloat16 if precision == "bf16" and method != "full" else torch.float32
+    model = T5ForConditionalGeneration.from_pretrained(folder, torch_dtype=dtype)
     model.requires_grad_(method == "full")
     if method in ("lora", "lora-merged", "dora", "pissa", "olora", "vera", "lokr", "ia3", "prefix", "prompt"):
         import peft
@@ -171,7 +183,7 @@ def worker(spec):
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     torch.manual_seed(0)
-    model, params = peer_model(spec["folder"], spec["method"])
+    model, params = peer_model(spec["folder"], spec["method"], spec["precision"])
     model.to(device)
     load_peak = proc_status_mb("VmHWM")
     vocab = SHAPES[spec["model"]]["vocab_size"]
@@ -181,7 +193,8 @@ def worker(spec):
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
 
     def forward():
-        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"):
+            return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
 
     def train_step():
         optimizer.zero_grad()
@@ -207,7 +220,7 @@ def worker(spec):
               "times_ms": times, "median_ms": statistics.median(times), "peak_mb": peak, "load_peak_mb": load_peak,
               "trainable": sum(p.numel() for p in params)}
     if spec["mode"] == "infer" and spec["method"] != "bare" and spec.get("interleave", 0) > 0:
-        bare, _ = peer_model(spec["folder"], "bare")
+        bare, _ = peer_model(spec["folder"], "bare", spec["precision"])
         bare.to(device).eval()
 
         def bare_step():
@@ -335,18 +348,30 @@ def in_child(function, *args):
 def measure(r, a, folder):
     steps = r["steps"] or a.steps
     flags = dict(batch=r["batch"], src=r["src"], tgt=r["tgt"], steps=steps, warmup=a.warmup, threads=a.threads,
-                 device=a.device, profile=int(a.profile > 0), interleave=a.interleave)
-    ours = run_json([str(a.bin), "--model", str(folder), "--method", r["method"], "--mode", r["mode"],
-                     *[x for k, v in flags.items() for x in (f"--{k}", str(v))]])
+                 device=a.device, profile=int(a.profile > 0), interleave=a.interleave, precision=a.precision)
+
+    def run_ours(precision):
+        return run_json([str(a.bin), "--model", str(folder), "--method", r["method"], "--mode", r["mode"],
+                         *[x for k, v in dict(flags, precision=precision).items() for x in (f"--{k}", str(v))]])
+    ours = run_ours(a.precision)
+    ours_fp32 = run_ours("fp32") if a.precision == "bf16" else None
     spec = dict(flags, folder=str(folder), model=r["model"], method=r["method"], mode=r["mode"])
     peer = in_child(worker, spec)
     tokens = r["batch"] * (r["src"] + r["tgt"])
     if "ops" in ours and "ops" in peer:
         print(profile_table(ours.pop("ops"), peer.pop("ops"), a.profile), flush=True)
-    out = dict(r, steps=steps, peer=PEER[r["method"]], ours=ours, theirs=peer, load_1m=os.getloadavg()[0])
-    for side, result in (("ours", ours), ("theirs", peer)):
+    out = dict(r, steps=steps, peer=PEER[r["method"]], ours=ours, theirs=peer, load_1m=os.getloadavg()[0],
+               precision=a.precision)
+    if ours_fp32 is not None:
+        out["ours_fp32"] = ours_fp32
+    for result in (ours, peer, ours_fp32 or {}):
         if "median_ms" in result:
             result["tokens_per_s"] = tokens / (result["median_ms"] / 1e3)
+    if ours_fp32 and "median_ms" in ours and "median_ms" in ours_fp32:
+        out["bf16_speedup"] = ours_fp32["median_ms"] / ours["median_ms"]  # ours bf16 over ours float32
+        out["bf16_memory"] = ours["peak_mb"] / ours_fp32["peak_mb"]
+        if "alloc_mb" in ours and "alloc_mb" in ours_fp32:
+            out["bf16_alloc"] = ours["alloc_mb"] / ours_fp32["alloc_mb"]
     if "median_ms" in ours and "median_ms" in peer:
         out["time_ratio"] = ours["median_ms"] / peer["median_ms"]  # ours / peer: below 1 is faster
         out["speedup"] = peer["median_ms"] / ours["median_ms"]      # throughput ours / peer
@@ -411,6 +436,23 @@ def markdown(results):
                 fmt(t.get("memory_vs_base"), ".2f"), fmt(o.get("alloc_vs_base"), ".2f"),
                 fmt(t.get("alloc_vs_base"), ".2f")]) + " |")
         lines.append("")
+        rows = [r for r in rows if "ours_fp32" in r]
+        if rows:
+            lines += [f"### {title}: ours in bf16 against ours in float32 and the peer in bf16", "",
+                      "| row | ours fp32 ms | ours bf16 ms | peer bf16 ms | bf16 / fp32 speedup | speedup vs peer | "
+                      "ours fp32 RSS | ours bf16 RSS | peer bf16 RSS | bf16 / fp32 RSS | ours / peer RSS | "
+                      "ours fp32 alloc | ours bf16 alloc | peer bf16 alloc | bf16 / fp32 alloc | ours / peer alloc |",
+                      "|" + "---|" * 16]
+            for r in rows:
+                o, f, t = r["ours"], r["ours_fp32"], r["theirs"]
+                lines.append("| " + " | ".join([
+                    row_label(r), fmt(f.get("median_ms"), ".1f"), fmt(o.get("median_ms"), ".1f"),
+                    fmt(t.get("median_ms"), ".1f"), fmt(r.get("bf16_speedup"), ".2f"), fmt(r.get("speedup"), ".2f"),
+                    fmt(f.get("peak_mb"), ".0f"), fmt(o.get("peak_mb"), ".0f"), fmt(t.get("peak_mb"), ".0f"),
+                    fmt(r.get("bf16_memory"), ".2f"), fmt(r.get("memory_ratio"), ".2f"),
+                    fmt(f.get("alloc_mb"), ".0f"), fmt(o.get("alloc_mb"), ".0f"), fmt(t.get("alloc_mb"), ".0f"),
+                    fmt(r.get("bf16_alloc"), ".2f"), fmt(r.get("alloc_ratio"), ".2f")]) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -426,7 +468,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", metavar="JSON", help="run one peer row in this process (to profile it)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--grid", default=None, choices=["cpu", "full", "tiny"],
+    parser.add_argument("--grid", default=None, choices=["cpu", "full", "tiny", "bf16"],
                         help="rows to run (default: cpu on --device cpu, full on cuda)")
     parser.add_argument("--full", action="store_true", help="the whole grid (--grid full)")
     parser.add_argument("--rows", default="", help="only rows whose id (model/bB/SRCxTGT/mode/method) matches")
@@ -440,6 +482,8 @@ def main():
     parser.add_argument("--interleave", type=int, default=0, metavar="N",
                         help="inference rows: also N forwards alternating with a bare copy of the backbone in the "
                              "same process; the time / bare columns then give the median of those paired ratios")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: ours and the peer with the backbone in bfloat16, and ours in float32 beside them")
     parser.add_argument("--out", type=Path, default=None, help="JSON results; the Markdown table goes beside it")
     a = parser.parse_args()
     if a.worker:

@@ -127,8 +127,10 @@ void start_at_mean(bb::BertForSequenceClassificationImpl& bert, const std::vecto
 bb::BertForSequenceClassification load_backbone(const Flags& flags, const dt::GlueTask& task, int64_t vocab_size,
                                                 const Encoded& train) {
   torch::manual_seed(uint64_t(flags.seed));
+  const auto dtype = finetune::frozen_dtype(flags, finetune::parse_methods(flags.method));
   auto bert = flags.model.empty() ? bb::BertForSequenceClassification(tiny_config(vocab_size, task.num_labels()))
-                                  : bb::load_bert_classifier(flags.model, task.num_labels());
+                                  : bb::load_bert_classifier(flags.model, task.num_labels(), true, dtype);
+  dt::set_frozen_dtype(*bert, dtype);  // the tiny one's (a loaded one is already)
   if (task.regression()) start_at_mean(*bert, train.labels);
   bert->train();  // dropout while tuning; predict() switches to eval
   return bert;

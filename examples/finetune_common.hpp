@@ -52,6 +52,7 @@ struct Flags {
   int64_t threads = 0;           // 0: 1 on the built-in task (small matrices), else LibTorch's default
   std::string combine;           // finetune_bert: earlier runs whose LoRA deltas are combined, not trained
   std::string combine_how = "ties";
+  std::string precision = "fp32";  // fp32, or bf16: the frozen backbone stored in bfloat16
   std::string combine_weights;   // one per run; empty: 1 each
   double density = 0.5;          // ties, dare_*, magnitude_prune: the share of entries kept
   bool resume = false;
@@ -76,6 +77,9 @@ inline const char* const kCommonUsage = R"(  --data DIR           GLUE task fold
   --lora-r N           LoRA rank (default 8; at most the model's width)
   --virtual-tokens N   prompt / prefix length (default 100 / 30, prompt 20 on BERT; at most 1024)
   --threads N          CPU threads (default 1 on the built-in task, else LibTorch's)
+  --precision P        fp32 or bf16: the frozen backbone's weights in bfloat16 (half the memory, the CPU's
+                       bf16 products), the deltas, head and optimizer state in float32; with --method full,
+                       bf16 autocast over float32 weights (default fp32; fp16 needs CUDA and loss scaling)
   --train-size N, --dev-size N   the built-in task's size (default 3000, 400)
   --out DIR            log.jsonl, curves.png, best/, last/, delta/, results.json
   --resume             continue from <out>/last/
@@ -131,7 +135,7 @@ inline std::optional<Flags> parse_flags(int argc, char** argv, Flags f) {
                                               {"--data", &f.data},   {"--task", &f.task},
                                               {"--method", &f.method}, {"--out", &f.out},
                                               {"--combine", &f.combine}, {"--combine-how", &f.combine_how},
-                                              {"--combine-weights", &f.combine_weights}};
+                                              {"--combine-weights", &f.combine_weights}, {"--precision", &f.precision}};
   std::map<std::string, int64_t*> ints{{"--epochs", &f.epochs},         {"--batch-size", &f.batch_size},
                                        {"--max-steps", &f.max_steps},   {"--seed", &f.seed},
                                        {"--max-length", &f.max_length}, {"--max-train", &f.max_train},
@@ -162,6 +166,11 @@ inline std::optional<Flags> parse_flags(int argc, char** argv, Flags f) {
       f.density = x;
     } else throw UsageError(fmt::format("unknown flag '{}' (see --help)", flag));
   }
+  if (f.precision == "fp16")
+    throw UsageError("--precision fp16: float16 needs CUDA and loss scaling, and these examples train on the CPU; use "
+                     "bf16 (same memory, float32's range)");
+  if (f.precision != "fp32" && f.precision != "bf16")
+    throw UsageError(fmt::format("--precision {}: choose fp32 or bf16", f.precision));
   if (f.data.empty() != f.model.empty())
     throw UsageError("give --model and --data together (a GLUE folder needs a pretrained model and its tokenizer), "
                      "or neither for the built-in task");
@@ -425,10 +434,23 @@ inline void add_method(dt::DeltaModel& model, const std::string& method, const F
   model.add(method, dt::builtin_methods().preset(method).make(sizes));
 }
 
+// --precision: the dtype the frozen backbone's weights are stored in. With --method full
+// every weight trains, in float32, and bf16 is autocast's instead (Trainer's bf16 option).
+inline bool trains_every_weight(const std::vector<std::string>& methods) {
+  return std::find(methods.begin(), methods.end(), "full") != methods.end();
+}
+inline torch::ScalarType frozen_dtype(const Flags& flags, const std::vector<std::string>& methods) {
+  return flags.precision == "bf16" && !trains_every_weight(methods) ? torch::kBFloat16 : torch::kFloat;
+}
+inline std::string precision_line(const Flags& flags, const std::vector<std::string>& methods) {
+  if (flags.precision != "bf16") return "precision: float32\n";
+  if (trains_every_weight(methods)) return "precision: bf16 autocast (products in bfloat16, every weight in float32)\n";
+  return "precision: bf16 (the frozen backbone's weights in bfloat16; deltas, head and optimizer state in float32)\n";
+}
+
 // What the run does to the pretrained backbone, for the line that names it.
 inline std::string backbone_role(const std::vector<std::string>& methods) {
-  return std::find(methods.begin(), methods.end(), "full") != methods.end() ? "every weight trained (--method full)"
-                                                                            : "frozen";
+  return trains_every_weight(methods) ? "every weight trained (--method full)" : "frozen";
 }
 
 // "--method adapter+bitfit" -> {adapter, bitfit}. Each step takes the longest method name that
@@ -513,7 +535,7 @@ inline void report(const Flags& flags, const dt::GlueTask& task, dt::DeltaModel&
       {"share_percent", share}, {"seconds_per_epoch", per_epoch}, {"epochs_timed", summary.seconds_per_epoch.size()},
       {"peak_rss_mb", summary.peak_rss_bytes / (1024 * 1024)}, {"train_examples", train_examples}, {"epochs", epochs},
       {"lr", lr}, {"head_lr", head_parameters ? nlohmann::json(flags.head_lr > 0 ? flags.head_lr : lr) : nlohmann::json()},
-      {"steps", summary.steps}, {"reload_ok", reload_ok}, {"command", flags.command}};
+      {"steps", summary.steps}, {"reload_ok", reload_ok}, {"precision", flags.precision}, {"command", flags.command}};
   dt::detail::write_text_atomically(flags.out + "/results.json", results.dump(2) + "\n", "results.json");
 }
 
@@ -537,7 +559,7 @@ int tune(const Flags& flags, Job<Batch>& job) {
   const int64_t updates = flags.max_steps > 0 ? flags.max_steps
                           : epochs * ((job.train_examples + flags.batch_size - 1) / flags.batch_size);
   const int64_t warmup = std::min<int64_t>(job.builtin ? 10 : 500, updates / 10);
-  std::cout << model.summary();
+  std::cout << model.summary() << precision_line(flags, methods);
   std::cout << fmt::format("hyper-parameters: method {}, lr {:g} ({}){}{}, {}, batch {}, AdamW, linear decay, warm-up "
                            "{} updates, seed {}\n", flags.method, lr, flags.lr > 0 ? "given" : "the method's default",
                            flags.head_lr > 0 ? fmt::format(", head lr {:g}", flags.head_lr) : "",
@@ -560,7 +582,8 @@ int tune(const Flags& flags, Job<Batch>& job) {
                                  .loraplus_lr_ratio(flags.loraplus_ratio)
                                  .lr_groups(head_lr_groups(flags, job))
                                  .warmup_steps(warmup).seed(uint64_t(flags.seed)).output_dir(flags.out)
-                                 .resume(flags.resume),
+                                 .resume(flags.resume)
+                                 .bf16(flags.precision == "bf16" && trains_every_weight(methods)),
                              model.named_trainable_parameters(), job.loss_fn, job.batches, evaluate, save_all);
   const auto summary = trainer.fit();
   if (predictions.empty()) predictions = job.predict();  // a resumed run that had finished already

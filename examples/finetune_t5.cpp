@@ -210,7 +210,7 @@ int run(const Flags& flags) {
   bb::T5Model t5{nullptr};
   const bool pretrain_here = builtin && !(flags.resume && std::filesystem::exists(backbone_path));
   if (!builtin) {
-    t5 = bb::load_t5(flags.model);
+    t5 = bb::load_t5(flags.model, bb::T5LoadOptions().dtype(finetune::frozen_dtype(flags, methods)));
     std::cout << fmt::format("backbone: {} (pretrained, {})\n", flags.model, finetune::backbone_role(methods));
   } else if (!pretrain_here) {
     t5 = load_backbone(backbone_path, tok->vocab_size());
@@ -228,6 +228,7 @@ int run(const Flags& flags) {
       pretrain_small_t5(t5, denoising_data(train_ids, tok->mask_id(), uint64_t(flags.seed)), flags);
     save_backbone(t5, backbone_path);
   }
+  dt::set_frozen_dtype(*t5, finetune::frozen_dtype(flags, methods));  // the built-in T5's, after pretraining in float32
   t5->train();  // dropout while tuning; predict() switches to eval
 
   // Delta, and the run.
@@ -247,6 +248,7 @@ int run(const Flags& flags) {
   job.predict = [&] { return predict(t5, *tok, task, dev_ids, 128); };
   job.predict_reloaded = [&](const std::string& dir) {
     auto fresh = builtin ? load_backbone(backbone_path, tok->vocab_size()) : bb::load_t5(flags.model);
+    dt::set_frozen_dtype(*fresh, finetune::frozen_dtype(flags, methods));
     dt::DeltaModel reloaded(fresh);
     for (const auto& m : methods) reloaded.load(m, dir + "/" + m);  // rebuilt from the saved files alone
     return predict(fresh, *tok, task, dev_ids, 128);

@@ -69,6 +69,24 @@ inline double relative_difference(const torch::Tensor& actual, const torch::Tens
   return scale > 0 ? difference / scale : difference;
 }
 
+// Checks a half-precision `actual` against the reference computed at that precision
+// (transformers with the weights loaded in bf16), relative to the reference's scale: within
+// twice the reference's own rounding error, its distance from its float32 output, and at
+// least one bf16 step (2^-8). Half precision rounds every operation, and two correct
+// implementations round in other places; a real defect (a wrong scale, a float32 delta
+// added in the wrong place) is many times that error.
+inline void check_half_matches(const torch::Tensor& actual, const torch::Tensor& expected_half,
+                               const torch::Tensor& expected_float32, const std::string& what) {
+  CATCH_INFO(what);
+  CATCH_CHECK(actual.scalar_type() == expected_half.scalar_type());
+  const double reference_error = relative_difference(expected_half, expected_float32);
+  const double tol = std::max(2 * reference_error, 1.0 / 256);
+  const double difference = relative_difference(actual, expected_half);
+  CATCH_INFO("relative difference " << difference << ", tolerance " << tol << " (the reference's own error "
+                                    << reference_error << ")");
+  CATCH_CHECK(difference <= tol);
+}
+
 // Checks `actual` against a reference computed by transformers, peft or adapters: relative
 // to the reference's scale, at the tolerance of the dtype both sides computed in.
 inline void check_matches(const torch::Tensor& actual, const torch::Tensor& expected, const std::string& what) {
@@ -107,6 +125,14 @@ inline double gradcheck(const std::function<torch::Tensor(const std::vector<torc
     }
   }
   return worst;
+}
+
+// Whether the CUDA cases can run here; where they cannot, says so in the words ctest reports
+// as skipped (tests/CMakeLists.txt), once per test case.
+inline bool cuda_or_skip() {
+  if (torch::cuda::is_available()) return true;
+  CATCH_WARN("CUDA tests skipped: no GPU visible");
+  return false;
 }
 
 // A fresh folder under the system temp folder, removed with all it holds when the test ends.

@@ -8,6 +8,7 @@
 #include <deltatune/kernels/kron_sum.hpp>    // kron_sum, kron_sum_matmul: Kronecker sums with their own backward
 
 #include <deltatune/core/delta.hpp>          // DeltaModule and its families: WeightDelta, ActivationDelta, InputDelta
+#include <deltatune/core/precision.hpp>      // set_frozen_dtype: a bf16 backbone with float32 deltas (mixed precision)
 #include <deltatune/core/site.hpp>           // Sites: FrozenLinear, OutputSite, AttentionSite, PromptSite; find_sites, SitePattern
 #include <deltatune/core/recipe.hpp>         // DeltaRecipe, RecipeBase: how a method attaches; default sites per model_type
 #include <deltatune/core/method_table.hpp>   // MethodTable, MethodInfo, MethodPreset: one row per method

@@ -133,6 +133,26 @@ CATCH_TEST_CASE("F16 and BF16 folders load into float32 and match within 1e-5", 
   check_matches(bf16, *dir, "reg_bf16", "labels_reg");
 }
 
+CATCH_TEST_CASE("BERT loaded in bfloat16 computes in bf16 and matches transformers' bf16 forward",
+                "[bert][golden][precision]") {
+  const auto dir = dt::testing::golden_dir("bert");
+  if (!dir) return;
+  auto model = bb::load_bert_classifier((*dir / "cls").string(), std::nullopt, true, torch::kBFloat16);
+  for (const auto& p : model->bert->parameters()) CATCH_CHECK(p.scalar_type() == torch::kBFloat16);
+  for (const auto& p : model->classifier->parameters()) CATCH_CHECK(p.scalar_type() == torch::kFloat);  // trained
+  const auto x = read(*dir / "inputs.safetensors");
+  const auto half = read(*dir / "cls_bf16_forward.safetensors"), full = read(*dir / "cls.safetensors");
+  torch::NoGradGuard no_grad;
+  auto out = model(x.at("input_ids"), x.at("attention_mask"), x.at("token_type_ids"), x.at("labels_cls"));
+  dt::testing::check_half_matches(out.bert.last_hidden_state, half.at("last_hidden_state"), full.at("last_hidden_state"),
+                                  "last_hidden_state");
+  dt::testing::check_half_matches(out.bert.pooler_output, half.at("pooler_output"), full.at("pooler_output"),
+                                  "pooler_output");
+  dt::testing::check_half_matches(out.logits, half.at("logits"), full.at("logits"), "logits");
+  CATCH_CHECK(out.loss.scalar_type() == torch::kFloat);  // over the bf16 logits, in float32
+  CATCH_CHECK(std::abs(out.loss.item<double>() - full.at("loss").item<double>()) < 0.02 * full.at("loss").item<double>());
+}
+
 CATCH_TEST_CASE("a bare BertModel checkpoint gets a fresh, trainable classifier", "[bert][golden]") {
   const auto dir = dt::testing::golden_dir("bert");
   if (!dir) return;

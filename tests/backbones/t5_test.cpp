@@ -109,6 +109,36 @@ CATCH_TEST_CASE("T5 from Hugging Face folders and TorchScript archives matches t
   CATCH_CHECK(plain_dropouts > 0);
 }
 
+// bf16 and fp16 (on the CPU here; CUDA is where fp16 trains). In fp16, wo stays float32 as in
+// transformers, so the residual stream runs in float32 after the first feed-forward, as there.
+CATCH_TEST_CASE("T5 loaded in bf16 or fp16 matches transformers' forward at that precision", "[t5][golden][precision]") {
+  const auto dir = dt::testing::golden_dir("t5");
+  if (!dir) return;
+  for (const std::string name : {"v1_0", "v1_1"}) {
+    for (const auto& [dtype, prefix] : {std::pair(torch::kBFloat16, "bf16"), std::pair(torch::kHalf, "fp16")}) {
+      CATCH_INFO(name << " " << prefix);
+      const auto io = dt::read_safetensors((*dir / name / "io.safetensors").string()).tensors;
+      auto model = bb::load_t5((*dir / name / "hf").string(), bb::T5LoadOptions().dtype(dtype));
+      for (const auto& p : model->named_parameters()) {
+        const bool kept = dtype == torch::kHalf && p.key().find(".wo.") != std::string::npos;
+        CATCH_CHECK(p.value().scalar_type() == (kept ? torch::kFloat : dtype));
+      }
+      CATCH_CHECK(io.at(std::string(prefix) + "_wo_dtype").item<bool>() == (dtype == torch::kHalf));
+      torch::NoGradGuard no_grad;
+      const auto out = model->forward(io.at("input_ids"), io.at("attention_mask"), {}, io.at("labels"));
+      const auto p = std::string(prefix) + "_";
+      dt::testing::check_half_matches(out.encoder_last_hidden_state, io.at(p + "encoder_hidden"),
+                                      io.at("encoder_hidden"), "encoder hidden");
+      dt::testing::check_half_matches(out.decoder_last_hidden_state, io.at(p + "decoder_hidden"),
+                                      io.at("decoder_hidden"), "decoder hidden");
+      dt::testing::check_half_matches(out.logits, io.at(p + "logits"), io.at("logits"), "logits");
+      CATCH_CHECK(out.loss.scalar_type() == torch::kFloat);  // over the half-precision logits, in float32
+      CATCH_CHECK(std::abs(out.loss.item<double>() - io.at("loss").item<double>()) <
+                  0.02 * io.at("loss").item<double>());
+    }
+  }
+}
+
 CATCH_TEST_CASE("T5 reports every checkpoint mismatch in one error, and config errors by key", "[t5][golden]") {
   const auto dir = dt::testing::golden_dir("t5");
   if (!dir) return;

@@ -331,10 +331,7 @@ CATCH_TEST_CASE("Prompts of different lengths share a mixed batch with other del
 
 CATCH_TEST_CASE("On CUDA, every routable method's rows in one mixed batch equal each row run alone, in float64",
                 "[routing][cuda]") {
-  if (!torch::cuda::is_available()) {
-    CATCH_WARN("CUDA tests skipped: no GPU visible");
-    return;
-  }
+  if (!dt::testing::cuda_or_skip()) return;
   // The gathered products, the bottleneck adapters' Kronecker sums (the CUDA kernels) and the
   // prompts' slots on the GPU.
   const std::vector<std::string> names = {"lora_r2", "lora_r4", "vera",      "houlsby", "pfeiffer",

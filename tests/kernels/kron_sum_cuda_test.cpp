@@ -92,13 +92,6 @@ torch::Tensor oracle_grad_B(const torch::Tensor& G, const torch::Tensor& A, cons
   return torch::einsum("aibj,kab->kij", {oracle_blocks(G, s), A.cpu().to(torch::kFloat64)});
 }
 
-// Whether the CUDA cases can run here; warns once per test case when they cannot.
-bool gpu_visible() {
-  if (torch::cuda::is_available()) return true;
-  CATCH_WARN("CUDA tests skipped: no GPU visible");
-  return false;
-}
-
 }  // namespace
 #endif
 
@@ -114,7 +107,7 @@ CATCH_TEST_CASE("the CUDA kron_sum kernels are registered by linking deltatune::
 
 CATCH_TEST_CASE("CUDA kron_sum kernels equal the float64 oracle", "[kron_sum][cuda]") {
 #ifdef DELTATUNE_TESTS_HAVE_CUDA
-  if (!gpu_visible()) return;
+  if (!dt::testing::cuda_or_skip()) return;
   // CUDA tensors dispatch to the registered kernels.
   CATCH_CHECK(std::string(dt::detail::kron_sum_kernels_for(torch::randn({2, 2, 2}, torch::kCUDA)).name) == "cuda");
   const auto& kernels = *dt::detail::registered_cuda_kernels();

@@ -8,6 +8,7 @@ Written into out_dir:
   cls.pt, reg.pt                            torch.jit.trace archives, config.json as an extra file
   inputs.safetensors                        input_ids, attention_mask, token_type_ids, labels_cls, labels_reg
   <model>.safetensors                       last_hidden_state, pooler_output, logits, loss per model
+  cls_bf16_forward.safetensors              the same of cls/ loaded in bfloat16 (torch_dtype), computed in bf16
 The F16 / BF16 folders come with outputs of the float32 model whose weights went through
 that dtype and back, which is what a loader into float32 computes: they compare at 1e-5 too.
 """
@@ -77,6 +78,8 @@ def make(out_dir: Path, shared_data: Path):
     save_file(run(cls, x, x["labels_cls"]), str(out_dir / "cls.safetensors"))
     save_file(run(through(cls, torch.float16), x, x["labels_cls"]), str(out_dir / "cls_f16.safetensors"))
     trace(cls, x, out_dir / "cls.pt")
+    bf16 = BertForSequenceClassification.from_pretrained(out_dir / "cls", torch_dtype=torch.bfloat16).eval()
+    save_file(run(bf16, x, x["labels_cls"]), str(out_dir / "cls_bf16_forward.safetensors"))
 
     torch.manual_seed(1)
     reg = BertForSequenceClassification(tiny_config(1)).eval()

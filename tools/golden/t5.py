@@ -11,7 +11,10 @@ its generation cache by num_layers, so the decoder is the smaller stack). Per mo
                  with config.json as an extra file
   io.safetensors inputs and HF's outputs: encoder_hidden, decoder_hidden, logits, loss,
                  generated (greedy ids); half_* the same for the half-precision weights
-                 (computed in float32 from the rounded weights)
+                 (computed in float32 from the rounded weights); bf16_* and fp16_*
+                 encoder_hidden, decoder_hidden, logits and loss of the hf/ model loaded in
+                 bfloat16 or float16 (from_pretrained(torch_dtype=...), which keeps the
+                 feed-forward wo in float32 for float16), computed at that precision
 """
 import json
 from pathlib import Path
@@ -66,6 +69,17 @@ def outputs(model, input_ids, attention_mask, labels):
             "logits": out.logits, "loss": out.loss.reshape(1), "generated": generated}
 
 
+def half_outputs(folder, dtype, prefix, input_ids, attention_mask, labels):
+    """transformers' forward with the weights loaded in a half dtype, as a half-precision backbone runs."""
+    model = T5ForConditionalGeneration.from_pretrained(folder, torch_dtype=dtype).eval()
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_hidden_states=True)
+    return {f"{prefix}_encoder_hidden": out.encoder_last_hidden_state,
+            f"{prefix}_decoder_hidden": out.decoder_hidden_states[-1], f"{prefix}_logits": out.logits,
+            f"{prefix}_loss": out.loss.reshape(1), f"{prefix}_wo_dtype": torch.tensor(
+                [model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32])}
+
+
 def randomise(model):
     """Random weights far from HF's initialisation so that every path matters: layer norm
     weights away from 1, relative biases large enough to change the attention."""
@@ -92,6 +106,8 @@ def make_model(name, overrides, half, out_dir, seed):
     tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                "decoder_input_ids": decoder_input_ids}
     tensors.update(outputs(model, input_ids, attention_mask, labels))
+    tensors.update(half_outputs(d / "hf", torch.bfloat16, "bf16", input_ids, attention_mask, labels))
+    tensors.update(half_outputs(d / "hf", torch.float16, "fp16", input_ids, attention_mask, labels))
 
     traced = torch.jit.trace(Logits(model), (input_ids, attention_mask, decoder_input_ids), check_trace=False)
     torch.jit.save(traced, str(d / "model.pt"), _extra_files={"config.json": config.to_json_string()})

@@ -23,6 +23,7 @@
 #include <deltatune/core/error.hpp>
 #include <deltatune/core/json_file.hpp>
 #include <deltatune/core/memory.hpp>
+#include <deltatune/core/precision.hpp>
 #include <deltatune/core/site.hpp>
 
 namespace deltatune::backbones {
@@ -109,6 +110,15 @@ inline torch::nn::LayerNorm bert_layer_norm(const backbones::BertConfig& c) {
   return torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.hidden_size()}).eps(c.layer_norm_eps()));
 }
 
+// norm(x) in x's precision (its statistics in float32 either way): a weight and bias stored in
+// another dtype (trained float32 ones on a bf16 backbone, or bf16 ones meeting a float32
+// delta's sum) are cast for it, as autocast would.
+inline torch::Tensor layer_norm(const torch::nn::LayerNorm& norm, const torch::Tensor& x) {
+  const auto& o = norm->options;
+  return torch::layer_norm(x, o.normalized_shape(), detail::at_precision_of(x, norm->weight),
+                           detail::at_precision_of(x, norm->bias), o.eps());
+}
+
 }  // namespace deltatune::detail
 
 namespace deltatune::backbones {
@@ -178,7 +188,8 @@ class BertEmbeddingsImpl : public torch::nn::Module, public PromptSite {
     if (prompts > 0) types = torch::cat({torch::zeros({batch, prompts}, types.options()), types}, 1);
     auto positions = torch::arange(first_position, first_position + length, input_ids.options().dtype(torch::kLong));
     if (in.start.defined()) positions = (positions.unsqueeze(0) - in.start.unsqueeze(1)).clamp_min(first_position);
-    in.embeds = dropout(layer_norm(in.embeds + token_type_embeddings(types) + position_embeddings(positions)));
+    in.embeds = dropout(
+        detail::layer_norm(layer_norm, in.embeds + token_type_embeddings(types) + position_embeddings(positions)));
     return in;  // the sum in transformers' order
   }
 
@@ -243,7 +254,8 @@ class BertSublayerOutputImpl : public torch::nn::Module, public OutputSite {
 
   // hidden (B, T, in), input_tensor (B, T, d) the sublayer's input -> (B, T, d).
   torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& input_tensor) {
-    return finish(dropout(dense(hidden)), input_tensor, [this](const torch::Tensor& t) { return layer_norm(t); });
+    return finish(dropout(dense(hidden)), input_tensor,
+                  [this](const torch::Tensor& t) { return detail::layer_norm(layer_norm, t); });
   }
 
   FrozenLinear dense{nullptr};
@@ -403,6 +415,8 @@ inline torch::Tensor sequence_classification_loss(const torch::Tensor& logits, c
     problem = c.num_labels() == 1 ? "regression"
               : labels.is_floating_point() ? "multi_label_classification"
                                            : "single_label_classification";
+  if (is_half(logits.scalar_type()))  // the loss in float32 (precision.hpp)
+    return sequence_classification_loss(logits.to(torch::kFloat), labels, c);
   if (problem == "regression") {
     auto target = labels.to(logits.dtype());
     return c.num_labels() == 1 ? torch::mse_loss(logits.squeeze(), target.squeeze()) : torch::mse_loss(logits, target);
@@ -479,9 +493,13 @@ inline LoadOptions::NamePairs bert_legacy_names(torch::nn::Module& model) {
 // A BertModel from a checkpoint read by read_checkpoint (a Hugging Face folder or a
 // TorchScript archive) of a BertModel, or of a model holding one under "bert." such as
 // BertForSequenceClassification; in eval mode, frozen. Missing, unexpected or mis-shaped
-// tensors throw one CheckpointError listing them. lean_dropout: BertConfig::lean_dropout.
-inline BertModel load_bert(const Checkpoint& checkpoint, bool lean_dropout = true) {
+// tensors throw one CheckpointError listing them. lean_dropout: BertConfig::lean_dropout;
+// dtype: what the frozen weights are stored in, whatever the checkpoint's (bfloat16 for half the
+// memory, deltas then training in float32: precision.hpp).
+inline BertModel load_bert(const Checkpoint& checkpoint, bool lean_dropout = true,
+                           torch::ScalarType dtype = torch::kFloat) {
   BertModel model(bert_config(checkpoint).lean_dropout(lean_dropout));
+  set_frozen_dtype(*model, dtype);
   auto ignored = bert_ignored_tensors();
   ignored.push_back(R"(^classifier\.)");
   load_parameters(*model, checkpoint,
@@ -491,20 +509,23 @@ inline BertModel load_bert(const Checkpoint& checkpoint, bool lean_dropout = tru
 }
 
 //   auto bert = deltatune::backbones::load_bert("all-MiniLM-L6-v2");  // a folder or a .pt archive
-inline BertModel load_bert(const std::string& path, bool lean_dropout = true) {
-  return load_bert(read_checkpoint(path), lean_dropout);
+inline BertModel load_bert(const std::string& path, bool lean_dropout = true, torch::ScalarType dtype = torch::kFloat) {
+  return load_bert(read_checkpoint(path), lean_dropout, dtype);
 }
 
 // A BertForSequenceClassification from a checkpoint of one (names under "bert.") or of a
 // bare BertModel (its classifier then freshly initialised, as transformers does), in eval
 // mode with the backbone frozen and the classifier trainable. num_labels defaults to the
-// config's (its id2label); a classifier of another size in the checkpoint is an error.
+// config's (its id2label); a classifier of another size in the checkpoint is an error. dtype:
+// the frozen backbone's, as load_bert's; the classifier, trained, stays float32.
 inline BertForSequenceClassification load_bert_classifier(const Checkpoint& checkpoint,
                                                           std::optional<int64_t> num_labels = std::nullopt,
-                                                          bool lean_dropout = true) {
+                                                          bool lean_dropout = true,
+                                                          torch::ScalarType dtype = torch::kFloat) {
   auto config = bert_config(checkpoint).lean_dropout(lean_dropout);
   if (num_labels) config.num_labels(*num_labels);
   BertForSequenceClassification model(config);
+  set_frozen_dtype(*model, dtype);
   auto options = LoadOptions()
                      .module_prefixes({"bert."})
                      .aliases(bert_legacy_names(*model))
@@ -517,8 +538,9 @@ inline BertForSequenceClassification load_bert_classifier(const Checkpoint& chec
 
 inline BertForSequenceClassification load_bert_classifier(const std::string& path,
                                                           std::optional<int64_t> num_labels = std::nullopt,
-                                                          bool lean_dropout = true) {
-  return load_bert_classifier(read_checkpoint(path), num_labels, lean_dropout);
+                                                          bool lean_dropout = true,
+                                                          torch::ScalarType dtype = torch::kFloat) {
+  return load_bert_classifier(read_checkpoint(path), num_labels, lean_dropout, dtype);
 }
 
 }  // namespace deltatune::backbones

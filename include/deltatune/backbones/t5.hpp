@@ -24,6 +24,7 @@
 #include <deltatune/core/error.hpp>
 #include <deltatune/core/json_file.hpp>
 #include <deltatune/core/memory.hpp>
+#include <deltatune/core/precision.hpp>
 #include <deltatune/core/site.hpp>
 
 namespace deltatune::backbones {
@@ -211,8 +212,10 @@ inline T5Config T5Config::from_json(const nlohmann::json& json, const std::strin
   return c;
 }
 
-// RMS layer norm without bias or mean subtraction; with mixed dtypes, as transformers: the
-// statistic in float32, the result in the weight's half precision. A weight site: BitFit
+// RMS layer norm without bias or mean subtraction, its statistic in float32 (torch's rms_norm
+// accumulates half types in float32). A float32 input with a half-precision weight, as
+// transformers: the result in the weight's precision; a half-precision input with a float32
+// weight (trained, on a bf16 backbone): in the input's (precision.hpp). A weight site: BitFit
 // adds the bias T5 leaves out (and merging gives the norm one).
 class T5LayerNormImpl : public torch::nn::Module, public WeightSite {
  public:
@@ -232,7 +235,8 @@ class T5LayerNormImpl : public torch::nn::Module, public WeightSite {
  private:
   torch::Tensor normalize(const torch::Tensor& x) {
     // The fused kernel is the same math, rounded once, and 3x faster forward + backward on CPU.
-    if (x.scalar_type() == weight.scalar_type()) return torch::rms_norm(x, {weight.size(0)}, weight, eps);
+    if (x.scalar_type() == weight.scalar_type() || is_half(x.scalar_type()))
+      return torch::rms_norm(x, {weight.size(0)}, detail::at_precision_of(x, weight), eps);
     auto variance = x.to(torch::kFloat).pow(2).mean(-1, /*keepdim=*/true);
     auto h = x * torch::rsqrt(variance + eps);
     if (weight.scalar_type() == torch::kHalf || weight.scalar_type() == torch::kBFloat16) h = h.to(weight.dtype());
@@ -672,9 +676,10 @@ class T5ModelImpl : public torch::nn::Module, public ReportsModelType {
     out.encoder_last_hidden_state = encoded.hidden;
     out.decoder_last_hidden_state = decoder(shared(decoder_ids), encoded.hidden, encoded.mask);
     out.logits = lm_logits(out.decoder_last_hidden_state);
-    if (labels.defined())
+    if (labels.defined())  // in float32 over half-precision logits (precision.hpp)
       out.loss = torch::nn::functional::cross_entropy(
-          out.logits.reshape({-1, out.logits.size(-1)}), labels.reshape(-1),
+          out.logits.reshape({-1, out.logits.size(-1)}).to(torch::promote_types(out.logits.scalar_type(), torch::kFloat)),
+          labels.reshape(-1),
           torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
     return out;
   }
@@ -752,6 +757,11 @@ struct T5LoadOptions {
   TORCH_ARG(std::vector<std::string>, prefixes) = {"model."};
   // T5Config::lean_dropout of the model built: false runs torch's dropout and attention.
   TORCH_ARG(bool, lean_dropout) = true;
+  // The dtype its frozen weights are stored in, whatever the checkpoint's: float32, or bfloat16
+  // (float16 on CUDA) for half the memory, deltas then training in float32 (precision.hpp). In
+  // float16 the feed-forward wo stays float32, as transformers keeps it (_keep_in_fp32_modules):
+  // its output overflows float16 in pretrained T5s.
+  TORCH_ARG(torch::ScalarType, dtype) = torch::kFloat;
 };
 
 // The name mapping of a T5 checkpoint: embed_tokens copies of `shared`, the tied lm_head and
@@ -764,13 +774,17 @@ inline LoadOptions t5_load_options(const T5Config& config, std::vector<std::stri
 }
 
 // A T5 from a Hugging Face folder (config.json + model.safetensors or a sharded index; F32,
-// F16 or BF16, loaded as float32) or a TorchScript archive (config from its extra file
-// config.json or the options), in eval mode with every weight frozen.
+// F16 or BF16, each loaded as options.dtype) or a TorchScript archive (config from its extra
+// file config.json or the options), in eval mode with every weight frozen.
 inline T5Model load_t5(const std::string& path, const T5LoadOptions& options = {}) {
   const auto checkpoint = read_checkpoint(path);
   const auto config = options.config() ? JsonFields(*options.config(), "T5LoadOptions::config")
                                        : config_fields(checkpoint, "pass T5LoadOptions().config(...)");
   T5Model model(T5Config::from_json(config.json(), config.where()).lean_dropout(options.lean_dropout()));
+  set_frozen_dtype(*model, options.dtype());  // before loading: no float32 copy of a half-precision model
+  if (options.dtype() == torch::kHalf)
+    for (const auto& m : model->modules())
+      if (auto dense = std::dynamic_pointer_cast<T5DenseImpl>(m)) set_frozen_dtype(*dense->wo, torch::kFloat);
   load_parameters(*model, checkpoint, t5_load_options(model->config, options.prefixes()));
   model->eval();
   return model;

@@ -23,6 +23,7 @@
 #include <deltatune/core/error.hpp>
 #include <deltatune/core/json_file.hpp>
 #include <deltatune/core/method_table.hpp>
+#include <deltatune/core/precision.hpp>
 #include <deltatune/core/recipe.hpp>
 #include <deltatune/core/safetensors.hpp>
 #include <deltatune/core/site.hpp>
@@ -203,7 +204,11 @@ class DeltaModel {
       for (const auto& p : backbone_parameters(e))
         released.erase(std::remove_if(released.begin(), released.end(), [&](const torch::Tensor& r) { return r.is_same(p); }),
                        released.end());
-    for (auto& p : released) p.set_requires_grad(false);
+    const auto dtype = frozen_dtype(*backbone_);  // frozen again, stored as the rest of the backbone
+    for (auto& p : released) {
+      p.set_requires_grad(false);
+      if (p.scalar_type() != dtype && p.is_floating_point()) p.set_data(p.detach().to(dtype));
+    }
   }
 
   // Inactive deltas stay attached but take no part in forward passes.
@@ -415,8 +420,9 @@ class DeltaModel {
     return load(name, dir, builtin_methods(BuiltinMethodsTag<Table>{}));
   }
 
-  // The backbone's parameter names, shapes, dtypes and first values, hashed when the
-  // DeltaModel is built: a delta cannot be loaded onto another model, or other weights, by mistake.
+  // The backbone's parameter names, shapes and first values, hashed when the DeltaModel is
+  // built: a delta cannot be loaded onto another model, or other weights, by mistake. Not the
+  // dtype: a delta trained on a bf16 backbone loads onto the float32 one and the reverse.
   const std::string& fingerprint() const { return fingerprint_; }
 
  private:
@@ -438,8 +444,21 @@ class DeltaModel {
     for (const auto* site : matched) entry.attachments.push_back({*site, recipe->make(*site)});
     for (auto& a : entry.attachments) attach(name, a);
     entry.module = register_deltas(name, entry);
-    for (auto& p : backbone_parameters(entry)) p.set_requires_grad(true);
+    place(*entry.module);
+    for (auto& p : backbone_parameters(entry)) {
+      if (is_half(p.scalar_type())) p.set_data(p.detach().to(torch::kFloat));  // trains in float32 (precision.hpp)
+      p.set_requires_grad(true);
+    }
     return entries_[name] = std::move(entry);
+  }
+
+  // New deltas join the backbone's device; on a half-precision backbone they stay in float32,
+  // the precision they train in (precision.hpp).
+  void place(torch::nn::Module& deltas) const {
+    const auto parameters = backbone_->parameters();
+    if (!parameters.empty()) deltas.to(parameters.front().device());
+    for (auto& p : deltas.parameters())
+      if (is_half(p.scalar_type())) p.set_data(p.detach().to(torch::kFloat));
   }
 
   // deltas.<name>: each delta module under its (first) site's path, the shared modules beside.
@@ -719,9 +738,13 @@ class DeltaModel {
     auto mix = [&](const std::string& text) {
       for (unsigned char c : text) hash = (hash ^ c) * 1099511628211ull;
     };
+    // The values rounded to bfloat16 first, as a bf16 backbone stores them: a float32 model
+    // and its bf16 copy hash alike. (A float16 copy of a float32 checkpoint rounds twice and
+    // may not: its deltas load where the checkpoint was float16, or the backbone is.)
     for (const auto& p : backbone_->named_parameters())
-      mix(fmt::format("{}:{}:{}:{:.6e};", p.key(), p.value().sizes(), c10::toString(p.value().scalar_type()),
-                      p.value().detach().flatten().slice(0, 0, 16).to(torch::kFloat64).sum().item<double>()));
+      mix(fmt::format("{}:{}:{:.6e};", p.key(), p.value().sizes(),
+                      p.value().detach().flatten().slice(0, 0, 16).to(torch::kBFloat16).to(torch::kFloat64).sum()
+                          .item<double>()));
     return fmt::format("{:016x}", hash);
   }
 

@@ -25,6 +25,7 @@
 
 #include <deltatune/core/delta.hpp>
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/precision.hpp>
 
 namespace deltatune {
 
@@ -111,7 +112,7 @@ struct GatheredLowRank {
       B = B * torch::tensor(scales, torch::kFloat64).to(B.options()).index_select(0, rows.delta).view({-1, 1, 1});
   }
   torch::Tensor add(const torch::Tensor& x, const torch::Tensor& y) const {
-    return rows.add(y, torch::bmm(torch::bmm(rows.input(x), A.transpose(1, 2)), B.transpose(1, 2)));
+    return rows.add(y, torch::bmm(torch::bmm(rows.input(x).to(A.scalar_type()), A.transpose(1, 2)), B.transpose(1, 2)));
   }
 
  private:
@@ -134,7 +135,7 @@ inline torch::Tensor add_gathered_bottlenecks(const torch::Tensor& x, const torc
     ups.push_back(f.up_weight), up_biases.push_back(f.up_bias), rows.push_back(delta_rows);
   }
   const GatheredRows gathered(rows, x.size(0));
-  const auto xs = gathered.input(x);  // (n, L, d)
+  const auto xs = gathered.input(x).to(downs[0].scalar_type());  // (n, L, d), in the adapters' precision
   if (deltas.size() == 1) {
     namespace F = torch::nn::functional;
     return gathered.add(h, F::linear(act(F::linear(xs, downs[0], down_biases[0])), ups[0], up_biases[0]));
@@ -143,6 +144,14 @@ inline torch::Tensor add_gathered_bottlenecks(const torch::Tensor& x, const torc
                                    gathered.per_row(downs, 0).transpose(1, 2));  // (n, L, m)
   return gathered.add(h, torch::baddbmm(gathered.per_row(up_biases, 0).unsqueeze(1), act(down),
                                         gathered.per_row(ups, 1).transpose(1, 2)));  // (n, L, d)
+}
+
+// f(x) for a delta that computes in its own precision (precision.hpp): x cast to its
+// parameters' dtype where a half-precision activation meets float32 ones, f's result cast back.
+template <class F>
+torch::Tensor in_delta_precision(DeltaModule& delta, const torch::Tensor& x, F&& f) {
+  const auto dtype = delta_precision(delta.module(), x);
+  return dtype ? f(x.to(*dtype)).to(x.scalar_type()) : f(x);
 }
 
 }  // namespace detail
@@ -299,15 +308,28 @@ class WeightSite {
       if (!s.defined()) additive.push_back(delta);
       else scale = scale.defined() ? scale + (s - 1) : s;
     }
-    return add_outputs(x, torch::nn::functional::linear(scale.defined() ? x * scale : x, weight, bias), additive);
+    return add_outputs(x, frozen_linear(scale.defined() ? x * detail::at_precision_of(x, scale) : x), additive);
   }
 
  private:
   using Routed = std::vector<std::pair<WeightDelta*, torch::Tensor>>;
 
+  // x W^T + b in x's precision (a trained float32 weight or bias on a half-precision backbone is
+  // cast for the product, as autocast would).
+  torch::Tensor frozen_linear(const torch::Tensor& x) {
+    return torch::nn::functional::linear(x, detail::at_precision_of(x, weight), detail::at_precision_of(x, bias));
+  }
+
   torch::Tensor add_outputs(const torch::Tensor& x, torch::Tensor y, const std::vector<WeightDelta*>& running) {
-    for (auto* delta : running) y = y + delta->delta_output(x, weight, bias, y);
+    for (auto* delta : running) y = y + output_of(*delta, x, y);
     return y;
+  }
+  // One delta's output on x, y0 the frozen layer's: in the delta's precision, returned in y0's.
+  torch::Tensor output_of(WeightDelta& delta, const torch::Tensor& x, const torch::Tensor& y0) {
+    const auto out = detail::in_delta_precision(delta, x, [&](const torch::Tensor& xs) {
+      return delta.delta_output(xs, weight, bias, y0);
+    });
+    return out.to(y0.scalar_type());
   }
 
   // A mixed batch: each delta's output on its own rows of x (B, ..., in) only, added to
@@ -319,7 +341,7 @@ class WeightSite {
     auto y = plan.gathered ? plan.gathered->add(x, y0) : y0;
     for (const size_t i : plan.one_by_one) {
       const auto& [delta, rows] = routed[i];
-      y = y.index_add(0, rows, delta->delta_output(x.index_select(0, rows), weight, bias, y0.index_select(0, rows)));
+      y = y.index_add(0, rows, output_of(*delta, x.index_select(0, rows), y0.index_select(0, rows)));
     }
     return y;
   }
@@ -360,7 +382,7 @@ class WeightSite {
       else additive.emplace_back(delta, rows);
     }
     const auto input_scale = row_scales(x, in_features, input_scales);
-    auto y = torch::nn::functional::linear(input_scale.defined() ? x * input_scale : x, weight, bias);
+    auto y = frozen_linear(input_scale.defined() ? x * input_scale : x);
     if (const auto output_scale = row_scales(y, out_features, output_scales); output_scale.defined()) y = y * output_scale;
     return add_routed_outputs(x, y, additive);
   }
@@ -381,7 +403,8 @@ class WeightSite {
   // Adds dW and db (computed before either changes: IA3's db reads the bias).
   void fold(const torch::Tensor& dW, const torch::Tensor& db) {
     // A bias delta on a layer without one (BitFit on T5) gives it a frozen bias to fold into.
-    if (db.defined() && !bias.defined()) bias = owner_->register_parameter("bias", torch::zeros_like(db), false);
+    if (db.defined() && !bias.defined())
+      bias = owner_->register_parameter("bias", torch::zeros_like(db, weight.options()), false);
     weight.add_(dW);
     if (db.defined()) bias.add_(db);
   }
@@ -445,8 +468,18 @@ class OutputSite {
     if (output_deltas.routing()) return finish_routed(h, residual, layer_norm);
     const auto running = output_deltas.running();
     if (running.empty()) return ActivationDelta::end_sublayer(h, residual, layer_norm);
-    for (size_t i = 0; i + 1 < running.size(); ++i) h = running[i]->forward(h);
-    return running.back()->forward_sublayer(h, residual, layer_norm);
+    for (size_t i = 0; i + 1 < running.size(); ++i)
+      h = detail::in_delta_precision(*running[i], h, [&](const torch::Tensor& x) { return running[i]->forward(x); });
+    return delta_sublayer(*running.back(), h, residual, layer_norm);
+  }
+
+  // The sublayer's end through `delta`, in its precision: h and the residual cast to it, the
+  // layer norm taking them in it, the end cast back.
+  static torch::Tensor delta_sublayer(ActivationDelta& delta, const torch::Tensor& h, const torch::Tensor& residual,
+                                      const LayerNormFn& layer_norm) {
+    return detail::in_delta_precision(delta, h, [&](const torch::Tensor& x) {
+      return delta.forward_sublayer(x, residual.to(x.scalar_type()), layer_norm);
+    });
   }
 
   // A mixed batch: h and residual (B, T, d). Bottleneck adapters add f(x) to their own rows
@@ -470,8 +503,8 @@ class OutputSite {
     }
     auto out = ActivationDelta::end_sublayer(hidden, residual, layer_norm);
     for (const auto& [delta, rows] : own)
-      out = out.index_copy(0, rows, delta->forward_sublayer(h.index_select(0, rows), residual.index_select(0, rows),
-                                                            layer_norm));
+      out = out.index_copy(0, rows, delta_sublayer(*delta, h.index_select(0, rows), residual.index_select(0, rows),
+                                                   layer_norm));
     return out;
   }
 };

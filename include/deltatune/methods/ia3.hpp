@@ -66,7 +66,8 @@ class IA3Impl : public torch::nn::Cloneable<IA3Impl>, public WeightDelta {
   torch::Tensor delta_output(const torch::Tensor& x, const torch::Tensor& base_weight, const torch::Tensor&,
                              const torch::Tensor& base_output) override {
     check_features(base_weight);
-    if (options.feedforward()) return torch::nn::functional::linear(x * (ia3_l - 1), base_weight);
+    if (options.feedforward())  // a bf16 backbone's weight in the float32 delta's precision (precision.hpp)
+      return torch::nn::functional::linear(x * (ia3_l - 1), base_weight.to(x.scalar_type()));
     return base_output * (ia3_l - 1);
   }
   torch::Tensor input_scale(const torch::Tensor& base_weight) override {

@@ -159,7 +159,8 @@ class LoRAImpl : public torch::nn::Cloneable<LoRAImpl>, public WeightDelta {
       return low_rank - torch::matmul(torch::matmul(x, lora_A_init.t()) * scaling(), lora_B_init.t());
     if (!options.use_dora()) return low_rank;
     auto g = lora_magnitude_vector / dora_norm(base_weight);
-    auto base = dropping ? torch::nn::functional::linear(h, base_weight)
+    // A bf16 backbone's weight meets the float32 delta's input in the input's precision (precision.hpp).
+    auto base = dropping ? torch::nn::functional::linear(h, base_weight.to(h.scalar_type()))
                          : (base_bias.defined() ? base_output - base_bias : base_output);
     return (g - 1) * base + g * low_rank;
   }

@@ -1,0 +1,71 @@
+// Mixed precision: a frozen backbone stored in bfloat16 (or float16 on CUDA), half the bytes
+// of float32, with its products on the CPU's and GPU's half-precision units, while what trains
+// stays float32 (the deltas, the backbone parameters a method trains, a task head): an update
+// of 1e-4 to a weight of 1 vanishes in bf16's 8 bits. Sites meet the two precisions:
+// - the backbone's own layers compute in the activation's precision, a float32 trained weight
+//   cast to it for the operation (what autocast does), its gradient reaching the float32 tensor;
+// - a delta computes in its parameters' float32, its input cast up and its output cast back
+//   (peft's autocast_adapter_dtype keeps adapters in float32 the same way).
+// The numerically sensitive steps stay float32 where transformers keeps them: layer norm
+// statistics, softmax accumulation, the loss.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <optional>
+
+#include <deltatune/core/error.hpp>
+
+namespace deltatune {
+
+inline bool is_half(torch::ScalarType dtype) { return dtype == torch::kBFloat16 || dtype == torch::kHalf; }
+
+// Stores `module`'s frozen floating parameters and floating buffers in `dtype`; those that
+// require grad (deltas, a task head, what a method trains) keep theirs. Load a backbone in
+// bf16 this way, before its deltas are added (DeltaModel keeps what it trains in float32):
+//   deltatune::set_frozen_dtype(*t5, torch::kBFloat16);  // or T5LoadOptions().dtype(...)
+inline void set_frozen_dtype(torch::nn::Module& module, torch::ScalarType dtype) {
+  detail::check<OptionError>(c10::isFloatingType(dtype), "set_frozen_dtype: {} is not a floating dtype",
+                             c10::toString(dtype));
+  torch::NoGradGuard no_grad;
+  auto convert = [&](torch::Tensor& t) {
+    if (t.defined() && t.is_floating_point() && t.scalar_type() != dtype) t.set_data(t.to(dtype));
+  };
+  for (auto& p : module.parameters())
+    if (!p.requires_grad()) convert(p);
+  for (auto& b : module.buffers()) convert(b);
+}
+
+// The dtype `module` stores its frozen weights in: that of its first frozen floating
+// parameter; float32 where it has none.
+inline torch::ScalarType frozen_dtype(const torch::nn::Module& module) {
+  for (const auto& p : module.parameters())
+    if (!p.requires_grad() && p.is_floating_point()) return p.scalar_type();
+  return torch::kFloat;
+}
+
+namespace detail {
+
+// `t` (a weight, bias or scale) as a backbone operation on activation `x` takes it: in x's
+// dtype. Only mixed precision stores them apart: a float32 trained tensor meeting a bf16
+// activation is cast down (its gradient reaching it in float32), a bf16 frozen one meeting
+// a float32 activation (where a method trains the embeddings) up.
+inline torch::Tensor at_precision_of(const torch::Tensor& x, const torch::Tensor& t) {
+  if (!t.defined() || t.scalar_type() == x.scalar_type() || !t.is_floating_point() || !x.is_floating_point())
+    return t;
+  return t.to(x.scalar_type());
+}
+
+// The dtype a delta computes in when activation `x` reaches it: its parameters' where x is
+// half precision and they are not; nullopt where no cast is needed (the same dtype, or a
+// float32 or float64 activation, which deltas always take as it is).
+inline std::optional<torch::ScalarType> delta_precision(torch::nn::Module& delta, const torch::Tensor& x) {
+  if (!is_half(x.scalar_type())) return std::nullopt;
+  for (const auto& p : delta.parameters(/*recurse=*/true))
+    if (p.is_floating_point()) return p.scalar_type() == x.scalar_type() ? std::nullopt : std::optional(p.scalar_type());
+  return std::nullopt;
+}
+
+}  // namespace detail
+
+}  // namespace deltatune

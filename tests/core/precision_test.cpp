@@ -1,0 +1,214 @@
+// Tests of mixed precision (core/precision.hpp and the sites that apply it): every method on
+// tiny random T5 and BERT backbones stored in bfloat16 trains float32 deltas whose outputs and
+// gradients follow the float32 model's; deltas saved from either precision load into the
+// other; merging into a bf16 weight rounds once and unmerging restores it. The backbones'
+// bf16 forwards against transformers' are in t5_test.cpp and bert_test.cpp.
+#include <deltatune/deltatune.hpp>
+
+#include "test_support.hpp"
+
+namespace precision_test {
+
+namespace dt = deltatune;
+namespace bb = deltatune::backbones;
+
+namespace {
+
+struct Batch {
+  torch::Tensor ids, mask, decoder_ids, labels;
+};
+
+Batch batch(const torch::Device& device) {
+  torch::manual_seed(3);
+  auto ids = torch::randint(2, 64, {4, 6});
+  auto mask = torch::ones_like(ids);
+  mask[1].slice(0, 4).zero_();
+  return {ids.to(device), mask.to(device), torch::randint(2, 64, {4, 3}).to(device),
+          torch::tensor({0, 2, 1, 2}).to(device)};
+}
+
+// A tiny model without dropout (seeded: built twice, it is the same model), and its loss and
+// outputs on the batch.
+struct Backbone {
+  std::shared_ptr<torch::nn::Module> module;
+  std::function<std::pair<torch::Tensor, torch::Tensor>()> run;  // (loss, logits)
+};
+
+Backbone make(const std::string& family, const torch::Device& device = torch::kCPU) {
+  const auto b = batch(device);
+  torch::manual_seed(7);
+  if (family == "t5") {
+    auto t5 = bb::T5Model(bb::T5Config().vocab_size(64).d_model(32).d_kv(8).d_ff(64).num_layers(2).num_heads(4)
+                              .relative_attention_num_buckets(8).feed_forward_proj("gated-gelu")
+                              .tie_word_embeddings(false).dropout_rate(0));
+    t5->to(device);
+    return {t5.ptr(), [t5, b]() mutable {
+              auto out = t5->forward(b.ids, b.mask, {}, b.decoder_ids);
+              return std::make_pair(out.loss, out.logits);
+            }};
+  }
+  auto bert = bb::BertForSequenceClassification(bb::BertConfig().vocab_size(64).hidden_size(32).num_hidden_layers(2)
+                                                    .num_attention_heads(4).intermediate_size(64)
+                                                    .max_position_embeddings(32).num_labels(3)
+                                                    .hidden_dropout_prob(0).attention_probs_dropout_prob(0));
+  bert->to(device);
+  return {bert.ptr(), [bert, b]() mutable {
+            auto out = bert->forward(b.ids, b.mask, {}, b.labels);
+            return std::make_pair(out.loss, out.logits);
+          }};
+}
+
+// Preset `method` at small sizes, its trained tensors perturbed (LoRA's B starts at zero, IA3 at one).
+void add(dt::DeltaModel& model, const std::string& method) {
+  dt::PresetSizes sizes;
+  sizes.rank = 2;
+  sizes.reduction_factor = 4;
+  sizes.virtual_tokens = 3;
+  torch::manual_seed(5);
+  model.add(method, dt::builtin_methods().preset(method).make(sizes));
+  torch::manual_seed(11);
+  torch::NoGradGuard no_grad;
+  for (auto& [key, p] : model.named_trainable_parameters()) p.add_(torch::randn_like(p) * 0.5);
+}
+
+double relative(const torch::Tensor& a, const torch::Tensor& b) { return dt::testing::relative_difference(a, b); }
+
+// The named tensors' gradients, flattened and joined.
+torch::Tensor gradients(dt::DeltaModel& model) {
+  std::vector<torch::Tensor> out;
+  for (auto& [key, p] : model.named_trainable_parameters()) out.push_back(p.grad().flatten().to(torch::kFloat64));
+  return torch::cat(out);
+}
+
+// Every method of the method table on T5 and BERT stored in `dtype` on `device`: its trained
+// tensors float32, its outputs and gradients those of the float32 model within half
+// precision's rounding, which is a small part of what the delta changes.
+void check_every_method(const torch::Device& device, torch::ScalarType dtype) {
+  for (const std::string family : {"t5", "bert"}) {
+    for (const auto& method : dt::builtin_methods().preset_names()) {
+      CATCH_INFO(family << " " << method << " in " << c10::toString(dtype) << " on " << device);
+      auto full = make(family, device), half = make(family, device);
+      dt::set_frozen_dtype(*half.module, dtype);
+      dt::DeltaModel reference(full.module), model(half.module);
+      const auto bare = full.run().second.detach();
+      add(reference, method);
+      add(model, method);
+      {  // the same delta on both: the float32 values of the reference
+        torch::NoGradGuard no_grad;
+        auto theirs = reference.named_trainable_parameters();
+        auto ours = model.named_trainable_parameters();
+        CATCH_REQUIRE(ours.size() == theirs.size());
+        for (size_t i = 0; i < ours.size(); ++i) ours[i].second.copy_(theirs[i].second);
+      }
+      // What trains is float32; the rest of the backbone stays bf16 (all of it trains in full).
+      for (const auto& [key, p] : model.named_trainable_parameters()) {
+        CATCH_INFO(key);
+        CATCH_CHECK(p.scalar_type() == torch::kFloat);
+      }
+      if (method != "full") CATCH_CHECK(dt::frozen_dtype(*half.module) == dtype);
+
+      auto [loss_ref, logits_ref] = full.run();
+      auto [loss, logits] = half.run();
+      if (method != "full") CATCH_CHECK(logits.scalar_type() == dtype);
+      CATCH_CHECK(loss.scalar_type() == torch::kFloat);
+      // The delta acts as in float32: bf16's error is a small part of what the delta changes.
+      const double changed = relative(logits_ref, bare), error = relative(logits, logits_ref);
+      CATCH_INFO("the delta changes the logits by " << changed << " of their scale; bf16 differs by " << error);
+      CATCH_CHECK(error < 0.1);
+      CATCH_CHECK(error < 0.25 * changed);
+      // Gradients reach every float32 tensor and point where the float32 model's do.
+      loss_ref.backward();
+      loss.backward();
+      const auto g_ref = gradients(reference), g = gradients(model);
+      CATCH_REQUIRE(torch::isfinite(g).all().item<bool>());
+      const double cosine = (g * g_ref).sum().item<double>() / (g.norm() * g_ref.norm()).item<double>();
+      CATCH_INFO("gradient cosine " << cosine);
+      CATCH_CHECK(cosine > 0.99);
+    }
+  }
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("On a bf16 backbone every method trains float32 deltas that follow the float32 model",
+                "[precision]") {
+  check_every_method(torch::kCPU, torch::kBFloat16);
+}
+
+// bf16 on the tensor cores, and float16, which the GPU is where it trains.
+CATCH_TEST_CASE("On CUDA, bf16 and fp16 backbones train float32 deltas that follow the float32 model",
+                "[precision][cuda]") {
+  if (!dt::testing::cuda_or_skip()) return;
+  check_every_method(torch::kCUDA, torch::kBFloat16);
+  check_every_method(torch::kCUDA, torch::kHalf);
+}
+
+CATCH_TEST_CASE("A delta saved from a bf16 backbone loads into the float32 one, and the reverse", "[precision]") {
+  const dt::testing::TempDir tmp;
+  const auto& dir = tmp.path;
+  for (const std::string family : {"t5", "bert"}) {
+    CATCH_INFO(family);
+    auto full = make(family), half = make(family);
+    dt::set_frozen_dtype(*half.module, torch::kBFloat16);
+    dt::DeltaModel on_half(half.module);
+    add(on_half, "adapter");
+    on_half.save("adapter", (dir / family).string());
+    // The file holds float32 tensors, whatever the backbone trained on.
+    for (const auto& [key, t] : dt::read_safetensors((dir / family / "delta.safetensors").string()).tensors)
+      CATCH_CHECK(t.scalar_type() == torch::kFloat);
+
+    dt::DeltaModel on_full(full.module);
+    on_full.load("adapter", (dir / family).string());
+    auto theirs = on_half.named_trainable_parameters(), ours = on_full.named_trainable_parameters();
+    CATCH_REQUIRE(ours.size() == theirs.size());
+    for (size_t i = 0; i < ours.size(); ++i) CATCH_CHECK(torch::equal(ours[i].second, theirs[i].second));
+
+    auto again = make(family);
+    dt::set_frozen_dtype(*again.module, torch::kBFloat16);
+    dt::DeltaModel reloaded(again.module);
+    on_full.save("adapter", (dir / (family + "_full")).string());
+    reloaded.load("adapter", (dir / (family + "_full")).string());
+    CATCH_CHECK(torch::equal(again.run().second, half.run().second));
+  }
+}
+
+CATCH_TEST_CASE("LoRA merged into a bf16 weight rounds once, and unmerging restores it bit for bit", "[precision]") {
+  auto half = make("t5");
+  dt::set_frozen_dtype(*half.module, torch::kBFloat16);
+  dt::DeltaModel model(half.module);
+  add(model, "lora");
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> before;
+  for (const auto& p : half.module->parameters()) before.push_back(p.clone());
+  const auto unmerged = half.run().second;
+  model.merge("lora");
+  const auto merged = half.run().second;
+  CATCH_CHECK(merged.scalar_type() == torch::kBFloat16);
+  // W0 + dW computed in float32 and stored once in bf16: the outputs differ by bf16's rounding.
+  CATCH_CHECK(relative(merged, unmerged) < 0.05);
+  model.unmerge("lora");
+  const auto parameters = half.module->parameters();
+  for (size_t i = 0; i < before.size(); ++i) CATCH_CHECK(torch::equal(parameters[i], before[i]));
+  CATCH_CHECK(torch::equal(half.run().second, unmerged));
+}
+
+CATCH_TEST_CASE("set_frozen_dtype leaves what trains alone and refuses a dtype that is not floating", "[precision]") {
+  auto bert = make("bert");
+  dt::set_frozen_dtype(*bert.module, torch::kBFloat16);
+  auto& model = dynamic_cast<bb::BertForSequenceClassificationImpl&>(*bert.module);
+  CATCH_CHECK(model.classifier->weight.scalar_type() == torch::kFloat);  // the task head trains
+  CATCH_CHECK(model.bert->embeddings->word_embeddings->weight.scalar_type() == torch::kBFloat16);
+  CATCH_CHECK_THROWS_AS(dt::set_frozen_dtype(*bert.module, torch::kLong), dt::OptionError);
+  // A method that trains backbone tensors (adapters' layer norms) gets them in float32; removing
+  // the delta stores them as the rest of the backbone again.
+  dt::DeltaModel deltas(bert.module);
+  add(deltas, "adapter");
+  const auto& norm = model.bert->encoder->layers.front()->output->layer_norm->weight;
+  CATCH_CHECK(norm.scalar_type() == torch::kFloat);
+  CATCH_CHECK(norm.requires_grad());
+  deltas.remove("adapter");
+  CATCH_CHECK(norm.scalar_type() == torch::kBFloat16);
+  CATCH_CHECK_FALSE(norm.requires_grad());
+}
+
+}  // namespace precision_test
