@@ -7,6 +7,7 @@
 //   delta_bench --model DIR --method M [--mode train|infer] [--batch 8] [--src 128] [--tgt 8]
 //               [--steps 5] [--warmup 2] [--threads 0] [--device cpu|cuda] [--profile 0|1]
 //               [--interleave N] [--mixed K --gather 0|1] [--backbone t5|bert] [--precision fp32|bf16]
+//               [--lean-dropout 0|1]
 // Methods: any preset of the method table (deltatune::builtin_methods(), the examples' --method);
 // for --mode infer also bare (no delta) and lora-merged.
 //
@@ -200,7 +201,7 @@ int main(int argc, char** argv) try {
                                            {"--steps", "5"},   {"--warmup", "2"},    {"--threads", "0"},
                                            {"--device", "cpu"}, {"--lr", "1e-4"}, {"--profile", "0"},
                                            {"--interleave", "0"}, {"--mixed", "0"}, {"--gather", "1"},
-                                           {"--backbone", "t5"}, {"--precision", "fp32"}};
+                                           {"--backbone", "t5"}, {"--precision", "fp32"}, {"--lean-dropout", "1"}};
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!flags.count(argv[i])) throw dt::OptionError(fmt::format("delta_bench: unknown flag {}", argv[i]));
     flags[argv[i]] = argv[i + 1];
@@ -218,7 +219,8 @@ int main(int argc, char** argv) try {
     throw dt::OptionError("delta_bench: --precision is fp32 or bf16, got " + precision);
   const bool bf16 = precision == "bf16", autocast = bf16 && method == "full";
   const auto dtype = bf16 && !autocast ? torch::kBFloat16 : torch::kFloat;
-  auto backbone = dt::backbones::load_t5(flags["--model"], dt::backbones::T5LoadOptions().dtype(dtype));
+  const auto load_options = dt::backbones::T5LoadOptions().dtype(dtype).lean_dropout(num("--lean-dropout") != 0);
+  auto backbone = dt::backbones::load_t5(flags["--model"], load_options);
   dt::DeltaModel model(backbone);
   const int64_t batch = num("--batch"), src = num("--src"), tgt = num("--tgt"), mixed = num("--mixed");
   torch::manual_seed(0);
@@ -275,7 +277,7 @@ int main(int argc, char** argv) try {
                         {"trainable", trainable},      {"precision", precision}};
   if (mixed > 0) result.update({{"mixed", mixed}, {"gather", num("--gather") != 0}});
   if (!train && method != "bare" && num("--interleave") > 0) {
-    auto bare = dt::backbones::load_t5(flags["--model"], dt::backbones::T5LoadOptions().dtype(dtype));
+    auto bare = dt::backbones::load_t5(flags["--model"], load_options);
     bare->to(device);
     bare->eval();
     const auto bare_step = [&] {

@@ -297,7 +297,8 @@ int run(const Flags& flags) {
   job.batches = finetune::shuffled_batches<Batch>(int64_t(train_ids.ids.size()), flags.batch_size, flags.seed,
                                                   [&](const std::vector<int64_t>& pick) {
                                                     return make_batch(train_ids, pick, regression, pad_id);
-                                                  });
+                                                  },
+                                                  finetune::lengths_if_grouped(flags, train_ids.ids));
   job.train_examples = int64_t(train_ids.ids.size());
   job.default_epochs = splits.builtin ? 10 : 3;  // BERT's GLUE fine-tuning: 3 epochs
   job.builtin = splits.builtin;

@@ -56,6 +56,7 @@ struct Flags {
   std::string combine_weights;   // one per run; empty: 1 each
   double density = 0.5;          // ties, dare_*, magnitude_prune: the share of entries kept
   bool resume = false;
+  bool group_by_length = false;  // batches of similar lengths (transformers' group_by_length)
   bool list_methods = false;     // print the --method names, one a line, and stop
   std::string command;           // the command line, for results.json
 };
@@ -83,6 +84,8 @@ inline const char* const kCommonUsage = R"(  --data DIR           GLUE task fold
   --train-size N, --dev-size N   the built-in task's size (default 3000, 400)
   --out DIR            log.jsonl, curves.png, best/, last/, delta/, results.json
   --resume             continue from <out>/last/
+  --group-by-length    batches of examples of similar lengths, less padding: each shuffled run of 50
+                       batches sorted by length (transformers' group_by_length; default: off)
   --list-methods       print the methods, one a line, and stop
   --help
 )";
@@ -147,8 +150,8 @@ inline std::optional<Flags> parse_flags(int argc, char** argv, Flags f) {
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "--help" || flag == "-h") return std::nullopt;
-    if (flag == "--resume" || flag == "--list-methods") {
-      (flag == "--resume" ? f.resume : f.list_methods) = true;
+    if (flag == "--resume" || flag == "--list-methods" || flag == "--group-by-length") {
+      (flag == "--resume" ? f.resume : flag == "--list-methods" ? f.list_methods : f.group_by_length) = true;
       continue;
     }
     if (i + 1 >= argc) throw UsageError(fmt::format("{} needs a value (see --help)", flag));
@@ -322,18 +325,43 @@ inline torch::Tensor pad(const std::vector<std::vector<int64_t>>& rows, const st
   return out;
 }
 
-// Micro-batch `index` of epoch `epoch` over n examples: a permutation seeded by (seed, epoch),
-// so that a resumed run sees the batches an uninterrupted one would.
+// The order of epoch `epoch` over n examples: a permutation seeded by (seed, epoch), so that a
+// resumed run sees the batches an uninterrupted one would. With `lengths`, as transformers'
+// LengthGroupedSampler: each run of 50 batches of the permutation sorted by length, longest
+// first, so that a batch pads little; the runs, and so the batches, stay in shuffled order.
+inline std::vector<int64_t> epoch_order(int64_t n, int64_t batch_size, int64_t seed, int64_t epoch,
+                                        const std::vector<int64_t>& lengths) {
+  std::vector<int64_t> order(size_t(n), 0);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), std::mt19937_64(uint64_t(seed) * 1000003u + uint64_t(epoch)));
+  if (lengths.empty()) return order;
+  const int64_t run = 50 * batch_size;
+  for (int64_t begin = 0; begin < n; begin += run)
+    std::stable_sort(order.begin() + begin, order.begin() + std::min(n, begin + run),
+                     [&](int64_t a, int64_t b) { return lengths[size_t(a)] > lengths[size_t(b)]; });
+  return order;
+}
+
+// Micro-batch `index` of epoch `epoch` (epoch_order; `lengths` empty: no grouping).
 template <class Batch>
 dt::BatchSource<Batch> shuffled_batches(int64_t n, int64_t batch_size, int64_t seed,
-                                        std::function<Batch(const std::vector<int64_t>&)> make) {
-  return {(n + batch_size - 1) / batch_size, [n, batch_size, seed, make](int64_t epoch, int64_t index) {
-            std::vector<int64_t> order(size_t(n), 0);
-            std::iota(order.begin(), order.end(), 0);
-            std::shuffle(order.begin(), order.end(), std::mt19937_64(uint64_t(seed) * 1000003u + uint64_t(epoch)));
-            const auto begin = order.begin() + index * batch_size;
+                                        std::function<Batch(const std::vector<int64_t>&)> make,
+                                        std::vector<int64_t> lengths = {}) {
+  auto order = std::make_shared<std::pair<int64_t, std::vector<int64_t>>>(-1, std::vector<int64_t>());  // (epoch, its order)
+  return {(n + batch_size - 1) / batch_size, [n, batch_size, seed, make, lengths, order](int64_t epoch, int64_t index) {
+            if (order->first != epoch) *order = {epoch, epoch_order(n, batch_size, seed, epoch, lengths)};
+            const auto begin = order->second.begin() + index * batch_size;
             return make(std::vector<int64_t>(begin, begin + std::min(batch_size, n - index * batch_size)));
           }};
+}
+
+// Each example's length, for --group-by-length (empty without it).
+template <class Sequences>
+std::vector<int64_t> lengths_if_grouped(const Flags& flags, const Sequences& sequences) {
+  std::vector<int64_t> out;
+  if (flags.group_by_length)
+    for (const auto& s : sequences) out.push_back(int64_t(s.size()));
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -560,13 +588,14 @@ int tune(const Flags& flags, Job<Batch>& job) {
                           : epochs * ((job.train_examples + flags.batch_size - 1) / flags.batch_size);
   const int64_t warmup = std::min<int64_t>(job.builtin ? 10 : 500, updates / 10);
   std::cout << model.summary() << precision_line(flags, methods);
-  std::cout << fmt::format("hyper-parameters: method {}, lr {:g} ({}){}{}, {}, batch {}, AdamW, linear decay, warm-up "
+  std::cout << fmt::format("hyper-parameters: method {}, lr {:g} ({}){}{}, {}, batch {}{}, AdamW, linear decay, warm-up "
                            "{} updates, seed {}\n", flags.method, lr, flags.lr > 0 ? "given" : "the method's default",
                            flags.head_lr > 0 ? fmt::format(", head lr {:g}", flags.head_lr) : "",
                            flags.loraplus_ratio != 1 ? fmt::format(", LoRA+ ratio {:g}", flags.loraplus_ratio) : "",
                            flags.max_steps > 0 ? fmt::format("{} updates", flags.max_steps)
                                                : fmt::format("{} epochs", epochs),
-                           flags.batch_size, warmup, flags.seed);
+                           flags.batch_size, flags.group_by_length ? " (batches grouped by length)" : "", warmup,
+                           flags.seed);
 
   // Train; the last evaluation's predictions are the final model's (nothing changes after it).
   const auto& metric_name = task.metrics.front();

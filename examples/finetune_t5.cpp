@@ -88,9 +88,10 @@ Batch make_batch(const Encoded& data, const std::vector<int64_t>& pick) {
   return {ids, (ids != 0).to(torch::kLong), finetune::pad(data.target, pick, -100)};
 }
 
-dt::BatchSource<Batch> batches(const Encoded& data, int64_t batch_size, int64_t seed) {
+dt::BatchSource<Batch> batches(const Encoded& data, int64_t batch_size, int64_t seed, std::vector<int64_t> lengths = {}) {
   return finetune::shuffled_batches<Batch>(int64_t(data.source.size()), batch_size, seed,
-                                           [&data](const std::vector<int64_t>& pick) { return make_batch(data, pick); });
+                                           [&data](const std::vector<int64_t>& pick) { return make_batch(data, pick); },
+                                           std::move(lengths));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -240,7 +241,7 @@ int run(const Flags& flags) {
   job.deltas = methods;
   job.model = &model;
   job.loss_fn = [&t5](const Batch& b) { return t5->forward(b.input_ids, b.attention_mask, {}, b.labels).loss; };
-  job.batches = batches(train_ids, flags.batch_size, flags.seed);
+  job.batches = batches(train_ids, flags.batch_size, flags.seed, finetune::lengths_if_grouped(flags, train_ids.source));
   job.train_examples = int64_t(train.size());
   job.default_epochs = builtin ? 10 : 20;  // Compacter's GLUE set-up: 20
   job.builtin = builtin;
