@@ -83,6 +83,15 @@ void add_deltas(dt::DeltaModel& model) {
   perturb(model, kDeltas, 11);
 }
 
+// A Houlsby adapter, a Pfeiffer adapter, a Compacter and a Compacter++ (reduction 4), named so:
+// the bottleneck adapters the gathered-product tests mix.
+void add_bottleneck_adapters(dt::DeltaModel& model) {
+  model.add("houlsby", dt::houlsby_options().reduction_factor(4));
+  model.add("pfeiffer", dt::pfeiffer_options().reduction_factor(4));
+  model.add("compacter", dt::compacter_options().reduction_factor(4));
+  model.add("compacter++", dt::compacter_plus_plus_options().reduction_factor(4));
+}
+
 // Only `name` active ("" or "__base__": none).
 void activate_only(dt::DeltaModel& model, const std::string& name) {
   for (const auto& d : kDeltas) model.set_active(d, d == name);
@@ -277,12 +286,9 @@ CATCH_TEST_CASE("Bottleneck adapters share two batched products per site in a mi
   for (auto& backbone : backbones()) {
     CATCH_SECTION(backbone.name) {
       dt::DeltaModel model(backbone.module);
-      model.add("houlsby", dt::houlsby_options().reduction_factor(4));
+      add_bottleneck_adapters(model);
       model.add("houlsby_8", dt::houlsby_options().bottleneck(8));
-      model.add("pfeiffer", dt::pfeiffer_options().reduction_factor(4));
       model.add("phm", dt::phm_adapter_options(0, 4).reduction_factor(4));
-      model.add("compacter", dt::compacter_options().reduction_factor(4));
-      model.add("compacter++", dt::compacter_plus_plus_options().reduction_factor(4));
       model.add("lora", dt::LoRAOptions().r(2).alpha(4));
       model.add("ia3", dt::IA3Options());
       prepare_float64(backbone, model, names, 13);
@@ -345,10 +351,7 @@ CATCH_TEST_CASE("On CUDA, every routable method's rows in one mixed batch equal 
       model.add("lora_r2", dt::LoRAOptions().r(2).alpha(4));
       model.add("lora_r4", dt::LoRAOptions().r(4).alpha(8));
       model.add("vera", dt::VeRAOptions().r(8));
-      model.add("houlsby", dt::houlsby_options().reduction_factor(4));
-      model.add("pfeiffer", dt::pfeiffer_options().reduction_factor(4));
-      model.add("compacter", dt::compacter_options().reduction_factor(4));
-      model.add("compacter++", dt::compacter_plus_plus_options().reduction_factor(4));
+      add_bottleneck_adapters(model);
       model.add("ia3", dt::IA3Options());
       model.add("prompt_3", dt::PromptTuningOptions(3));
       model.add("prompt_5", dt::PromptTuningOptions(5));
