@@ -7,8 +7,11 @@
 #include <sentencepiece_trainer.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -128,22 +131,31 @@ CATCH_TEST_CASE("Tokenizers name the file they cannot load", "[tokenizers]") {
   CATCH_CHECK_THROWS_WITH(WordPieceTokenizer(no_specials), Contains("[PAD]") && Contains(no_specials.string()));
 }
 
-CATCH_TEST_CASE("T5Tokenizer on a SentencePiece model trained here", "[tokenizers]") {
-  TempFiles files;
+namespace {
+
+// A 20-piece unigram model of three sentences with T5's special ids, trained here with
+// SentencePiece's default normalisation rules (nmt_nfkc, a precompiled charsmap); its path.
+fs::path train_tiny_model(TempFiles& files) {
   const auto corpus = files.path("corpus.txt");
   {
     std::ofstream out(corpus);
     for (int i = 0; i < 50; ++i) out << "the cat sat on the mat\nthe dog ate the cat food\nhello world again\n";
   }
   const auto prefix = files.path("tiny");
-  files.path("tiny.model");
   files.path("tiny.vocab");
   const auto status = sentencepiece::SentencePieceTrainer::Train(
       "--input=" + corpus.string() + " --model_prefix=" + prefix.string() +
       " --vocab_size=20 --model_type=unigram --pad_id=0 --eos_id=1 --unk_id=2 --bos_id=-1 --minloglevel=2");
   CATCH_INFO("SentencePiece's trainer: " << status.ToString());
   CATCH_REQUIRE(status.ok());
-  T5Tokenizer tok(prefix.string() + ".model", /*extra_ids=*/3);
+  return files.path("tiny.model");
+}
+
+}  // namespace
+
+CATCH_TEST_CASE("T5Tokenizer on a SentencePiece model trained here", "[tokenizers]") {
+  TempFiles files;
+  T5Tokenizer tok(train_tiny_model(files), /*extra_ids=*/3);
   CATCH_CHECK(tok.vocab_size() == 23);
   CATCH_CHECK(tok.id_to_token(22) == "<extra_id_0>");
   CATCH_CHECK(tok.id_to_token(20) == "<extra_id_2>");
@@ -169,6 +181,73 @@ CATCH_TEST_CASE("T5Tokenizer on a SentencePiece model trained here", "[tokenizer
   CATCH_CHECK(batch.attention_mask.sum(1)[0].item<int64_t>() == static_cast<int64_t>(short_ids.size()));
   CATCH_CHECK(row(batch.input_ids, 0).back() == 0);
   CATCH_CHECK_THROWS_AS(tok.decode({23}), deltatune::OptionError);
+}
+
+namespace {
+
+std::string read_bytes(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// Where the normaliser's precompiled_charsmap lies in a serialized model.
+std::size_t charsmap_offset(const std::string& model, std::size_t& size) {
+  for (const auto& spec : deltatune::detail::proto_fields(model, "model"))
+    if (spec.number == 3)
+      for (const auto& field : deltatune::detail::proto_fields(spec.bytes, "model"))
+        if (field.number == 2) {
+          size = field.bytes.size();
+          return static_cast<std::size_t>(field.bytes.data() - model.data());
+        }
+  return std::string::npos;
+}
+
+uint32_t get_u32(const std::string& s, std::size_t at) {
+  uint32_t v = 0;
+  std::memcpy(&v, s.data() + at, 4);
+  return v;
+}
+void put_u32(std::string& s, std::size_t at, uint32_t v) { std::memcpy(&s[at], &v, 4); }
+
+}  // namespace
+
+// SentencePiece follows a model's charsmap trie and string offsets unchecked: a forged one read
+// outside its buffer (a fuzzer's crash in Normalizer::NormalizePrefix).
+CATCH_TEST_CASE("T5Tokenizer refuses a forged normalisation charsmap, naming the file", "[tokenizers]") {
+  TempFiles files;
+  const auto tiny = train_tiny_model(files);
+  const std::string model = read_bytes(tiny);
+  std::size_t size = 0;
+  const std::size_t at = charsmap_offset(model, size);
+  CATCH_REQUIRE(at != std::string::npos);
+  const uint32_t trie_bytes = get_u32(model, at);
+  CATCH_REQUIRE(trie_bytes + 4 < size);
+  const auto unit = [&](uint32_t i) { return deltatune::detail::DartsUnit{get_u32(model, at + 4 + 4 * i)}; };
+  // A rule of the real trie: the first byte after the root with a leaf, and its value's unit.
+  const uint32_t root = unit(0).offset();
+  uint32_t value_unit = 0;
+  for (uint32_t c = 1; c < 256 && value_unit == 0; ++c)
+    if (unit(root ^ c).label() == c && unit(root ^ c).has_leaf()) value_unit = (root ^ c) ^ unit(root ^ c).offset();
+  CATCH_REQUIRE(value_unit != 0);
+
+  const auto refused = [&](const std::string& name, const std::function<void(std::string&)>& forge) {
+    std::string forged = model;
+    forge(forged);
+    const auto path = files.path(name + ".model");
+    std::ofstream(path, std::ios::binary) << forged;
+    CATCH_INFO(name);
+    CATCH_CHECK_THROWS_AS(T5Tokenizer(path), deltatune::CheckpointError);
+    CATCH_CHECK_THROWS_WITH(T5Tokenizer(path), Contains(path.string()) && Contains("precompiled_charsmap"));
+  };
+  // SentencePiece checks the size field against the whole blob, header included.
+  refused("trie_past_end", [&](std::string& m) { put_u32(m, at, static_cast<uint32_t>(size - 2)); });
+  refused("root_outside", [&](std::string& m) { put_u32(m, at + 4, (trie_bytes / 4 + 1024) << 10); });
+  refused("value_past_strings", [&](std::string& m) { put_u32(m, at + 4 + 4 * value_unit, 1U << 30); });
+  refused("string_unterminated", [&](std::string& m) {
+    put_u32(m, at + 4 + 4 * value_unit, static_cast<uint32_t>(size - 4 - trie_bytes - 1));
+    m[at + size - 1] = 'x';
+  });
+  CATCH_CHECK(T5Tokenizer(tiny).encode("the cat").back() == 1);  // the unforged model loads
 }
 
 namespace {

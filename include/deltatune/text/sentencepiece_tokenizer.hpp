@@ -9,6 +9,8 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -16,6 +18,7 @@
 
 #include <deltatune/core/error.hpp>
 #include <deltatune/text/encoding.hpp>
+#include <deltatune/text/sentencepiece_charsmap.hpp>
 
 namespace deltatune {
 
@@ -34,9 +37,12 @@ class T5Tokenizer {
                                    "T5Tokenizer: the SentencePiece model {} does not exist; pass the spiece.model "
                                    "file of a T5 checkpoint",
                                    spiece_model.string());
+    // Read here and checked before SentencePiece parses the same bytes: it trusts the charsmap.
+    const std::string bytes = read_model(spiece_model);
+    detail::check_sentencepiece_charsmaps(bytes, spiece_model.string());
     sentencepiece::util::Status status;
     try {  // a forged model can make SentencePiece's trie builder throw its own exceptions
-      status = model_->Load(spiece_model.string());
+      status = model_->LoadFromSerializedProto(bytes);
     } catch (const std::exception& e) {
       status = sentencepiece::util::Status(sentencepiece::util::StatusCode::kInternal, e.what());
     }
@@ -116,6 +122,14 @@ class T5Tokenizer {
   }
 
  private:
+  static std::string read_model(const std::filesystem::path& spiece_model) {
+    std::ifstream in(spiece_model, std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    detail::check<CheckpointError>(!in.bad(), "T5Tokenizer: could not read {}; check its permissions",
+                                   spiece_model.string());
+    return bytes;
+  }
+
   int64_t model_size() const { return model_->GetPieceSize(); }
 
   int64_t required_piece(const char* piece, const std::filesystem::path& spiece_model) const {
