@@ -33,6 +33,11 @@ if(TARGET deltatune_cuda)
           COMPONENT deltatune_development)
 endif()
 
+if(TARGET deltatune_distributed)
+  list(APPEND deltatune_targets deltatune_distributed)
+  set_target_properties(deltatune_distributed PROPERTIES EXPORT_NAME distributed)
+endif()
+
 install(TARGETS ${deltatune_targets} EXPORT deltatuneTargets)
 # The targets keep their links by name (torch, nlohmann_json::nlohmann_json, PkgConfig::sentencepiece):
 # deltatuneConfig.cmake finds those packages before it loads this file.

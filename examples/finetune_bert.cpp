@@ -86,22 +86,24 @@ Batch make_batch(const Encoded& data, const std::vector<int64_t>& pick, bool reg
   return {raw.masked_fill(~mask, pad_id), mask.to(torch::kLong), finetune::pad(data.types, pick, 0), y};
 }
 
-// Dev predictions: class ids (argmax), or the regression head's scores. Batches of similar
-// lengths, so that little is padded; the answers come back in the data's order.
+// Dev predictions of `rows`: class ids (argmax), or the regression head's scores. Batches of
+// similar lengths, so that little is padded; the answers come back in the order of `rows`.
 std::vector<double> predict(bb::BertForSequenceClassification& bert, const Encoded& dev, bool regression,
-                            int64_t pad_id) {
+                            int64_t pad_id, const std::vector<int64_t>& rows) {
   bert->eval();
   torch::NoGradGuard no_grad;
-  std::vector<int64_t> order(dev.ids.size());
+  std::vector<int64_t> order(rows.size());
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return dev.ids[a].size() < dev.ids[b].size(); });
-  std::vector<double> out(dev.ids.size());
+  const auto length = [&](int64_t k) { return dev.ids[size_t(rows[size_t(k)])].size(); };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return length(a) < length(b); });
+  std::vector<double> out(rows.size());
   for (size_t begin = 0; begin < order.size(); begin += 128) {
-    const std::vector<int64_t> pick(order.begin() + begin, order.begin() + std::min(order.size(), begin + 128));
+    std::vector<int64_t> pick;
+    for (size_t k = begin; k < std::min(order.size(), begin + 128); ++k) pick.push_back(rows[size_t(order[k])]);
     const auto b = make_batch(dev, pick, regression, pad_id);
     auto logits = bert->forward(b.input_ids, b.attention_mask, b.token_type_ids).logits;  // (B, labels)
     auto answer = (regression ? logits.select(1, 0) : logits.argmax(1)).to(torch::kDouble).contiguous();
-    for (size_t r = 0; r < pick.size(); ++r) out[size_t(pick[r])] = answer[int64_t(r)].item<double>();
+    for (size_t r = 0; r < pick.size(); ++r) out[size_t(order[begin + r])] = answer[int64_t(r)].item<double>();
   }
   bert->train();
   return out;
@@ -243,7 +245,9 @@ int run_combination(const Flags& flags) {
     const auto name = i < runs.size() ? inputs[i].first : std::string("combined");
     for (const auto& [other, w] : inputs) model.set_active(other, other == name);
     model.set_active("combined", name == "combined");
-    const double value = dt::metric(metric_name, predict(bert, dev_ids, task.regression(), tok.pad_id()), dev_ids.labels);
+    const auto rows = finetune::all_rows(int64_t(dev_ids.ids.size()));
+    const double value = dt::metric(metric_name, predict(bert, dev_ids, task.regression(), tok.pad_id(), rows),
+                                    dev_ids.labels);
     const auto label = i < runs.size() ? name : fmt::format("combined ({})", how);
     const auto source = i < runs.size() ? fmt::format("{} ({}, {})", runs[i].dir, runs[i].task, runs[i].method)
                                         : fmt::format("weights {}", fmt::join(weights, ", "));
@@ -261,6 +265,7 @@ int run(const Flags& flags) {
                                                   "has no pretraining stand-in");
   const auto& task = dt::glue_task(flags.task);
   const auto methods = finetune::parse_methods(flags.method);
+  const auto ranks = finetune::join_launch(flags);
   const auto data = read_task(flags, task);
   const auto& splits = data.splits;
   const auto& tok = data.tok;
@@ -298,20 +303,21 @@ int run(const Flags& flags) {
                                                   [&](const std::vector<int64_t>& pick) {
                                                     return make_batch(train_ids, pick, regression, pad_id);
                                                   },
-                                                  finetune::lengths_if_grouped(flags, train_ids.ids));
+                                                  finetune::lengths_if_grouped(flags, train_ids.ids), ranks);
   job.train_examples = int64_t(train_ids.ids.size());
   job.default_epochs = splits.builtin ? 10 : 3;  // BERT's GLUE fine-tuning: 3 epochs
   job.builtin = splits.builtin;
   job.dev_labels = dev_ids.labels;
-  job.predict = [&] { return predict(bert, dev_ids, regression, pad_id); };
+  job.predict = [&](const std::vector<int64_t>& rows) { return predict(bert, dev_ids, regression, pad_id, rows); };
   job.predict_reloaded = [&](const std::string& dir) {
     auto fresh = load_backbone(flags, task, tok.vocab_size(), train_ids);
     dt::DeltaModel reloaded(fresh);
     for (const auto& d : job.deltas) reloaded.load(d, dir + "/" + d);  // rebuilt from the saved files alone
-    return predict(fresh, dev_ids, regression, pad_id);
+    return predict(fresh, dev_ids, regression, pad_id, finetune::all_rows(int64_t(dev_ids.ids.size())));
   };
   job.head_parameters = bert->classifier->weight.numel() + bert->classifier->bias.numel();
   job.head_prefix = "classifier.";  // spec tuning trains it in place, under the backbone's names
+  job.ranks = ranks;
   return finetune::tune(flags, job);
 }
 

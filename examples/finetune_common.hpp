@@ -6,6 +6,7 @@
 #pragma once
 
 #include <deltatune/deltatune.hpp>
+#include <deltatune/train/process_group.hpp>
 
 #include <algorithm>
 #include <cctype>
@@ -55,6 +56,7 @@ struct Flags {
   std::string precision = "fp32";  // fp32, or bf16: the frozen backbone stored in bfloat16
   std::string combine_weights;   // one per run; empty: 1 each
   double density = 0.5;          // ties, dare_*, magnitude_prune: the share of entries kept
+  double dist_timeout = 300;     // seconds a rank waits for the others before it gives up
   bool resume = false;
   bool group_by_length = false;  // batches of similar lengths (transformers' group_by_length)
   bool list_methods = false;     // print the --method names, one a line, and stop
@@ -86,8 +88,14 @@ inline const char* const kCommonUsage = R"(  --data DIR           GLUE task fold
   --resume             continue from <out>/last/
   --group-by-length    batches of examples of similar lengths, less padding: each shuffled run of 50
                        batches sorted by length (transformers' group_by_length; default: off)
+  --dist-timeout S     under tools/launch (or torchrun): seconds a rank waits for the others, at the start
+                       and in each all-reduce, before it exits with an error (default 300)
   --list-methods       print the methods, one a line, and stop
   --help
+
+Data parallel: tools/launch -n 2 <program> <flags> starts 2 ranks; each trains on --batch-size examples
+of every global batch of 2 x --batch-size, the delta's gradients are averaged over the ranks, rank 0
+alone prints and writes --out (README: Data-parallel training).
 )";
 
 struct UsageError : std::runtime_error {
@@ -163,6 +171,10 @@ inline std::optional<Flags> parse_flags(int argc, char** argv, Flags f) {
       const double x = to_number<double>(flag, value);
       if (!(std::isfinite(x) && x > 0)) throw UsageError(fmt::format("{} {}: must be a positive number", flag, value));
       (flag == "--lr" ? f.lr : flag == "--head-lr" ? f.head_lr : f.loraplus_ratio) = x;
+    } else if (flag == "--dist-timeout") {
+      const double x = to_number<double>(flag, value);
+      if (!(x > 0 && x <= 86400)) throw UsageError(fmt::format("{} {}: give seconds in (0, 86400]", flag, value));
+      f.dist_timeout = x;
     } else if (flag == "--density") {
       const double x = to_number<double>(flag, value);
       if (!(x > 0 && x <= 1)) throw UsageError(fmt::format("{} {}: must be in (0, 1]", flag, value));
@@ -342,18 +354,56 @@ inline std::vector<int64_t> epoch_order(int64_t n, int64_t batch_size, int64_t s
   return order;
 }
 
-// Micro-batch `index` of epoch `epoch` (epoch_order; `lengths` empty: no grouping).
+// This process's place among the ranks of a data-parallel launch (world 1: alone).
+struct Ranks {
+  std::shared_ptr<dt::DataParallel> group;  // nullptr alone
+  int64_t rank() const { return group ? group->rank() : 0; }
+  int64_t world() const { return group ? group->world_size() : 1; }
+  bool main() const { return rank() == 0; }
+};
+
+// Joins the launch tools/launch or torchrun describes (WORLD_SIZE set and above 1). Every rank
+// but 0 stops printing to stdout: rank 0 speaks for the run; errors still reach stderr.
+inline Ranks join_launch(const Flags& flags) {
+  const auto env = dt::LaunchEnvironment::from_environment();
+  if (!env || env->world_size == 1) return {};
+  Ranks ranks{dt::start_data_parallel(*env, dt::DistributedOptions().timeout_seconds(flags.dist_timeout))};
+  if (!ranks.main()) std::cout.rdbuf(nullptr);
+  return ranks;
+}
+
+// This rank's share of micro-batch `index` of epoch `epoch`: each global batch holds batch_size
+// examples per rank, in epoch_order (`lengths` empty: no grouping), and rank r takes its r-th
+// slice. As torch's DistributedSampler, an epoch's order is padded with its first examples to a
+// multiple of the ranks, so that the last global batch splits evenly; alone, nothing is added
+// and the batches are those of one process with the global batch size.
 template <class Batch>
 dt::BatchSource<Batch> shuffled_batches(int64_t n, int64_t batch_size, int64_t seed,
                                         std::function<Batch(const std::vector<int64_t>&)> make,
-                                        std::vector<int64_t> lengths = {}) {
+                                        std::vector<int64_t> lengths = {}, const Ranks& ranks = {}) {
+  const int64_t world = ranks.world(), rank = ranks.rank(), global = batch_size * world;
+  const int64_t padded = (n + world - 1) / world * world;
   auto order = std::make_shared<std::pair<int64_t, std::vector<int64_t>>>(-1, std::vector<int64_t>());  // (epoch, its order)
-  return {(n + batch_size - 1) / batch_size, [n, batch_size, seed, make, lengths, order](int64_t epoch, int64_t index) {
-            if (order->first != epoch) *order = {epoch, epoch_order(n, batch_size, seed, epoch, lengths)};
-            const auto begin = order->second.begin() + index * batch_size;
-            return make(std::vector<int64_t>(begin, begin + std::min(batch_size, n - index * batch_size)));
+  return {(padded + global - 1) / global, [=](int64_t epoch, int64_t index) {
+            if (order->first != epoch) {
+              *order = {epoch, epoch_order(n, global, seed, epoch, lengths)};
+              for (int64_t i = 0; int64_t(order->second.size()) < padded; ++i) order->second.push_back(order->second[size_t(i)]);
+            }
+            const int64_t share = std::min(global, padded - index * global) / world;
+            const auto begin = order->second.begin() + index * global + rank * share;
+            return make(std::vector<int64_t>(begin, begin + share));
           }};
 }
+
+// This rank's contiguous share of n rows, [rank n / world, (rank + 1) n / world).
+inline std::vector<int64_t> shard(int64_t n, const Ranks& ranks) {
+  std::vector<int64_t> rows;
+  for (int64_t i = ranks.rank() * n / ranks.world(); i < (ranks.rank() + 1) * n / ranks.world(); ++i) rows.push_back(i);
+  return rows;
+}
+
+// Every dev row, in order.
+inline std::vector<int64_t> all_rows(int64_t n) { return shard(n, {}); }
 
 // Each example's length, for --group-by-length (empty without it).
 template <class Sequences>
@@ -526,17 +576,29 @@ struct Job {
   int64_t default_epochs = 3;
   bool builtin = false;
   std::vector<double> dev_labels;
-  std::function<std::vector<double>()> predict;  // dev predictions of `model`
+  // Dev predictions of `model` for the given dev rows, in their order.
+  std::function<std::vector<double>(const std::vector<int64_t>& rows)> predict;
   // Loads the deltas saved in the folder into a fresh backbone and returns its dev predictions.
   std::function<std::vector<double>(const std::string& delta_dir)> predict_reloaded;
   int64_t head_parameters = 0;       // of the trained count: the task head's (0 where the model has none)
   std::string head_prefix;           // the head's trainable tensors' names start so (--head-lr); "" without one
+  Ranks ranks;                       // of a data-parallel launch (join_launch); alone by default
 };
+
+// The summary's "delta '<name>': <method> on ..." lines joined in one: where two ranks' deltas
+// differ, it is the first line that differs and says how (the site tree above would not).
+inline std::string delta_lines(const std::string& summary) {
+  std::vector<std::string> deltas;
+  std::istringstream in(summary);
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("delta '", 0) == 0) deltas.push_back(line);
+  return fmt::format("{}\n", fmt::join(deltas, "; "));
+}
 
 // The closing table's one row, and results.json beside the run's other outputs.
 inline void report(const Flags& flags, const dt::GlueTask& task, dt::DeltaModel& model, const dt::TrainSummary& summary,
                    double final_metric, double majority, int64_t head_parameters, double lr, int64_t epochs,
-                   int64_t train_examples, bool reload_ok) {
+                   int64_t train_examples, bool reload_ok, int64_t ranks) {
   double epoch_seconds = 0;
   for (const auto s : summary.seconds_per_epoch) epoch_seconds += s;
   const double per_epoch = summary.seconds_per_epoch.empty() ? 0.0 : epoch_seconds / double(summary.seconds_per_epoch.size());
@@ -563,7 +625,8 @@ inline void report(const Flags& flags, const dt::GlueTask& task, dt::DeltaModel&
       {"share_percent", share}, {"seconds_per_epoch", per_epoch}, {"epochs_timed", summary.seconds_per_epoch.size()},
       {"peak_rss_mb", summary.peak_rss_bytes / (1024 * 1024)}, {"train_examples", train_examples}, {"epochs", epochs},
       {"lr", lr}, {"head_lr", head_parameters ? nlohmann::json(flags.head_lr > 0 ? flags.head_lr : lr) : nlohmann::json()},
-      {"steps", summary.steps}, {"reload_ok", reload_ok}, {"precision", flags.precision}, {"command", flags.command}};
+      {"steps", summary.steps}, {"reload_ok", reload_ok}, {"precision", flags.precision}, {"ranks", ranks},
+      {"command", flags.command}};
   dt::detail::write_text_atomically(flags.out + "/results.json", results.dump(2) + "\n", "results.json");
 }
 
@@ -597,11 +660,27 @@ int tune(const Flags& flags, Job<Batch>& job) {
                            flags.batch_size, flags.group_by_length ? " (batches grouped by length)" : "", warmup,
                            flags.seed);
 
+  const auto& ranks = job.ranks;
+  if (ranks.group) {
+    std::cout << fmt::format("data parallel: {} ranks, each {} examples of every global batch of {}; gradients "
+                             "averaged over the ranks, rank 0 writes {}\n", ranks.world(), flags.batch_size,
+                             flags.batch_size * ranks.world(), flags.out);
+    ranks.group->check_same("the backbone, its deltas and the hyper-parameters",
+                            fmt::format("backbone fingerprint {}\n{}lr {}, epochs {}, batch {}, seed {}, max steps {}\n{}",
+                                        model.fingerprint(), delta_lines(model.summary()), lr, epochs, flags.batch_size,
+                                        flags.seed, flags.max_steps, model.summary()));
+  }
+
   // Train; the last evaluation's predictions are the final model's (nothing changes after it).
+  // Each rank predicts its share of the dev set; every rank gets all, in order.
   const auto& metric_name = task.metrics.front();
   std::vector<double> predictions;
+  const auto predict_dev = [&] {
+    const auto mine = job.predict(shard(int64_t(job.dev_labels.size()), ranks));
+    return ranks.group ? ranks.group->gather(mine, "the dev predictions") : mine;
+  };
   auto evaluate = [&] {
-    predictions = job.predict();
+    predictions = predict_dev();
     return dt::metric(metric_name, predictions, job.dev_labels);
   };
   auto save_all = [&](const std::string& dir) {
@@ -612,10 +691,12 @@ int tune(const Flags& flags, Job<Batch>& job) {
                                  .lr_groups(head_lr_groups(flags, job))
                                  .warmup_steps(warmup).seed(uint64_t(flags.seed)).output_dir(flags.out)
                                  .resume(flags.resume)
-                                 .bf16(flags.precision == "bf16" && trains_every_weight(methods)),
+                                 .bf16(flags.precision == "bf16" && trains_every_weight(methods))
+                                 .data_parallel(ranks.group),
                              model.named_trainable_parameters(), job.loss_fn, job.batches, evaluate, save_all);
   const auto summary = trainer.fit();
-  if (predictions.empty()) predictions = job.predict();  // a resumed run that had finished already
+  if (predictions.empty()) predictions = predict_dev();  // a resumed run that had finished already
+  if (!ranks.main()) return 0;  // rank 0 saves, checks the reload and reports, alone
   const double final_metric = dt::metric(metric_name, predictions, job.dev_labels);
 
   // Save the delta, reload it into a fresh backbone, compare.
@@ -630,7 +711,7 @@ int tune(const Flags& flags, Job<Batch>& job) {
                            "predictions equal ({})\n", delta_dir, same, again.size(), ok ? "OK" : "MISMATCH");
 
   report(flags, task, model, summary, final_metric, majority_baseline(task, job.dev_labels), job.head_parameters, lr,
-         epochs, job.train_examples, ok);
+         epochs, job.train_examples, ok, ranks.world());
   std::cout << fmt::format("\nfinal dev {} {:.4f}; log {}/log.jsonl, curves {}/curves.png, best delta {}/best/, "
                            "final delta {}/, results {}/results.json\n", metric_name, final_metric, flags.out, flags.out,
                            flags.out, delta_dir, flags.out);

@@ -88,10 +88,11 @@ Batch make_batch(const Encoded& data, const std::vector<int64_t>& pick) {
   return {ids, (ids != 0).to(torch::kLong), finetune::pad(data.target, pick, -100)};
 }
 
-dt::BatchSource<Batch> batches(const Encoded& data, int64_t batch_size, int64_t seed, std::vector<int64_t> lengths = {}) {
+dt::BatchSource<Batch> batches(const Encoded& data, int64_t batch_size, int64_t seed, std::vector<int64_t> lengths = {},
+                               const finetune::Ranks& ranks = {}) {
   return finetune::shuffled_batches<Batch>(int64_t(data.source.size()), batch_size, seed,
                                            [&data](const std::vector<int64_t>& pick) { return make_batch(data, pick); },
-                                           std::move(lengths));
+                                           std::move(lengths), ranks);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -167,12 +168,11 @@ bb::T5Model load_backbone(const std::string& path, int64_t vocab_size) {
 // Evaluation: greedy decoding, the output text mapped back to a label (or score).
 
 std::vector<double> predict(bb::T5Model& t5, const Tokenizer& tok, const dt::GlueTask& task, const Encoded& dev,
-                            int64_t batch_size) {
+                            int64_t batch_size, const std::vector<int64_t>& rows) {
   t5->eval();
   std::vector<double> out;
-  for (int64_t begin = 0; begin < int64_t(dev.source.size()); begin += batch_size) {
-    std::vector<int64_t> pick;
-    for (int64_t i = begin; i < std::min<int64_t>(begin + batch_size, int64_t(dev.source.size())); ++i) pick.push_back(i);
+  for (size_t begin = 0; begin < rows.size(); begin += size_t(batch_size)) {
+    const std::vector<int64_t> pick(rows.begin() + begin, rows.begin() + std::min(rows.size(), begin + size_t(batch_size)));
     const auto b = make_batch(dev, pick);
     const auto ids = t5->generate_greedy(b.input_ids, b.attention_mask, 5);
     for (int64_t r = 0; r < ids.size(0); ++r) {
@@ -192,6 +192,7 @@ int run(const Flags& flags) {
   if (flags.head_lr > 0) throw UsageError("--head-lr is finetune_bert's: T5 answers in words, with no task head");
   const auto& task = dt::glue_task(flags.task);
   const auto methods = finetune::parse_methods(flags.method);
+  const auto ranks = finetune::join_launch(flags);
   std::filesystem::create_directories(flags.out);
   const auto splits = finetune::read_splits(flags, task);
   const bool builtin = splits.builtin;
@@ -227,7 +228,8 @@ int run(const Flags& flags) {
   if (pretrain_here) {
     if (pretrain_steps(flags) > 0)
       pretrain_small_t5(t5, denoising_data(train_ids, tok->mask_id(), uint64_t(flags.seed)), flags);
-    save_backbone(t5, backbone_path);
+    // Every rank pretrains alike (seeded, one thread; tune() compares the fingerprints), rank 0 saves.
+    if (ranks.main()) save_backbone(t5, backbone_path);
   }
   dt::set_frozen_dtype(*t5, finetune::frozen_dtype(flags, methods));  // the built-in T5's, after pretraining in float32
   t5->train();  // dropout while tuning; predict() switches to eval
@@ -241,19 +243,21 @@ int run(const Flags& flags) {
   job.deltas = methods;
   job.model = &model;
   job.loss_fn = [&t5](const Batch& b) { return t5->forward(b.input_ids, b.attention_mask, {}, b.labels).loss; };
-  job.batches = batches(train_ids, flags.batch_size, flags.seed, finetune::lengths_if_grouped(flags, train_ids.source));
+  job.batches = batches(train_ids, flags.batch_size, flags.seed, finetune::lengths_if_grouped(flags, train_ids.source),
+                        ranks);
   job.train_examples = int64_t(train.size());
   job.default_epochs = builtin ? 10 : 20;  // Compacter's GLUE set-up: 20
   job.builtin = builtin;
   job.dev_labels = finetune::labels_of(task, splits.dev);
-  job.predict = [&] { return predict(t5, *tok, task, dev_ids, 128); };
+  job.predict = [&](const std::vector<int64_t>& rows) { return predict(t5, *tok, task, dev_ids, 128, rows); };
   job.predict_reloaded = [&](const std::string& dir) {
     auto fresh = builtin ? load_backbone(backbone_path, tok->vocab_size()) : bb::load_t5(flags.model);
     dt::set_frozen_dtype(*fresh, finetune::frozen_dtype(flags, methods));
     dt::DeltaModel reloaded(fresh);
     for (const auto& m : methods) reloaded.load(m, dir + "/" + m);  // rebuilt from the saved files alone
-    return predict(fresh, *tok, task, dev_ids, 128);
+    return predict(fresh, *tok, task, dev_ids, 128, finetune::all_rows(int64_t(dev_ids.source.size())));
   };
+  job.ranks = ranks;
   return finetune::tune(flags, job);
 }
 

@@ -3,8 +3,10 @@
 // stopping, resume from the last state, a progress bar, a JSONL log and a plot of the curves.
 //
 // Model-agnostic: it sees a list of tensors, a loss function of a batch, a batch source that
-// gives batch i of epoch e, and callbacks to evaluate and to save the best model. Leaves out
-// multi-process data parallelism and fp16 loss scaling (bf16 autocast needs none).
+// gives batch i of epoch e, and callbacks to evaluate and to save the best model. With a
+// DataParallel (train/distributed.hpp) each rank trains on its share of each batch and the
+// gradients are averaged over the ranks; rank 0 alone writes. Leaves out fp16 loss scaling
+// (bf16 autocast needs none).
 #pragma once
 
 #include <sys/stat.h>
@@ -28,6 +30,7 @@
 #include <deltatune/core/atomic_file.hpp>
 #include <deltatune/core/error.hpp>
 #include <deltatune/train/checkpoint_state.hpp>
+#include <deltatune/train/distributed.hpp>
 #include <deltatune/train/log.hpp>
 #include <deltatune/train/plot.hpp>
 #include <deltatune/train/progress.hpp>
@@ -98,6 +101,10 @@ struct TrainerOptions {
   TORCH_ARG(bool, resume) = true;                // continue from output_dir/last/ when it holds a state
   TORCH_ARG(int64_t, log_every) = 10;            // updates between log lines of the mean loss
   TORCH_ARG(bool, progress) = true;              // a progress bar on stdout
+  // Data parallelism: this process is one rank of the group, the batch source gives this rank's
+  // share of each batch, the gradients are averaged over the ranks after each update's backward
+  // and rank 0 alone writes output_dir (every rank reads it to resume). nullptr: one process.
+  TORCH_ARG(std::shared_ptr<DataParallel>, data_parallel) = nullptr;
 };
 
 // Gives micro-batch `index` (0 <= index < batches_per_epoch) of epoch `epoch`. For a resumed run
@@ -153,6 +160,10 @@ class Trainer {
         optimizer_(optimizer_groups(rate_groups_, options_), torch::optim::AdamWOptions(options_.lr())
                                                                  .weight_decay(options_.weight_decay())) {
     check_options();
+    if (auto group = options_.data_parallel()) {
+      group->check_same("trainable tensors", describe(named_));
+      sync_ = std::make_unique<GradientSync>(group, params_);
+    }
     const int64_t per_epoch = updates_per_epoch(source_.batches_per_epoch, options_.accumulation_steps());
     const int64_t total = options_.max_steps() > 0 ? options_.max_steps() : options_.epochs() * per_epoch;
     schedule_ = {options_.schedule(),
@@ -163,8 +174,14 @@ class Trainer {
   // Runs to the end (or to early stopping) and returns what happened.
   TrainSummary fit() {
     start_or_resume();
+    if (auto group = options_.data_parallel()) {
+      // Every rank starts from rank 0's tensors, and a resumed run at the same step.
+      group->check_same("the step training starts at (every rank reads output_dir/last/ to resume)",
+                        std::to_string(summary_.steps));
+      group->broadcast(params_, "the trainable tensors");
+    }
     std::optional<ProgressBar> bar;
-    if (options_.progress()) bar.emplace(schedule_.total);
+    if (options_.progress() && is_main()) bar.emplace(schedule_.total);
     auto epoch_start = std::chrono::steady_clock::now();
     while (summary_.steps < schedule_.total && !summary_.stopped_early) {
       const double loss = update();
@@ -181,7 +198,7 @@ class Trainer {
     }
     if (bar) bar->finish();
     summary_.peak_rss_bytes = peak_rss_bytes();
-    if (!options_.output_dir().empty())
+    if (writes())
       write_training_plot(options_.output_dir() + "/curves.png", loss_curve_, metric_curve_);
     return summary_;
   }
@@ -205,16 +222,27 @@ class Trainer {
   }
 
   int64_t per_epoch() const { return updates_per_epoch(source_.batches_per_epoch, options_.accumulation_steps()); }
+  bool is_main() const { return !options_.data_parallel() || options_.data_parallel()->is_main(); }
+  bool writes() const { return !options_.output_dir().empty() && is_main(); }
+
+  // The trainable tensors' names, shapes and dtypes, one a line: what every rank must agree on.
+  static std::string describe(const NamedTensors& named) {
+    std::string out;
+    for (const auto& [name, t] : named) out += fmt::format("{} {} {}\n", name, t.sizes(), c10::toString(t.scalar_type()));
+    return out;
+  }
   std::string path(const std::string& name) const { return options_.output_dir() + "/" + name; }
   std::string state_path() const { return path("last/train_state.safetensors"); }
 
   void start_or_resume() {
-    if (!options_.output_dir().empty()) {
+    if (writes()) {
       for (const auto& dir : {options_.output_dir(), path("last"), path("best")}) ::mkdir(dir.c_str(), 0755);
       remove_stale_temporaries();
+    }
+    if (!options_.output_dir().empty()) {
       struct stat st {};
       if (options_.resume() && ::stat(state_path().c_str(), &st) == 0) return resume();
-      log_.emplace(path("log.jsonl"), /*append=*/false);
+      if (writes()) log_.emplace(path("log.jsonl"), /*append=*/false);
     }
     if (options_.seed()) torch::manual_seed(*options_.seed());
   }
@@ -253,6 +281,7 @@ class Trainer {
     // run's would; a state saved without them starts an empty window.
     window_sum_ = state.get<double>("window_sum", 0.0);
     window_count_ = state.get<int64_t>("window_count", 0);
+    if (!writes()) return;
     // The steps after the saved one run again: their records must not appear twice.
     truncate_jsonl_after_step(path("log.jsonl"), summary_.steps);
     log_.emplace(path("log.jsonl"), /*append=*/true);
@@ -265,6 +294,7 @@ class Trainer {
     optimizer_.zero_grad();
     double loss_sum = 0;
     for (int64_t i = range.begin; i < range.end; ++i) {
+      if (sync_ && i == range.end - 1) sync_->arm();  // the earlier micro-batches accumulate locally
       const Batch batch = source_.batch(range.epoch, i);
       torch::Tensor loss;
       {
@@ -275,6 +305,10 @@ class Trainer {
       // Mean over the update's micro-batches, so that accumulation matches one large batch.
       (loss / static_cast<double>(range.count())).backward();
       loss_sum += loss.detach().item<double>();
+    }
+    if (sync_) {
+      sync_->finish();
+      loss_sum = options_.data_parallel()->mean(loss_sum, "the update's loss");
     }
     const double grad_norm = clip_grad_norm(params_, options_.max_grad_norm());
     schedule_.apply(optimizer_, summary_.steps, rate_groups_.scales);
@@ -310,7 +344,7 @@ class Trainer {
       const bool better = improves(metric);
       if (better) {
         summary_.best_metric = metric, summary_.best_step = summary_.steps, evals_without_improvement_ = 0;
-        if (save_best_ && !options_.output_dir().empty()) save_best_(path("best"));
+        if (save_best_ && writes()) save_best_(path("best"));
       } else if (options_.patience() > 0 && ++evals_without_improvement_ >= options_.patience()) {
         summary_.stopped_early = true;
       }
@@ -318,7 +352,7 @@ class Trainer {
         log_->log({{"step", summary_.steps}, {"eval", std::isnan(metric) ? nlohmann::json() : nlohmann::json(metric)},
                    {"best", better}, {"stopped_early", summary_.stopped_early}});
     }
-    if (!options_.output_dir().empty()) save_state();
+    if (writes()) save_state();
   }
 
   // Saved after evaluating, so that the state holds the generators as they are when training goes on.
@@ -417,6 +451,7 @@ class Trainer {
   std::function<void(const std::string&)> save_best_;
   RateGroups rate_groups_;  // before optimizer_, which is built from it
   torch::optim::AdamW optimizer_;
+  std::unique_ptr<GradientSync> sync_;  // with a DataParallel
   LrSchedule schedule_;
   TrainSummary summary_;
   std::optional<JsonlLogger> log_;
