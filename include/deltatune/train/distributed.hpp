@@ -79,9 +79,13 @@ struct LaunchEnvironment {
 // rank has died, hung past the timeout or disconnected.
 class DataParallel {
  public:
+  // `device`: where the group's own tensors (a mean, gathered values) go: the CPU for Gloo, this
+  // rank's GPU for NCCL.
   DataParallel(c10::intrusive_ptr<c10d::Backend> group, c10::intrusive_ptr<c10d::Store> store,
-               std::chrono::milliseconds timeout, int64_t bucket_bytes = int64_t(25) << 20)
-      : group_(std::move(group)), store_(std::move(store)), timeout_(timeout), bucket_bytes_(bucket_bytes) {
+               std::chrono::milliseconds timeout, int64_t bucket_bytes = int64_t(25) << 20,
+               torch::Device device = torch::kCPU)
+      : group_(std::move(group)), store_(std::move(store)), timeout_(timeout), bucket_bytes_(bucket_bytes),
+        device_(device) {
     detail::check<OptionError>(bucket_bytes_ > 0, "DataParallel: bucket_bytes is {}; give a positive size", bucket_bytes_);
   }
 
@@ -119,7 +123,7 @@ class DataParallel {
 
   // The mean of `value` over the ranks.
   double mean(double value, const std::string& what) {
-    std::vector<torch::Tensor> one{torch::tensor({value}, torch::kDouble)};
+    std::vector<torch::Tensor> one{torch::tensor({value}, torch::TensorOptions(torch::kDouble).device(device_))};
     guarded("averaging " + what, [&] { group_->allreduce(one)->wait(); });
     return one[0].item<double>() / double(world_size());
   }
@@ -161,13 +165,13 @@ class DataParallel {
   }
 
  private:
-  // `t` (1-D) of every rank, concatenated in rank order.
+  // `t` (1-D, on the CPU) of every rank, concatenated in rank order, on the CPU.
   torch::Tensor all_gather(const torch::Tensor& t) {
     std::vector<std::vector<torch::Tensor>> out(1);
-    for (int64_t r = 0; r < world_size(); ++r) out[0].push_back(torch::empty_like(t));
-    std::vector<torch::Tensor> in{t};
+    std::vector<torch::Tensor> in{t.to(device_)};
+    for (int64_t r = 0; r < world_size(); ++r) out[0].push_back(torch::empty_like(in[0]));
     group_->allgather(out, in)->wait();
-    return torch::cat(out[0]);
+    return torch::cat(out[0]).cpu();
   }
 
   // The first line where `a` and `b` differ, of each.
@@ -191,6 +195,7 @@ class DataParallel {
   c10::intrusive_ptr<c10d::Store> store_;
   std::chrono::milliseconds timeout_;
   int64_t bucket_bytes_;
+  torch::Device device_;
   int64_t checks_ = 0;  // a fresh store key for each check_same
 };
 

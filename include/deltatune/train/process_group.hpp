@@ -33,7 +33,7 @@
 namespace deltatune {
 
 struct DistributedOptions {
-  // Where the tensors live: the CPU (Gloo) or a CUDA device (NCCL, one GPU per rank).
+  // Where the tensors live: the CPU (Gloo) or CUDA (NCCL, one GPU per rank: LOCAL_RANK's).
   TORCH_ARG(torch::Device, device) = torch::kCPU;
   // How long a rank waits for the others: at the rendezvous and in each collective. A rank that
   // died fails the others at once (its connections close); one that hangs, after this.
@@ -89,7 +89,9 @@ inline std::shared_ptr<DataParallel> start_data_parallel(const LaunchEnvironment
     store_options.timeout = timeout;
     c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, store_options);
     auto group = options.device().is_cuda() ? detail::nccl_group(store, env, timeout) : detail::gloo_group(store, env, timeout);
-    return std::make_shared<DataParallel>(group, store, timeout, int64_t(options.bucket_mib() * (1 << 20)));
+    const auto device = options.device().is_cuda() ? torch::Device(torch::kCUDA, c10::DeviceIndex(env.local_rank))
+                                                   : torch::Device(torch::kCPU);
+    return std::make_shared<DataParallel>(group, store, timeout, int64_t(options.bucket_mib() * (1 << 20)), device);
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {
