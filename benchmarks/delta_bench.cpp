@@ -29,9 +29,15 @@
 // in float32 (core/precision.hpp); --method full trains every weight in float32 under bf16
 // autocast instead, as peft_bench.py runs the peers.
 //
+// Under tools/launch (--mode train): each rank trains on its own batch of --batch rows and the
+// trainable tensors' gradients are all-reduced after backward (GradientSync), as the Trainer
+// does; rank 0 prints, with "ranks" and "allreduce_bytes" (what each rank sends in per step).
+// benchmarks/data_parallel_bench.py runs it at 1 and 2 ranks.
+//
 // --profile 1: after the timed steps, as many again under an operator profile (op_profile.hpp),
 // printed per step with those steps' median time as a second line (prefix "OPS ").
 #include <deltatune/deltatune.hpp>
+#include <deltatune/train/process_group.hpp>
 
 #include "memory_profile.hpp"
 #include "op_profile.hpp"
@@ -209,6 +215,11 @@ int main(int argc, char** argv) try {
   auto num = [&](const char* flag) { return std::stoll(flags[flag]); };
   if (num("--threads") > 0) at::set_num_threads(int(num("--threads")));
   const torch::Device device(flags["--device"]);
+  const auto launch = dt::LaunchEnvironment::from_environment();
+  const auto group = launch && launch->world_size > 1 ? dt::start_data_parallel(*launch) : nullptr;
+  if (group && !group->is_main()) std::cout.rdbuf(nullptr);  // rank 0 reports
+  if (group && (flags["--mode"] != "train" || num("--profile") != 0))
+    throw dt::OptionError("delta_bench: under tools/launch it times training steps (--mode train), without --profile");
   if (flags["--backbone"] == "bert") return bert_infer(flags, device);
   if (flags["--backbone"] != "t5") throw dt::OptionError("delta_bench: --backbone is t5 or bert, got " + flags["--backbone"]);
   const std::string method = flags["--method"];
@@ -232,22 +243,27 @@ int main(int argc, char** argv) try {
   const double load_peak = proc_status_mb("VmHWM");
 
   const auto vocab = backbone->config.vocab_size();
+  torch::manual_seed(uint64_t(group ? group->rank() : 0) + 1);  // each rank its own batch
   auto input_ids = torch::randint(2, vocab, {batch, src}, torch::kLong).to(device);
   auto attention_mask = torch::ones_like(input_ids);
   auto labels = torch::randint(2, vocab, {batch, tgt}, torch::kLong).to(device);
   const auto params = model.trainable_parameters();
   torch::optim::AdamW optimizer(params, torch::optim::AdamWOptions(std::stod(flags["--lr"])));
+  std::unique_ptr<dt::GradientSync> sync;
+  if (group && train) sync = std::make_unique<dt::GradientSync>(group, params);
 
   std::function<void()> step;
   if (train) {
     backbone->train();
     step = [&] {
       optimizer.zero_grad();
+      if (sync) sync->arm();
       {
         std::optional<dt::AutocastGuard> guard;
         if (autocast) guard.emplace(device.type());
         backbone->forward(input_ids, attention_mask, {}, labels).loss.backward();
       }
+      if (sync) sync->finish();
       optimizer.step();
     };
   } else if (mixed > 0) {
@@ -274,7 +290,9 @@ int main(int argc, char** argv) try {
                         {"mode", flags["--mode"]},     {"threads", at::get_num_threads()},
                         {"times_ms", times},           {"median_ms", median(times)},
                         {"peak_mb", peak_mb(device)},  {"load_peak_mb", load_peak},
-                        {"trainable", trainable},      {"precision", precision}};
+                        {"trainable", trainable},      {"precision", precision},
+                        {"ranks", group ? group->world_size() : 1},
+                        {"allreduce_bytes", sync ? sync->bytes_per_update() : 0}};
   if (mixed > 0) result.update({{"mixed", mixed}, {"gather", num("--gather") != 0}});
   if (!train && method != "bare" && num("--interleave") > 0) {
     auto bare = dt::backbones::load_t5(flags["--model"], load_options);
@@ -288,7 +306,7 @@ int main(int argc, char** argv) try {
   }
   if (device.is_cuda()) {
     result["alloc_mb"] = result["peak_mb"];  // max_memory_allocated already
-  } else {
+  } else if (!sync) {  // (its steps would be collectives on rank 0 alone)
     optimizer.zero_grad();  // gradients are not at rest: the step makes them
     result.update(allocated_mb(step, at_rest(backbone, params, optimizer)));
   }
