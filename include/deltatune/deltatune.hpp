@@ -40,4 +40,4 @@
 
 #include <deltatune/train/glue.hpp>          // read_glue, GlueTask, to_t5 / from_t5_label: GLUE TSVs, T5's text to text
 #include <deltatune/train/metrics.hpp>       // accuracy, f1_score, matthews_corrcoef, pearson, spearman
-#include <deltatune/train/trainer.hpp>       // Trainer, TrainerOptions, LrSchedule, save/load_train_state, plot, log
+#include <deltatune/train/trainer.hpp>       // Trainer, TrainerOptions, LrSchedule, LossScaler, save/load_train_state, plot, log

@@ -1,8 +1,9 @@
 // Tests of mixed precision (core/precision.hpp and the sites that apply it): every method on
 // tiny random T5 and BERT backbones stored in bfloat16 trains float32 deltas whose outputs and
 // gradients follow the float32 model's; deltas saved from either precision load into the
-// other; merging into a bf16 weight rounds once and unmerging restores it. The backbones'
-// bf16 forwards against transformers' are in t5_test.cpp and bert_test.cpp.
+// other; merging into a bf16 weight rounds once and unmerging restores it; loss scaling keeps
+// a float16 backbone's small gradients. The backbones' bf16 forwards against transformers'
+// are in t5_test.cpp and bert_test.cpp.
 #include <deltatune/deltatune.hpp>
 
 #include "test_support.hpp"
@@ -141,6 +142,43 @@ CATCH_TEST_CASE("On CUDA, bf16 and fp16 backbones train float32 deltas that foll
   if (!dt::testing::cuda_or_skip()) return;
   check_every_method(torch::kCUDA, torch::kBFloat16);
   check_every_method(torch::kCUDA, torch::kHalf);
+}
+
+CATCH_TEST_CASE("A float16 backbone's small gradients flush to zero without loss scaling and survive with it",
+                "[precision][loss_scale]") {
+  // A loss 2^-24 of T5's: its gradients on the way back through float16 activations fall below
+  // float16's smallest subnormal (6e-8). Scaled by 2^24 before backward and unscaled in the
+  // float32 LoRA tensors, they are the float32 model's.
+  const double tiny = std::ldexp(1.0, -24);
+  auto full = make("t5"), half = make("t5");
+  dt::set_frozen_dtype(*half.module, torch::kHalf);
+  dt::DeltaModel reference(full.module), model(half.module);
+  add(reference, "lora");
+  add(model, "lora");
+  {
+    torch::NoGradGuard no_grad;
+    auto theirs = reference.named_trainable_parameters(), ours = model.named_trainable_parameters();
+    for (size_t i = 0; i < ours.size(); ++i) ours[i].second.copy_(theirs[i].second);
+  }
+  (full.run().first * tiny).backward();
+  const auto g_ref = gradients(reference);
+  CATCH_REQUIRE(g_ref.norm().item<double>() > 0);
+
+  (half.run().first * tiny).backward();
+  CATCH_CHECK(gradients(model).norm().item<double>() < 0.01 * g_ref.norm().item<double>());
+
+  for (auto& [key, p] : model.named_trainable_parameters()) p.mutable_grad() = torch::Tensor();
+  const dt::LossScaler scaler(dt::LossScaleOptions().init_scale(std::ldexp(1.0, 24)));
+  scaler.scale(half.run().first * tiny).backward();
+  std::vector<torch::Tensor> params;
+  for (auto& [key, p] : model.named_trainable_parameters()) params.push_back(p);
+  CATCH_REQUIRE(scaler.unscale(params));
+  const auto g = gradients(model);
+  const double cosine = (g * g_ref).sum().item<double>() / (g.norm() * g_ref.norm()).item<double>();
+  CATCH_INFO("gradient cosine " << cosine << ", norms " << g.norm().item<double>() << " and "
+                                << g_ref.norm().item<double>());
+  CATCH_CHECK(cosine > 0.99);
+  CATCH_CHECK(relative(g, g_ref) < 0.1);
 }
 
 CATCH_TEST_CASE("A delta saved from a bf16 backbone loads into the float32 one, and the reverse", "[precision]") {

@@ -1,10 +1,11 @@
 // Tests of train/: schedule.hpp (golden: transformers, torch), progress.hpp, log.hpp, plot.hpp,
-// checkpoint_state.hpp and trainer.hpp on tiny problems on the CPU.
+// checkpoint_state.hpp, loss_scale.hpp and trainer.hpp on tiny problems on the CPU.
 #include <deltatune/backbones/bert.hpp>
 #include <deltatune/core/delta_model.hpp>
 #include <deltatune/methods/lora.hpp>
 #include <deltatune/train/checkpoint_state.hpp>
 #include <deltatune/train/log.hpp>
+#include <deltatune/train/loss_scale.hpp>
 #include <deltatune/train/plot.hpp>
 #include <deltatune/train/progress.hpp>
 #include <deltatune/train/schedule.hpp>
@@ -448,6 +449,124 @@ CATCH_TEST_CASE("Trainer resumes an interrupted run to the same result", "[train
   CATCH_REQUIRE_THROWS_WITH(e.trainer(options(parts.path)).fit(),
                             Catch::Contains(state_path + ": metadata deltatune.train_state: \"step\" is \"10\", "
                                             "expected an integer"));
+}
+
+CATCH_TEST_CASE("LossScaler's scale moves as torch.amp.GradScaler's update kernel moves it", "[trainer][loss_scale]") {
+  // The reference is GradScaler's own kernel (aten::_amp_update_scale_), fed the same overflow
+  // pattern; factors that are not powers of two so that float32's rounding shows, and a run of
+  // growth into float32's limit, where GradScaler stops growing.
+  const auto follow = [](const dt::LossScaleOptions& o, const std::vector<bool>& finite) {
+    dt::LossScaler ours(o);
+    auto scale = torch::full({1}, o.init_scale(), torch::kFloat);
+    auto tracker = torch::zeros({1}, torch::kInt);
+    for (size_t i = 0; i < finite.size(); ++i) {
+      ours.update(finite[i]);
+      at::_amp_update_scale_(scale, tracker, torch::full({1}, finite[i] ? 0.0 : 1.0), o.growth_factor(),
+                             o.backoff_factor(), o.growth_interval());
+      CATCH_INFO("update " << i);
+      CATCH_CHECK(ours.scale() == scale.item<float>());
+      CATCH_CHECK(ours.growth_tracker() == tracker.item<int>());
+    }
+  };
+  std::vector<bool> pattern;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
+  for (int i = 0; i < 200; ++i) pattern.push_back(torch::rand({1}, gen).item<double>() > 0.15);
+  follow(dt::LossScaleOptions().init_scale(1000).growth_factor(1.7).backoff_factor(0.3).growth_interval(3), pattern);
+  follow(dt::LossScaleOptions().init_scale(std::ldexp(1.0, 120)).growth_interval(1), std::vector<bool>(12, true));
+  follow(dt::LossScaleOptions(), std::vector<bool>(4001, true));
+
+  for (const auto& [options, field] :
+       {std::pair(dt::LossScaleOptions().init_scale(0), "init_scale"), std::pair(dt::LossScaleOptions().init_scale(1e39), "init_scale"),
+        std::pair(dt::LossScaleOptions().growth_factor(1), "growth_factor"),
+        std::pair(dt::LossScaleOptions().backoff_factor(1), "backoff_factor"),
+        std::pair(dt::LossScaleOptions().growth_interval(0), "growth_interval")})
+    CATCH_CHECK_THROWS_WITH(dt::LossScaler(options), Catch::Contains(std::string("LossScaleOptions: ") + field));
+}
+
+CATCH_TEST_CASE("LossScaler divides every gradient by the scale and finds an inf or a NaN in any", "[trainer][loss_scale]") {
+  auto a = torch::randn({3, 4}).requires_grad_(), b = torch::randn({5}, torch::kFloat64).requires_grad_();
+  auto none = torch::randn({2}).requires_grad_();  // no gradient: left alone
+  const dt::LossScaler scaler(dt::LossScaleOptions().init_scale(1024));
+  scaler.scale((a * a).sum() + b.sum()).backward();
+  CATCH_CHECK(torch::equal(a.grad(), 2 * a.detach() * 1024));
+  CATCH_REQUIRE(scaler.unscale({a, b, none}));
+  CATCH_CHECK(torch::equal(a.grad(), 2 * a.detach()));  // a power of two: exactly
+  CATCH_CHECK(torch::equal(b.grad(), torch::ones_like(b)));
+  CATCH_CHECK(!none.grad().defined());
+  for (const double bad : {std::numeric_limits<double>::infinity(), std::nan("")}) {
+    b.mutable_grad()[2] = bad;
+    CATCH_CHECK_FALSE(scaler.unscale({a, b}));
+    b.mutable_grad()[2] = 0;
+  }
+}
+
+CATCH_TEST_CASE("Trainer with loss scaling trains as without it, skips an update whose gradients overflow, and "
+                "resumes with the scale", "[trainer][loss_scale]") {
+  // Scaling by a power of two and back is exact: a run with scaling ends where one without does.
+  const auto plain = dt::TrainerOptions().max_steps(8).lr(0.05).seed(7).progress(false);
+  const auto scaled = dt::TrainerOptions(plain).loss_scale(dt::LossScaleOptions().growth_interval(3));
+  Logistic a, b;
+  a.trainer(plain).fit();
+  const auto summary = b.trainer(scaled).fit();
+  CATCH_CHECK(torch::equal(a.w, b.w));
+  CATCH_CHECK(torch::equal(a.b, b.b));
+  CATCH_CHECK(summary.skipped_updates == 0);
+  CATCH_CHECK(summary.loss_scale == 65536.0 * 4);  // grown after updates 3 and 6
+
+  // Update 2's gradient overflows (its loss is finite): the tensors keep their values, the
+  // scale halves, the log says so, and the scale grows again after 3 finite updates.
+  const auto overflowing = [](Logistic& problem, int64_t& calls, int64_t die_at) {
+    return [&problem, &calls, die_at](const Batch& batch) {
+      if (++calls == die_at) throw std::runtime_error("killed");
+      const auto loss = problem.loss(batch);
+      if (calls != 2) return loss;
+      return loss + 1e305 * (problem.w.sum() - problem.w.sum().detach());
+    };
+  };
+  const auto options = [&](const std::string& dir) {
+    return dt::TrainerOptions(scaled).eval_every(4).output_dir(dir);
+  };
+  dt::testing::TempDir whole, parts;
+  Logistic c;
+  int64_t calls = 0;
+  std::vector<torch::Tensor> w_before;
+  auto loss = overflowing(c, calls, -1);
+  const auto recording = [&](const Batch& batch) {
+    w_before.push_back(c.w.detach().clone());
+    return loss(batch);
+  };
+  const auto full = dt::Trainer<Batch>(options(whole.path), {{"w", c.w}, {"b", c.b}}, recording,
+                                       logistic_source(c.x, c.y), [&] { return c.accuracy(); })
+                        .fit();
+  CATCH_CHECK(full.skipped_updates == 1);
+  CATCH_CHECK(torch::equal(w_before[1], w_before[2]));  // update 2 changed nothing
+  CATCH_CHECK_FALSE(torch::equal(w_before[2], w_before[3]));
+  CATCH_CHECK(full.loss_scale == 131072.0);  // halved at 2, doubled after 3 to 5 and after 6 to 8
+  const auto log = dt::read_jsonl(whole.file("log.jsonl"));
+  const auto skipped = std::find_if(log.begin(), log.end(), [](const auto& r) { return r.contains("skipped"); });
+  CATCH_REQUIRE(skipped != log.end());
+  CATCH_CHECK(skipped->at("step") == 2);
+  CATCH_CHECK(skipped->at("loss_scale") == 32768.0);
+
+  // Killed in update 7, after the state of update 4: the resumed run restores the scale and
+  // its tracker, and ends where the whole run did.
+  Logistic d;
+  int64_t calls_d = 0;
+  CATCH_REQUIRE_THROWS_WITH(dt::Trainer<Batch>(options(parts.path), {{"w", d.w}, {"b", d.b}},
+                                               overflowing(d, calls_d, 7), logistic_source(d.x, d.y),
+                                               [&] { return d.accuracy(); })
+                                .fit(),
+                            "killed");
+  Logistic e;
+  int64_t calls_e = 2;  // past the overflowing update
+  const auto resumed = dt::Trainer<Batch>(options(parts.path), {{"w", e.w}, {"b", e.b}},
+                                          overflowing(e, calls_e, -1), logistic_source(e.x, e.y),
+                                          [&] { return e.accuracy(); })
+                           .fit();
+  CATCH_CHECK(resumed.resumed_from == 4);
+  CATCH_CHECK(resumed.loss_scale == full.loss_scale);
+  CATCH_CHECK(torch::equal(e.w, c.w));
+  CATCH_CHECK(torch::equal(e.b, c.b));
 }
 
 CATCH_TEST_CASE("Trainer removes stale temporaries of atomic writes, and only those, when it starts",

@@ -5,8 +5,8 @@
 // Model-agnostic: it sees a list of tensors, a loss function of a batch, a batch source that
 // gives batch i of epoch e, and callbacks to evaluate and to save the best model. With a
 // DataParallel (train/distributed.hpp) each rank trains on its share of each batch and the
-// gradients are averaged over the ranks; rank 0 alone writes. Leaves out fp16 loss scaling
-// (bf16 autocast needs none).
+// gradients are averaged over the ranks; rank 0 alone writes. A float16 backbone trains with
+// dynamic loss scaling (loss_scale, train/loss_scale.hpp); bf16 needs none.
 #pragma once
 
 #include <sys/stat.h>
@@ -32,6 +32,7 @@
 #include <deltatune/train/checkpoint_state.hpp>
 #include <deltatune/train/distributed.hpp>
 #include <deltatune/train/log.hpp>
+#include <deltatune/train/loss_scale.hpp>
 #include <deltatune/train/plot.hpp>
 #include <deltatune/train/progress.hpp>
 #include <deltatune/train/schedule.hpp>
@@ -97,6 +98,10 @@ struct TrainerOptions {
   // torch::manual_seed at the start of a fresh run; unset, the global generator stays as the caller left it.
   TORCH_ARG(std::optional<uint64_t>, seed) = std::nullopt;
   TORCH_ARG(bool, bf16) = false;                 // bf16 autocast around loss_fn on the parameters' device
+  // Dynamic loss scaling, for a backbone stored in float16: the loss scaled before backward,
+  // the gradients unscaled before clipping, an update whose gradients overflowed skipped (it
+  // still counts as a step: the schedule and the batches go on). nullopt: none.
+  TORCH_ARG(std::optional<LossScaleOptions>, loss_scale) = std::nullopt;
   TORCH_ARG(std::string, output_dir) = "";       // log.jsonl, curves.png, best/, last/; "" writes nothing
   TORCH_ARG(bool, resume) = true;                // continue from output_dir/last/ when it holds a state
   TORCH_ARG(int64_t, log_every) = 10;            // updates between log lines of the mean loss
@@ -124,6 +129,8 @@ struct TrainSummary {
   int64_t best_step = -1;                     // the update after which the best evaluation ran; -1 if none
   bool stopped_early = false;
   double final_loss = std::numeric_limits<double>::quiet_NaN();  // mean loss of the last logged updates
+  int64_t skipped_updates = 0;                // with loss_scale: updates skipped for a non-finite gradient (this process)
+  double loss_scale = 1;                      // with loss_scale: the scale at the end
   std::vector<double> seconds_per_epoch;      // wall time of each epoch this process ran (evaluation included)
   int64_t peak_rss_bytes = 0;                 // VmHWM of /proc/self/status; 0 where there is none
 };
@@ -159,6 +166,7 @@ class Trainer {
         rate_groups_(group_by_rate(named_, options_)),
         optimizer_(optimizer_groups(rate_groups_, options_), torch::optim::AdamWOptions(options_.lr())
                                                                  .weight_decay(options_.weight_decay())) {
+    if (options_.loss_scale()) scaler_.emplace(*options_.loss_scale());
     check_options();
     if (auto group = options_.data_parallel()) {
       group->check_same("trainable tensors", describe(named_));
@@ -281,6 +289,7 @@ class Trainer {
     // run's would; a state saved without them starts an empty window.
     window_sum_ = state.get<double>("window_sum", 0.0);
     window_count_ = state.get<int64_t>("window_count", 0);
+    restore_loss_scale(state);
     if (!writes()) return;
     // The steps after the saved one run again: their records must not appear twice.
     truncate_jsonl_after_step(path("log.jsonl"), summary_.steps);
@@ -303,19 +312,32 @@ class Trainer {
         loss = loss_fn_(batch);
       }
       // Mean over the update's micro-batches, so that accumulation matches one large batch.
-      (loss / static_cast<double>(range.count())).backward();
+      const auto mean = loss / static_cast<double>(range.count());
+      (scaler_ ? scaler_->scale(mean) : mean).backward();
       loss_sum += loss.detach().item<double>();
     }
     if (sync_) {
       sync_->finish();
       loss_sum = options_.data_parallel()->mean(loss_sum, "the update's loss");
     }
-    const double grad_norm = clip_grad_norm(params_, options_.max_grad_norm());
-    schedule_.apply(optimizer_, summary_.steps, rate_groups_.scales);
-    optimizer_.step();
+    // Every rank sees the same averaged gradients, so every rank skips the same updates.
+    const bool finite = !scaler_ || scaler_->unscale(params_);
+    double grad_norm = std::numeric_limits<double>::quiet_NaN();
+    if (finite) {
+      grad_norm = clip_grad_norm(params_, options_.max_grad_norm());
+      schedule_.apply(optimizer_, summary_.steps, rate_groups_.scales);
+      optimizer_.step();
+    }
+    if (scaler_) {
+      scaler_->update(finite);
+      summary_.skipped_updates += finite ? 0 : 1;
+      summary_.loss_scale = scaler_->scale();
+    }
     ++summary_.steps;
     const double loss = loss_sum / static_cast<double>(range.count());
     window_sum_ += loss, ++window_count_;
+    if (!finite && log_)
+      log_->log({{"step", summary_.steps}, {"skipped", "a gradient overflowed"}, {"loss_scale", scaler_->scale()}});
     if (summary_.steps % options_.log_every() == 0 || summary_.steps == schedule_.total) log_window(grad_norm);
     return loss;
   }
@@ -324,9 +346,13 @@ class Trainer {
     summary_.final_loss = window_sum_ / static_cast<double>(window_count_);
     loss_curve_.x.push_back(static_cast<double>(summary_.steps));
     loss_curve_.y.push_back(summary_.final_loss);
-    if (log_)
-      log_->log({{"step", summary_.steps}, {"epoch", static_cast<double>(summary_.steps) / per_epoch()},
-                 {"loss", summary_.final_loss}, {"lr", schedule_.lr(summary_.steps - 1)}, {"grad_norm", grad_norm}});
+    if (log_) {
+      nlohmann::json line{{"step", summary_.steps}, {"epoch", static_cast<double>(summary_.steps) / per_epoch()},
+                          {"loss", summary_.final_loss}, {"lr", schedule_.lr(summary_.steps - 1)},
+                          {"grad_norm", std::isnan(grad_norm) ? nlohmann::json() : nlohmann::json(grad_norm)}};
+      if (scaler_) line["loss_scale"] = scaler_->scale();
+      log_->log(line);
+    }
     window_sum_ = 0, window_count_ = 0;
   }
 
@@ -355,6 +381,14 @@ class Trainer {
     if (writes()) save_state();
   }
 
+  // The scale a run with loss scaling saved (a state saved without it, by a run without
+  // scaling, starts from the options' init_scale).
+  void restore_loss_scale(const JsonFields& state) {
+    if (!scaler_ || !state.has("loss_scale")) return;
+    scaler_->restore(state.get<double>("loss_scale"), state.get<int64_t>("loss_scale_growth_tracker"));
+    summary_.loss_scale = scaler_->scale();
+  }
+
   // Saved after evaluating, so that the state holds the generators as they are when training goes on.
   void save_state() {
     save_train_state(state_path(), named_, optimizer_,
@@ -364,7 +398,9 @@ class Trainer {
                       {"evals_without_improvement", evals_without_improvement_},
                       {"loss_x", loss_curve_.x}, {"loss_y", loss_curve_.y},
                       {"metric_x", metric_curve_.x}, {"metric_y", nan_to_null(metric_curve_.y)},
-                      {"window_sum", window_sum_}, {"window_count", window_count_}});
+                      {"window_sum", window_sum_}, {"window_count", window_count_},
+                      {"loss_scale", scaler_ ? nlohmann::json(scaler_->scale()) : nlohmann::json()},
+                      {"loss_scale_growth_tracker", scaler_ ? scaler_->growth_tracker() : 0}});
   }
 
   static nlohmann::json nan_to_null(const std::vector<double>& v) {
@@ -452,6 +488,7 @@ class Trainer {
   RateGroups rate_groups_;  // before optimizer_, which is built from it
   torch::optim::AdamW optimizer_;
   std::unique_ptr<GradientSync> sync_;  // with a DataParallel
+  std::optional<LossScaler> scaler_;    // with loss_scale
   LrSchedule schedule_;
   TrainSummary summary_;
   std::optional<JsonlLogger> log_;
