@@ -1,6 +1,6 @@
 // Tests of backbones/dropout.hpp: each one-byte-mask operation against the same operations
 // composed from torch's with autograd, applying the mask keep_mask draws from the same seed;
-// and the backbones' lean_dropout option, per model.
+// keep_mask's draws; and the backbones' lean_dropout option, per model.
 #include <deltatune/backbones/bert.hpp>
 #include <deltatune/backbones/dropout.hpp>
 
@@ -53,8 +53,7 @@ torch::Tensor reference_attention(const torch::Tensor& q, const torch::Tensor& k
 }
 
 // Whether the autograd graph behind `out` has a node whose name contains `part`: the one-byte
-// mask functions' (MaskFunction, DropoutMatmulFunction) tell the lean way from torch's, whose
-// CPU kernels draw the same masks from the same seed.
+// mask functions' (MaskFunction, DropoutMatmulFunction) tell the lean way from torch's.
 bool has_node(const torch::Tensor& out, const std::string& part) {
   std::set<torch::autograd::Node*> seen;
   std::vector<torch::autograd::Node*> todo{out.grad_fn().get()};
@@ -161,12 +160,52 @@ CATCH_TEST_CASE("two BERTs in one process, one lean and one not, each train thei
   CATCH_CHECK(has_node(out[0], "DropoutMatmulFunction"));
   CATCH_CHECK_FALSE(has_node(out[1], "MaskFunction"));
   CATCH_CHECK_FALSE(has_node(out[1], "DropoutMatmulFunction"));
-  // The same seed draws the same masks both ways, so the two agree in training, forward and
-  // backward, and dropout did act (eval mode differs).
-  CATCH_CHECK(close(out[0], out[1], {1e-4, 1e-5}));
-  CATCH_CHECK(close(grads[0], grads[1], {1e-4, 1e-5}));
-  plain->eval();
-  CATCH_CHECK_FALSE(close(plain(ids).last_hidden_state, out[1], {1e-3, 1e-3}));
+  // Dropout acted both ways (eval mode differs), and the lean model's masks follow the seed.
+  for (auto* model : {&lean, &plain}) {
+    (*model)->eval();
+    CATCH_CHECK_FALSE(close((*model)(ids).last_hidden_state, out[model == &lean ? 0 : 1], {1e-3, 1e-3}));
+  }
+  lean->train();
+  torch::manual_seed(3);
+  CATCH_CHECK(torch::equal(lean(ids).last_hidden_state, out[0]));
+}
+
+CATCH_TEST_CASE("keep_mask draws independent masks at rate 1 - p, following the seed, at any thread count",
+                "[dropout]") {
+  // Binomial bounds at 6 standard deviations: a correct generator fails them once in 10^9 runs.
+  const int64_t n = int64_t(1) << 22;
+  const auto like = torch::empty({n});
+  for (const double p : {0.1, 0.3, 0.5}) {
+    CATCH_INFO("p " << p);
+    torch::manual_seed(21);
+    const auto kept = dt::detail::keep_mask(like, p).to(torch::kDouble);
+    const auto within = [&](const torch::Tensor& draws, double rate) {
+      const double sd = std::sqrt(rate * (1 - rate) / double(draws.numel()));
+      CATCH_INFO("rate " << draws.mean().item<double>() << ", expected " << rate << " +- " << sd);
+      CATCH_CHECK(std::abs(draws.mean().item<double>() - rate) < 6 * sd);
+    };
+    within(kept, 1 - p);
+    // Neighbours (within and across the pairs one 64-bit output gives) and elements 7 apart are
+    // kept together at the product of their rates.
+    within(kept.slice(0, 0, n - 1) * kept.slice(0, 1), (1 - p) * (1 - p));
+    within(kept.slice(0, 1, n - 1, 2) * kept.slice(0, 2, n, 2), (1 - p) * (1 - p));
+    within(kept.slice(0, 0, n - 7) * kept.slice(0, 7), (1 - p) * (1 - p));
+    // The next draw is another mask, independent of this one.
+    within(kept * dt::detail::keep_mask(like, p).to(torch::kDouble), (1 - p) * (1 - p));
+  }
+  CATCH_CHECK(dt::detail::keep_mask(like, 0.0).all().item<bool>());
+
+  // The seed decides the mask, whatever the thread count (restored after).
+  const int threads = at::get_num_threads();
+  std::vector<torch::Tensor> masks;
+  for (const int t : {1, 3}) {
+    at::set_num_threads(t);
+    torch::manual_seed(8);
+    masks.push_back(dt::detail::keep_mask(torch::empty({5, 100001}), 0.2));
+  }
+  at::set_num_threads(threads);
+  CATCH_CHECK(torch::equal(masks[0], masks[1]));
+  CATCH_CHECK(masks[0].sizes() == torch::IntArrayRef({5, 100001}));
 }
 
 }  // namespace dropout_test
