@@ -7,6 +7,7 @@ find_package(nlohmann_json 3.10 REQUIRED)
 # PkgConfig::sentencepiece, global so that a parent project sees it too.
 find_package(PkgConfig REQUIRED)
 pkg_check_modules(sentencepiece REQUIRED IMPORTED_TARGET GLOBAL sentencepiece)
+include(${CMAKE_CURRENT_LIST_DIR}/torch_openmp.cmake)
 
 # Vendored with add_subdirectory, deltatune's parent links deltatune::deltatune, whose
 # usage requirements name Torch's imported targets (torch_cpu, torch_cuda, CUDA::...).

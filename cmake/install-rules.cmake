@@ -6,7 +6,7 @@
 #
 # Layout under the prefix:
 #   include/deltatune/...                    the headers (the library itself)
-#   lib/cmake/deltatune/                     deltatuneConfig.cmake, -ConfigVersion, -Targets
+#   lib/cmake/deltatune/                     deltatuneConfig.cmake, -ConfigVersion, -Targets, torch_openmp.cmake
 #   share/deltatune/deltatune_cuda.cu        deltatune::cuda's INTERFACE source (when that target exists)
 include(CMakePackageConfigHelpers)
 
@@ -57,5 +57,6 @@ write_basic_package_version_file(
   ARCH_INDEPENDENT)
 install(FILES "${PROJECT_BINARY_DIR}/deltatuneConfig.cmake"
               "${PROJECT_BINARY_DIR}/deltatuneConfigVersion.cmake"
+              "${PROJECT_SOURCE_DIR}/cmake/torch_openmp.cmake"
         DESTINATION "${DELTATUNE_INSTALL_CMAKEDIR}"
         COMPONENT deltatune_development)
