@@ -227,6 +227,12 @@ CATCH_TEST_CASE("DeltaModel::load refuses a config edited against its tensors or
   CATCH_REQUIRE_THROWS_WITH(rebuilt.load("task", dir), Catch::Contains("delta.safetensors does not fit delta 'task'") &&
                                                            Catch::Contains("lora_A"));
   CATCH_CHECK(rebuilt.deltas().empty());
+  edit("r", 1 << 16);  // a forged rank is refused before it allocates, not after, by the file's size
+  CATCH_REQUIRE_THROWS_WITH(rebuilt.load("task", dir), Catch::Contains("delta_config.json: the saved \"options\" make "
+                                                                       "no lora: LoRA: r = 65536") &&
+                                                           Catch::Contains("parameters, more than the") &&
+                                                           Catch::Contains("delta.safetensors holds for the whole delta"));
+  CATCH_CHECK(rebuilt.deltas().empty());
   edit("r", "seven");
   CATCH_REQUIRE_THROWS_WITH(rebuilt.load("task", dir),
                             Catch::Contains("delta_config.json: \"options\": \"r\" is \"seven\", expected an integer"));

@@ -22,6 +22,7 @@
 #include <deltatune/core/delta.hpp>
 #include <deltatune/core/error.hpp>
 #include <deltatune/core/json_file.hpp>
+#include <deltatune/core/memory.hpp>
 #include <deltatune/core/method_table.hpp>
 #include <deltatune/core/precision.hpp>
 #include <deltatune/core/recipe.hpp>
@@ -401,16 +402,21 @@ class DeltaModel {
   // - Where it has one, it must agree with the file: method, every option, every site.
   // Either way a checkpoint from another backbone, any disagreement (naming the field or the
   // sites), or other tensor names, shapes or dtypes (one error listing every difference) is
-  // refused, and the model is left as it was.
+  // refused, and the model is left as it was. A config whose sizes would make a module with
+  // more parameters than delta.safetensors holds is refused before that module is allocated.
   Entry& load(const std::string& name, const std::string& dir, const MethodTable& methods) {
-    const auto config_path = dir + "/delta_config.json";
+    const auto config_path = dir + "/delta_config.json", tensors_path = dir + "/delta.safetensors";
     const auto config = read_delta_config(config_path);
+    const auto saved = read_safetensors(tensors_path).tensors;
     const bool rebuilt = !entries_.count(name);
-    if (rebuilt) add_saved(name, config, config_path, methods);
+    if (rebuilt) {
+      const detail::ParameterCap cap(double(count(saved)), tensors_path);
+      add_saved(name, config, config_path, methods);
+    }
     try {
       auto& entry = at(name);
       check_agrees(name, entry, config, config_path);
-      copy_saved_tensors(name, entry, dir + "/delta.safetensors");
+      copy_saved_tensors(name, entry, saved, tensors_path);
       return entry;
     } catch (...) {
       if (rebuilt) remove(name);
@@ -555,7 +561,8 @@ class DeltaModel {
 
   // The saved tensors into the delta: the same names, shapes and dtypes as save() wrote, so
   // that a delta cannot change precision unnoticed; nothing is copied unless all fit.
-  void copy_saved_tensors(const std::string& name, const Entry& entry, const std::string& path) {
+  void copy_saved_tensors(const std::string& name, const Entry& entry, const std::map<std::string, torch::Tensor>& saved,
+                          const std::string& path) {
     auto slot = [](const std::string& key, const torch::Tensor& target) {
       return detail::TensorSlot{key, {key}, target, [dtype = target.scalar_type()](const torch::Tensor& t) {
                                   return t.scalar_type() == dtype ? t : torch::Tensor();
@@ -564,7 +571,7 @@ class DeltaModel {
     std::vector<detail::TensorSlot> slots;
     for (auto& [key, p] : named_delta_parameters(name)) slots.push_back(slot(key, p));
     for (const auto& key : entry.backbone_parameters) slots.push_back(slot("backbone." + key, backbone_parameter(key)));
-    const detail::TensorMatch match(slots, read_safetensors(path).tensors);
+    const detail::TensorMatch match(slots, saved);
     detail::check<CheckpointError>(match.fits(), "{} does not fit delta '{}':{}", path, name, match.problems());
     match.copy();
   }
@@ -689,6 +696,11 @@ class DeltaModel {
   static int64_t count(const std::vector<torch::Tensor>& tensors) {
     int64_t n = 0;
     for (const auto& t : tensors) n += t.numel();
+    return n;
+  }
+  static int64_t count(const std::map<std::string, torch::Tensor>& tensors) {
+    int64_t n = 0;
+    for (const auto& [key, t] : tensors) n += t.numel();
     return n;
   }
 

@@ -134,12 +134,12 @@ class AdapterImpl : public torch::nn::Cloneable<AdapterImpl>, public ActivationD
     detail::check<OptionError>(o.phm_n() >= 0, "Adapter: option phm_n must be 0 (Linear) or positive, got {}", o.phm_n());
     detail::adapter_activation(o.non_linearity(), torch::zeros({1}));  // rejects an unknown name now
     const int64_t d = o.d_model(), m = bottleneck();
-    detail::check_parameters_fit(2 * double(d) * double(m), fmt::format("Adapter: a bottleneck of {} on width {}", m, d));
-    if (o.phm_n() > 0) {
+    if (o.phm_n() > 0) {  // each PHMLinear checks its own, far fewer, parameters
       adapter_down = register_module("adapter_down", PHMLinear(phm(d, m), shared));
       adapter_up = register_module("adapter_up", PHMLinear(phm(m, d), shared));
       return;
     }
+    detail::check_parameters_fit(2 * double(d) * double(m), fmt::format("Adapter: a bottleneck of {} on width {}", m, d));
     linear_down = register_module("adapter_down", torch::nn::Linear(d, m));
     linear_up = register_module("adapter_up", torch::nn::Linear(m, d));
     torch::NoGradGuard no_grad;
