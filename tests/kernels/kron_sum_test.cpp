@@ -2,6 +2,8 @@
 // gradients against the naive composition (a sum of torch::kron), per dtype.
 #include <deltatune/kernels/kron_sum.hpp>
 
+#include <atomic>
+
 #include "test_support.hpp"
 
 namespace kron_sum_test {
@@ -103,6 +105,23 @@ CATCH_TEST_CASE("kron_sum matches the reference path on every shape and thread c
     CATCH_CHECK(close(cpu.grad_B(G, A), ref.grad_B(G, A), tolerance_for(torch::kFloat64)));
   }
   at::set_num_threads(threads);
+}
+
+// at::parallel_for, which splits the CPU kernels' rows, is inline in LibTorch's OpenMP build:
+// code compiled without -fopenmp runs it on one thread, as ours did until the deltatune target
+// carried the flag (cmake/torch_openmp.cmake). This TU is built as a user's would be.
+CATCH_TEST_CASE("at::parallel_for in code built against deltatune runs on several threads", "[kron_sum][threads]") {
+#if defined(__clang__)
+  CATCH_WARN("OpenMP tests skipped: clang builds (sanitizers, fuzzers) compile without OpenMP, since clang's "
+             "-fopenmp would load LLVM's libomp beside LibTorch's libgomp");
+#else
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  std::atomic<int> in_parallel{0};
+  at::parallel_for(0, 2, 1, [&](int64_t, int64_t) { in_parallel += at::in_parallel_region() ? 1 : 0; });
+  at::set_num_threads(threads);
+  CATCH_CHECK(in_parallel == 2);
+#endif
 }
 
 CATCH_TEST_CASE("kron_sum takes non-contiguous operands", "[kron_sum]") {

@@ -7,8 +7,9 @@
 // updates in a row it doubles. bf16 has float32's exponent range and needs none of this.
 //   deltatune::LossScaler scaler;                       // or TrainerOptions().loss_scale(...)
 //   scaler.scale(loss).backward();
-//   if (scaler.unscale(params)) optimizer.step();       // skipped when a gradient overflowed
-//   scaler.update(found_finite);
+//   const bool finite = scaler.unscale(params);         // false when a gradient overflowed
+//   if (finite) optimizer.step();
+//   scaler.update(finite);
 #pragma once
 
 #include <cmath>

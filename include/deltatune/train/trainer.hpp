@@ -349,7 +349,7 @@ class Trainer {
     if (log_) {
       nlohmann::json line{{"step", summary_.steps}, {"epoch", static_cast<double>(summary_.steps) / per_epoch()},
                           {"loss", summary_.final_loss}, {"lr", schedule_.lr(summary_.steps - 1)},
-                          {"grad_norm", std::isnan(grad_norm) ? nlohmann::json() : nlohmann::json(grad_norm)}};
+                          {"grad_norm", null_if_nan(grad_norm)}};
       if (scaler_) line["loss_scale"] = scaler_->scale();
       log_->log(line);
     }
@@ -375,7 +375,7 @@ class Trainer {
         summary_.stopped_early = true;
       }
       if (log_)
-        log_->log({{"step", summary_.steps}, {"eval", std::isnan(metric) ? nlohmann::json() : nlohmann::json(metric)},
+        log_->log({{"step", summary_.steps}, {"eval", null_if_nan(metric)},
                    {"best", better}, {"stopped_early", summary_.stopped_early}});
     }
     if (writes()) save_state();
@@ -403,9 +403,11 @@ class Trainer {
                       {"loss_scale_growth_tracker", scaler_ ? scaler_->growth_tracker() : 0}});
   }
 
+  // JSON has no NaN: a skipped update's gradient norm, a degenerate metric, are written as null.
+  static nlohmann::json null_if_nan(double x) { return std::isnan(x) ? nlohmann::json() : nlohmann::json(x); }
   static nlohmann::json nan_to_null(const std::vector<double>& v) {
     auto out = nlohmann::json::array();
-    for (const double x : v) out.push_back(std::isnan(x) ? nlohmann::json() : nlohmann::json(x));
+    for (const double x : v) out.push_back(null_if_nan(x));
     return out;
   }
 
