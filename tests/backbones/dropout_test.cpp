@@ -82,6 +82,37 @@ CATCH_TEST_CASE("dropout keeps torch's distribution and is the identity when not
   CATCH_CHECK(std::abs(kept.to(torch::kDouble).mean().item<double>() - (1 - kDropout)) < 0.05);
 }
 
+// The tests above run in float64, which apply_mask hands to at::where; its own loop takes
+// float32 and bfloat16. Each element as at::where(kept, x * scale, 0) rounds it, bit for bit:
+// odd sizes (a block's tail), a transposed x, at 1 and 3 threads (the parallel_for's split).
+CATCH_TEST_CASE("apply_mask scales kept float32 and bfloat16 elements as torch rounds them, and zeroes the rest",
+                "[dropout]") {
+  torch::manual_seed(11);
+  const int threads = at::get_num_threads();
+  for (const auto dtype : {torch::kFloat, torch::kBFloat16})
+    for (const auto& shape : std::vector<std::vector<int64_t>>{{1}, {3, 37}, {8, 64, 129}, {2, 4, 33, 65}})
+      for (const bool transposed : {false, true})
+        for (const int t : {1, 3}) {
+          at::set_num_threads(t);
+          auto x = (torch::randn(shape) * 100).to(dtype);
+          if (transposed) x = x.transpose(0, -1);
+          const auto kept = torch::rand(x.sizes()) > kDropout;
+          const auto ours = dt::detail::apply_mask(x, kept, kDropout);
+          const auto reference = at::where(kept, x * (1.0 / (1.0 - kDropout)), 0);
+          CATCH_INFO(c10::toString(dtype) << " " << x.sizes() << " transposed " << transposed << " threads " << t);
+          CATCH_CHECK(ours.scalar_type() == dtype);
+          CATCH_CHECK(torch::equal(ours, reference));
+          CATCH_CHECK(ours.masked_select(kept.logical_not()).abs().sum().item<double>() == 0.0);
+        }
+  at::set_num_threads(threads);
+  // As torch's dropout multiplies by its mask: a dropped infinity is NaN, a kept one stays infinite.
+  const auto x = torch::tensor({INFINITY, INFINITY, -2.0f}), kept = torch::tensor({true, false, false});
+  const auto ours = dt::detail::apply_mask(x, kept, 0.5);
+  CATCH_CHECK(std::isinf(ours[0].item<float>()));
+  CATCH_CHECK(std::isnan(ours[1].item<float>()));
+  CATCH_CHECK(ours[2].item<float>() == 0.0f);
+}
+
 CATCH_TEST_CASE("relu_dropout is dropout(relu(h)) with torch's gradient", "[dropout]") {
   auto h = leaf({4, 8, 16});
   CATCH_CHECK(torch::equal(dt::detail::relu_dropout(h, kDropout, /*training=*/false, /*lean=*/true), torch::relu(h)));
