@@ -139,6 +139,45 @@ CATCH_TEST_CASE("T5 loaded in bf16 or fp16 matches transformers' forward at that
   }
 }
 
+// T5's layer norm against torch's rms_norm with autograd: the same forward and gradients bit for
+// bit (the same steps backwards), less kept for backward. bf16 x with a bf16 frozen weight (a
+// bf16 backbone) or a float32 trained one cast to it, which T5 takes it for; float32 and float64
+// with a trained weight, which T5 leaves to torch's own.
+CATCH_TEST_CASE("T5's RMS norm is torch's, keeping x and one statistic a row for backward", "[t5][precision]") {
+  torch::manual_seed(17);
+  struct Case {
+    torch::ScalarType x, w;
+    bool w_trains;
+  };
+  for (const auto& c : {Case{torch::kDouble, torch::kDouble, true}, Case{torch::kFloat, torch::kFloat, true},
+                        Case{torch::kBFloat16, torch::kBFloat16, false}, Case{torch::kBFloat16, torch::kFloat, true}}) {
+    CATCH_INFO(c10::toString(c.x) << " x, " << c10::toString(c.w) << " weight" << (c.w_trains ? ", trained" : ""));
+    const auto x = (torch::randn({4, 16, 96}) * 3).to(c.x).requires_grad_();
+    const auto w = (torch::rand({96}) + 0.5).to(c.w).requires_grad_(c.w_trains);
+    auto ours = [&] { return dt::detail::RMSNormFunction::apply(x, dt::detail::at_precision_of(x, w), 1e-6); };
+    auto theirs = [&] { return torch::rms_norm(x, {96}, dt::detail::at_precision_of(x, w), 1e-6); };
+    const auto y = ours(), y_ref = theirs();
+    CATCH_CHECK(y.scalar_type() == c.x);
+    CATCH_CHECK(torch::equal(y, y_ref));
+    const auto probe = torch::randn(y.sizes()).to(c.x);
+    std::vector<torch::Tensor> inputs{x};
+    if (c.w_trains) inputs.push_back(w);
+    const auto g = torch::autograd::grad({(y * probe).sum()}, inputs);
+    const auto g_ref = torch::autograd::grad({(y_ref * probe).sum()}, inputs);
+    for (size_t i = 0; i < g.size(); ++i) {
+      CATCH_INFO("gradient of " << (i == 0 ? "x" : "the weight"));
+      CATCH_CHECK(g[i].scalar_type() == g_ref[i].scalar_type());
+      CATCH_CHECK(torch::equal(g[i], g_ref[i]));
+    }
+    // torch's keeps x's float32 copy (a half x) or x times its statistic (a trained weight).
+    if (c.x == torch::kBFloat16 || c.w_trains) {
+      const int64_t saved = dt::testing::bytes_kept(theirs) - dt::testing::bytes_kept(ours);
+      CATCH_INFO("ours keeps " << saved << " bytes less");
+      CATCH_CHECK(saved >= x.numel() * 4);
+    }
+  }
+}
+
 CATCH_TEST_CASE("T5 reports every checkpoint mismatch in one error, and config errors by key", "[t5][golden]") {
   const auto dir = dt::testing::golden_dir("t5");
   if (!dir) return;

@@ -181,6 +181,39 @@ CATCH_TEST_CASE("A float16 backbone's small gradients flush to zero without loss
   CATCH_CHECK(relative(g, g_ref) < 0.1);
 }
 
+// The first product of a float32 delta on a half-precision input (LoRA's A, an adapter's down
+// projection), with and without a bias: the float32 product autograd would take, keeping x.
+CATCH_TEST_CASE("A float32 delta's first product on a bf16 input keeps the input, not its float32 copy",
+                "[precision]") {
+  torch::manual_seed(13);
+  const auto x = torch::randn({4, 64, 256}).to(torch::kBFloat16).requires_grad_();
+  const auto W = (torch::randn({24, 256}) * 0.1).requires_grad_();
+  for (const bool with_bias : {false, true}) {
+    CATCH_INFO((with_bias ? "with" : "without") << " a bias");
+    const auto b = with_bias ? torch::randn({24}).requires_grad_() : torch::Tensor();
+    auto ours = [&] { return dt::detail::linear_from_half(x, W, b); };
+    auto autograd = [&] { return torch::nn::functional::linear(x.to(torch::kFloat), W, b); };
+    const auto y = ours(), y_ref = autograd();
+    CATCH_CHECK(y.scalar_type() == torch::kFloat);
+    if (with_bias) CATCH_CHECK(relative(y, y_ref) < 1e-6);  // the bias added after the product
+    else CATCH_CHECK(torch::equal(y, y_ref));  // the same product
+    const auto probe = torch::randn_like(y);
+    std::vector<torch::Tensor> inputs{x, W};
+    if (with_bias) inputs.push_back(b);
+    const auto g = torch::autograd::grad({(y * probe).sum()}, inputs);
+    const auto g_ref = torch::autograd::grad({(y_ref * probe).sum()}, inputs);
+    for (size_t i = 0; i < g.size(); ++i) {
+      CATCH_INFO("gradient " << i);
+      CATCH_CHECK(g[i].scalar_type() == g_ref[i].scalar_type());
+      CATCH_CHECK(relative(g[i], g_ref[i]) < (i == 0 ? 1e-2 : 1e-6));  // x's in bf16, rounded once
+    }
+    // Autograd keeps x's float32 copy for W's gradient, 4 bytes an element; ours keeps x itself.
+    const int64_t saved = dt::testing::bytes_kept(autograd) - dt::testing::bytes_kept(ours);
+    CATCH_INFO("ours keeps " << saved << " bytes less; x's float32 copy is " << x.numel() * 4);
+    CATCH_CHECK(saved >= x.numel() * 4);
+  }
+}
+
 CATCH_TEST_CASE("A delta saved from a bf16 backbone loads into the float32 one, and the reverse", "[precision]") {
   const dt::testing::TempDir tmp;
   const auto& dir = tmp.path;

@@ -180,6 +180,43 @@ inline torch::Tensor clamp_float16(const torch::Tensor& h) {
   return torch::clamp(h, -limit, limit);
 }
 
+// RMS norm w * x / sqrt(mean(x^2) + eps) as torch's rms_norm computes it (in float32 for half
+// types, rounded once at the end), keeping only x as it came and one float32 statistic per row
+// for backward. torch's composite version keeps a bf16 x's float32 copy for its square and
+// product, twice x's bytes, and, where the weight trains, the float32 normalised x too (a sixth
+// of what a bf16 T5-small's forward keeps with LoRA), remade here in backward, bit for bit.
+struct RMSNormFunction : torch::autograd::Function<RMSNormFunction> {
+  static torch::ScalarType accumulate_type(const torch::Tensor& x) {
+    return x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  }
+
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w,
+                               double eps) {
+    const auto xf = x.to(accumulate_type(x));
+    const auto rstd = torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+    ctx->save_for_backward({x, w, rstd});
+    return (xf * rstd * w.to(xf.scalar_type())).to(x.scalar_type());
+  }
+
+  // The composite's own steps backwards: the products, rsqrt (-r^3 / 2), mean, square (2x).
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &x = saved[0], &w = saved[1], &rstd = saved[2];
+    const auto xf = x.to(accumulate_type(x));
+    const auto grad = grads[0].to(xf.scalar_type());
+    torch::Tensor grad_x, grad_w;
+    if (ctx->needs_input_grad(1)) grad_w = (grad * (xf * rstd)).sum_to_size(w.sizes()).to(w.scalar_type());
+    if (ctx->needs_input_grad(0)) {
+      const auto grad_normalised = grad * w.to(xf.scalar_type());
+      const auto grad_rstd = (grad_normalised * xf).sum_to_size(rstd.sizes());
+      const auto grad_mean = -0.5 * grad_rstd * rstd.pow(3) / double(x.size(-1));
+      grad_x = (grad_normalised * rstd + grad_mean * (2 * xf)).to(x.scalar_type());
+    }
+    return {grad_x, grad_w, {}};
+  }
+};
+
 }  // namespace deltatune::detail
 
 namespace deltatune::backbones {
@@ -234,9 +271,11 @@ class T5LayerNormImpl : public torch::nn::Module, public WeightSite {
 
  private:
   torch::Tensor normalize(const torch::Tensor& x) {
-    // The fused kernel is the same math, rounded once, and 3x faster forward + backward on CPU.
-    if (x.scalar_type() == weight.scalar_type() || is_half(x.scalar_type()))
-      return torch::rms_norm(x, {weight.size(0)}, detail::at_precision_of(x, weight), eps);
+    // torch's rms_norm's math, rounded once; for a half-precision x without keeping its float32
+    // copy (detail::RMSNormFunction). A float32 x keeps torch's own: the same values, and
+    // float32 runs the order of gradient sums they always had.
+    if (is_half(x.scalar_type())) return detail::RMSNormFunction::apply(x, detail::at_precision_of(x, weight), eps);
+    if (x.scalar_type() == weight.scalar_type()) return torch::rms_norm(x, {weight.size(0)}, weight, eps);
     auto variance = x.to(torch::kFloat).pow(2).mean(-1, /*keepdim=*/true);
     auto h = x * torch::rsqrt(variance + eps);
     if (weight.scalar_type() == torch::kHalf || weight.scalar_type() == torch::kBFloat16) h = h.to(weight.dtype());

@@ -5,7 +5,9 @@
 // - the backbone's own layers compute in the activation's precision, a float32 trained weight
 //   cast to it for the operation (what autocast does), its gradient reaching the float32 tensor;
 // - a delta computes in its parameters' float32, its input cast up and its output cast back
-//   (peft's autocast_adapter_dtype keeps adapters in float32 the same way).
+//   (peft's autocast_adapter_dtype keeps adapters in float32 the same way); where its first
+//   step is a product, backward keeps the half-precision input, not the float32 copy
+//   (site.hpp's LinearFromHalf).
 // The numerically sensitive steps stay float32 where transformers keeps them: layer norm
 // statistics, softmax accumulation, the loss.
 #pragma once

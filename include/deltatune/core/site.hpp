@@ -154,6 +154,36 @@ torch::Tensor in_delta_precision(DeltaModule& delta, const torch::Tensor& x, F&&
   return dtype ? f(x.to(*dtype)).to(x.scalar_type()) : f(x);
 }
 
+// x W^T for a half-precision x and a float32 W, in float32, as in_delta_precision computes
+// it, keeping x in its own precision for backward: autograd would keep the float32 copy of x
+// that the product takes, for W's gradient, twice x's bytes at every delta that starts with a
+// product (LoRA's A, an adapter's down projection). The copy is made again in backward, exactly:
+// widening a half-precision value rounds nothing. (A bias is added outside: an undefined tensor
+// cannot be an autograd Function's input.)
+struct LinearFromHalf : torch::autograd::Function<LinearFromHalf> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& W) {
+    ctx->save_for_backward({x, W});
+    return torch::matmul(x.to(W.scalar_type()), W.t());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &x = saved[0], &W = saved[1];
+    const auto grad = grads[0].reshape({-1, W.size(0)});  // (N, out)
+    torch::Tensor grad_x, grad_W;
+    if (ctx->needs_input_grad(0)) grad_x = grad.matmul(W).reshape(x.sizes()).to(x.scalar_type());
+    if (ctx->needs_input_grad(1)) grad_W = grad.t().matmul(x.reshape({-1, W.size(1)}).to(W.scalar_type()));
+    return {grad_x, grad_W};
+  }
+};
+
+// x W^T + b through LinearFromHalf.
+inline torch::Tensor linear_from_half(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b) {
+  const auto y = LinearFromHalf::apply(x, W);
+  return b.defined() ? y + b : y;
+}
+
 }  // namespace detail
 
 // The deltas attached to one site, in attachment order, each with a name (the DeltaModel's
@@ -325,7 +355,13 @@ class WeightSite {
     return y;
   }
   // One delta's output on x, y0 the frozen layer's: in the delta's precision, returned in y0's.
+  // A low-rank delta on a half-precision x keeps x, not its float32 copy, for backward.
   torch::Tensor output_of(WeightDelta& delta, const torch::Tensor& x, const torch::Tensor& y0) {
+    if (detail::delta_precision(delta.module(), x))
+      if (const auto f = delta.low_rank_factors()) {
+        const auto down = detail::LinearFromHalf::apply(x, f->A) * f->scale;  // (..., r)
+        return torch::matmul(down, f->B.t()).to(y0.scalar_type());
+      }
     const auto out = detail::in_delta_precision(delta, x, [&](const torch::Tensor& xs) {
       return delta.delta_output(xs, weight, bias, y0);
     });
@@ -475,8 +511,15 @@ class OutputSite {
 
   // The sublayer's end through `delta`, in its precision: h and the residual cast to it, the
   // layer norm taking them in it, the end cast back.
+  // A bottleneck adapter on a half-precision h keeps h, not its float32 copy, for backward.
   static torch::Tensor delta_sublayer(ActivationDelta& delta, const torch::Tensor& h, const torch::Tensor& residual,
                                       const LayerNormFn& layer_norm) {
+    if (detail::delta_precision(delta.module(), h))
+      if (const auto f = delta.bottleneck_factors(); f && !f->reads_normed) {
+        const auto down = f->activation(detail::linear_from_half(h, f->down_weight, f->down_bias));
+        const auto out = torch::nn::functional::linear(down, f->up_weight, f->up_bias);  // float32
+        return ActivationDelta::end_sublayer(h + out, residual.to(out.scalar_type()), layer_norm).to(h.scalar_type());
+      }
     return detail::in_delta_precision(delta, h, [&](const torch::Tensor& x) {
       return delta.forward_sublayer(x, residual.to(x.scalar_type()), layer_norm);
     });
