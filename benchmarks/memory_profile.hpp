@@ -23,6 +23,9 @@ class AllocationPeak {
 
   // The highest of bytes allocated less bytes freed since construction.
   int64_t peak_bytes() const { return reporter_->peak(); }
+  // Bytes allocated less bytes freed since construction: what is held now (tests/test_support.hpp
+  // measures what a forward keeps for backward with it).
+  int64_t live_bytes() const { return reporter_->live(); }
 
  private:
   class Reporter : public c10::MemoryReportingInfoBase {
@@ -37,6 +40,10 @@ class AllocationPeak {
     int64_t peak() const {
       std::lock_guard<std::mutex> lock(mutex_);
       return peak_;
+    }
+    int64_t live() const {
+      std::lock_guard<std::mutex> lock(mutex_);
+      return live_;
     }
 
    private:

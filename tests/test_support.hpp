@@ -4,9 +4,6 @@
 
 #include <torch/torch.h>
 
-#include <c10/core/Allocator.h>
-#include <c10/util/ThreadLocalDebugInfo.h>
-
 #include <ftw.h>
 #include <stdlib.h>
 
@@ -20,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "../benchmarks/memory_profile.hpp"
 #include "test_pch.hpp"
 
 namespace deltatune::testing {
@@ -130,28 +128,13 @@ inline double gradcheck(const std::function<torch::Tensor(const std::vector<torc
   return worst;
 }
 
-// CPU bytes allocated and not yet freed on this thread while one is installed (torch's
-// allocator reports to it as to torch.profiler's profile_memory).
-class LiveBytes : public c10::MemoryReportingInfoBase {
- public:
-  bool memoryProfilingEnabled() const override { return true; }
-  void reportMemoryUsage(void*, int64_t bytes, size_t, size_t, c10::Device device) override {
-    if (device.is_cpu()) live += bytes;
-  }
-  int64_t live = 0;
-};
-
 // The bytes that f's result and its autograd graph hold once f returns: what a forward keeps
-// for backward.
+// for backward, through the benchmarks' allocation reporter.
 template <class F>
 int64_t bytes_kept(F&& f) {
-  auto live = std::make_shared<LiveBytes>();
-  torch::Tensor out;
-  {
-    const c10::DebugInfoGuard guard(c10::DebugInfoKind::PROFILER_STATE, live);
-    out = f();
-  }
-  return live->live;
+  const bench::AllocationPeak allocations;
+  const torch::Tensor out = f();
+  return allocations.live_bytes();
 }
 
 // Whether the CUDA cases can run here; where they cannot, says so in the words ctest reports

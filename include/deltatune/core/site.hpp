@@ -146,11 +146,11 @@ inline torch::Tensor add_gathered_bottlenecks(const torch::Tensor& x, const torc
                                         gathered.per_row(ups, 1).transpose(1, 2)));  // (n, L, d)
 }
 
-// f(x) for a delta that computes in its own precision (precision.hpp): x cast to its
-// parameters' dtype where a half-precision activation meets float32 ones, f's result cast back.
+// f(x) for a delta that computes in its own precision (precision.hpp): x cast to `dtype`, the
+// delta_precision of a half-precision activation meeting float32 parameters, f's result cast
+// back; f(x) where there is none.
 template <class F>
-torch::Tensor in_delta_precision(DeltaModule& delta, const torch::Tensor& x, F&& f) {
-  const auto dtype = delta_precision(delta.module(), x);
+torch::Tensor in_delta_precision(std::optional<torch::ScalarType> dtype, const torch::Tensor& x, F&& f) {
   return dtype ? f(x.to(*dtype)).to(x.scalar_type()) : f(x);
 }
 
@@ -357,12 +357,13 @@ class WeightSite {
   // One delta's output on x, y0 the frozen layer's: in the delta's precision, returned in y0's.
   // A low-rank delta on a half-precision x keeps x, not its float32 copy, for backward.
   torch::Tensor output_of(WeightDelta& delta, const torch::Tensor& x, const torch::Tensor& y0) {
-    if (detail::delta_precision(delta.module(), x))
+    const auto dtype = detail::delta_precision(delta.module(), x);
+    if (dtype)
       if (const auto f = delta.low_rank_factors()) {
         const auto down = detail::LinearFromHalf::apply(x, f->A) * f->scale;  // (..., r)
         return torch::matmul(down, f->B.t()).to(y0.scalar_type());
       }
-    const auto out = detail::in_delta_precision(delta, x, [&](const torch::Tensor& xs) {
+    const auto out = detail::in_delta_precision(dtype, x, [&](const torch::Tensor& xs) {
       return delta.delta_output(xs, weight, bias, y0);
     });
     return out.to(y0.scalar_type());
@@ -505,7 +506,8 @@ class OutputSite {
     const auto running = output_deltas.running();
     if (running.empty()) return ActivationDelta::end_sublayer(h, residual, layer_norm);
     for (size_t i = 0; i + 1 < running.size(); ++i)
-      h = detail::in_delta_precision(*running[i], h, [&](const torch::Tensor& x) { return running[i]->forward(x); });
+      h = detail::in_delta_precision(detail::delta_precision(running[i]->module(), h), h,
+                                     [&](const torch::Tensor& x) { return running[i]->forward(x); });
     return delta_sublayer(*running.back(), h, residual, layer_norm);
   }
 
@@ -514,13 +516,14 @@ class OutputSite {
   // A bottleneck adapter on a half-precision h keeps h, not its float32 copy, for backward.
   static torch::Tensor delta_sublayer(ActivationDelta& delta, const torch::Tensor& h, const torch::Tensor& residual,
                                       const LayerNormFn& layer_norm) {
-    if (detail::delta_precision(delta.module(), h))
+    const auto dtype = detail::delta_precision(delta.module(), h);
+    if (dtype)
       if (const auto f = delta.bottleneck_factors(); f && !f->reads_normed) {
         const auto down = f->activation(detail::linear_from_half(h, f->down_weight, f->down_bias));
         const auto out = torch::nn::functional::linear(down, f->up_weight, f->up_bias);  // float32
         return ActivationDelta::end_sublayer(h + out, residual.to(out.scalar_type()), layer_norm).to(h.scalar_type());
       }
-    return detail::in_delta_precision(delta, h, [&](const torch::Tensor& x) {
+    return detail::in_delta_precision(dtype, h, [&](const torch::Tensor& x) {
       return delta.forward_sublayer(x, residual.to(x.scalar_type()), layer_norm);
     });
   }
