@@ -77,13 +77,16 @@ struct Batch {
   torch::Tensor labels;                                     // (B) class ids, or floats for regression
 };
 
-Batch make_batch(const Encoded& data, const std::vector<int64_t>& pick, bool regression, int64_t pad_id) {
+// The examples `pick`, on `device`.
+Batch make_batch(const Encoded& data, const std::vector<int64_t>& pick, bool regression, int64_t pad_id,
+                 const torch::Device& device) {
   auto raw = finetune::pad(data.ids, pick, -1);
   auto mask = raw.ge(0);
   std::vector<double> labels;
   for (const auto i : pick) labels.push_back(data.labels[size_t(i)]);
   auto y = torch::tensor(labels, torch::kDouble).to(regression ? torch::kFloat : torch::kLong);
-  return {raw.masked_fill(~mask, pad_id), mask.to(torch::kLong), finetune::pad(data.types, pick, 0), y};
+  return {raw.masked_fill(~mask, pad_id).to(device), mask.to(device, torch::kLong),
+          finetune::pad(data.types, pick, 0).to(device), y.to(device)};
 }
 
 // Dev predictions of `rows`: class ids (argmax), or the regression head's scores. Batches of
@@ -100,9 +103,9 @@ std::vector<double> predict(bb::BertForSequenceClassification& bert, const Encod
   for (size_t begin = 0; begin < order.size(); begin += 128) {
     std::vector<int64_t> pick;
     for (size_t k = begin; k < std::min(order.size(), begin + 128); ++k) pick.push_back(rows[size_t(order[k])]);
-    const auto b = make_batch(dev, pick, regression, pad_id);
+    const auto b = make_batch(dev, pick, regression, pad_id, bert->classifier->weight.device());
     auto logits = bert->forward(b.input_ids, b.attention_mask, b.token_type_ids).logits;  // (B, labels)
-    auto answer = (regression ? logits.select(1, 0) : logits.argmax(1)).to(torch::kDouble).contiguous();
+    auto answer = (regression ? logits.select(1, 0) : logits.argmax(1)).to(torch::kCPU, torch::kDouble).contiguous();
     for (size_t r = 0; r < pick.size(); ++r) out[size_t(order[begin + r])] = answer[int64_t(r)].item<double>();
   }
   bert->train();
@@ -124,8 +127,9 @@ void start_at_mean(bb::BertForSequenceClassificationImpl& bert, const std::vecto
   bert.classifier->bias.fill_(std::accumulate(targets.begin(), targets.end(), 0.0) / double(targets.size()));
 }
 
-// The backbone with its head, seeded: the head's initial values (and the tiny BERT's weights)
-// come out the same in the fresh model of the reload check, whose fingerprint must match.
+// The backbone with its head, seeded, on --device: the head's initial values (and the tiny
+// BERT's weights) come out the same in the fresh model of the reload check, whose fingerprint
+// must match.
 bb::BertForSequenceClassification load_backbone(const Flags& flags, const dt::GlueTask& task, int64_t vocab_size,
                                                 const Encoded& train) {
   torch::manual_seed(uint64_t(flags.seed));
@@ -134,6 +138,7 @@ bb::BertForSequenceClassification load_backbone(const Flags& flags, const dt::Gl
                                   : bb::load_bert_classifier(flags.model, task.num_labels(), true, dtype);
   dt::set_frozen_dtype(*bert, dtype);  // the tiny one's (a loaded one is already)
   if (task.regression()) start_at_mean(*bert, train.labels);
+  bert->to(finetune::run_device(flags));
   bert->train();  // dropout while tuning; predict() switches to eval
   return bert;
 }
@@ -290,6 +295,7 @@ int run(const Flags& flags) {
 
   const bool regression = task.regression();
   const int64_t pad_id = tok.pad_id();
+  const auto device = finetune::run_device(flags);
   finetune::Job<Batch> job;
   job.task = &task;
   job.family = "bert";
@@ -301,7 +307,7 @@ int run(const Flags& flags) {
   };
   job.batches = finetune::shuffled_batches<Batch>(int64_t(train_ids.ids.size()), flags.batch_size, flags.seed,
                                                   [&](const std::vector<int64_t>& pick) {
-                                                    return make_batch(train_ids, pick, regression, pad_id);
+                                                    return make_batch(train_ids, pick, regression, pad_id, device);
                                                   },
                                                   finetune::lengths_if_grouped(flags, train_ids.ids), ranks);
   job.train_examples = int64_t(train_ids.ids.size());

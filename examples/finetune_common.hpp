@@ -53,7 +53,8 @@ struct Flags {
   int64_t threads = 0;           // 0: 1 on the built-in task (small matrices), else LibTorch's default
   std::string combine;           // finetune_bert: earlier runs whose LoRA deltas are combined, not trained
   std::string combine_how = "ties";
-  std::string precision = "fp32";  // fp32, or bf16: the frozen backbone stored in bfloat16
+  std::string precision = "fp32";  // fp32, bf16 or fp16 (CUDA): the frozen backbone stored in half precision
+  std::string device = "cpu";      // cpu or cuda: where the model trains
   std::string combine_weights;   // one per run; empty: 1 each
   double density = 0.5;          // ties, dare_*, magnitude_prune: the share of entries kept
   double dist_timeout = 300;     // seconds a rank waits for the others before it gives up
@@ -80,9 +81,12 @@ inline const char* const kCommonUsage = R"(  --data DIR           GLUE task fold
   --lora-r N           LoRA rank (default 8; at most the model's width)
   --virtual-tokens N   prompt / prefix length (default 100 / 30, prompt 20 on BERT; at most 1024)
   --threads N          CPU threads (default 1 on the built-in task, else LibTorch's)
-  --precision P        fp32 or bf16: the frozen backbone's weights in bfloat16 (half the memory, the CPU's
-                       bf16 products), the deltas, head and optimizer state in float32; with --method full,
-                       bf16 autocast over float32 weights (default fp32; fp16 needs CUDA and loss scaling)
+  --precision P        fp32, bf16 or fp16: the frozen backbone's weights in bfloat16 (half the memory, the
+                       CPU's and GPU's bf16 products) or float16 (CUDA only, with dynamic loss scaling), the
+                       deltas, head and optimizer state in float32; with --method full, autocast over float32
+                       weights (default fp32)
+  --device D           cpu or cuda: where the model trains (default cpu; under tools/launch each rank takes
+                       the GPU of its LOCAL_RANK and NCCL)
   --train-size N, --dev-size N   the built-in task's size (default 3000, 400)
   --out DIR            log.jsonl, curves.png, best/, last/, delta/, results.json
   --resume             continue from <out>/last/
@@ -146,7 +150,8 @@ inline std::optional<Flags> parse_flags(int argc, char** argv, Flags f) {
                                               {"--data", &f.data},   {"--task", &f.task},
                                               {"--method", &f.method}, {"--out", &f.out},
                                               {"--combine", &f.combine}, {"--combine-how", &f.combine_how},
-                                              {"--combine-weights", &f.combine_weights}, {"--precision", &f.precision}};
+                                              {"--combine-weights", &f.combine_weights}, {"--precision", &f.precision},
+                                              {"--device", &f.device}};
   std::map<std::string, int64_t*> ints{{"--epochs", &f.epochs},         {"--batch-size", &f.batch_size},
                                        {"--max-steps", &f.max_steps},   {"--seed", &f.seed},
                                        {"--max-length", &f.max_length}, {"--max-train", &f.max_train},
@@ -181,11 +186,17 @@ inline std::optional<Flags> parse_flags(int argc, char** argv, Flags f) {
       f.density = x;
     } else throw UsageError(fmt::format("unknown flag '{}' (see --help)", flag));
   }
-  if (f.precision == "fp16")
-    throw UsageError("--precision fp16: float16 needs CUDA and loss scaling, and these examples train on the CPU; use "
-                     "bf16 (same memory, float32's range)");
-  if (f.precision != "fp32" && f.precision != "bf16")
-    throw UsageError(fmt::format("--precision {}: choose fp32 or bf16", f.precision));
+  if (f.precision != "fp32" && f.precision != "bf16" && f.precision != "fp16")
+    throw UsageError(fmt::format("--precision {}: choose fp32, bf16 or fp16", f.precision));
+  if (f.device != "cpu" && f.device != "cuda")
+    throw UsageError(fmt::format("--device {}: choose cpu or cuda", f.device));
+  // float16's 5 exponent bits need loss scaling, and its products are fast on GPUs only.
+  if (f.precision == "fp16" && f.device != "cuda")
+    throw UsageError("--precision fp16: float16 trains on CUDA only (add --device cuda); on the CPU use bf16, the "
+                     "same memory with float32's range");
+  if (f.device == "cuda" && !torch::cuda::is_available())
+    throw UsageError("--device cuda: LibTorch sees no CUDA device here (torch::cuda::is_available() is false); "
+                     "leave --device out to train on the CPU");
   if (f.data.empty() != f.model.empty())
     throw UsageError("give --model and --data together (a GLUE folder needs a pretrained model and its tokenizer), "
                      "or neither for the built-in task");
@@ -354,6 +365,14 @@ inline std::vector<int64_t> epoch_order(int64_t n, int64_t batch_size, int64_t s
   return order;
 }
 
+// --device: the CPU, or this process's GPU: under a launch LOCAL_RANK's, as the NCCL group
+// takes it.
+inline torch::Device run_device(const Flags& flags) {
+  if (flags.device == "cpu") return torch::kCPU;
+  const auto env = dt::LaunchEnvironment::from_environment();
+  return {torch::kCUDA, c10::DeviceIndex(env ? env->local_rank : 0)};
+}
+
 // This process's place among the ranks of a data-parallel launch (world 1: alone).
 struct Ranks {
   std::shared_ptr<dt::DataParallel> group;  // nullptr alone
@@ -367,7 +386,8 @@ struct Ranks {
 inline Ranks join_launch(const Flags& flags) {
   const auto env = dt::LaunchEnvironment::from_environment();
   if (!env || env->world_size == 1) return {};
-  Ranks ranks{dt::start_data_parallel(*env, dt::DistributedOptions().timeout_seconds(flags.dist_timeout))};
+  Ranks ranks{dt::start_data_parallel(*env, dt::DistributedOptions().timeout_seconds(flags.dist_timeout)
+                                                  .device(run_device(flags)))};
   if (!ranks.main()) std::cout.rdbuf(nullptr);
   return ranks;
 }
@@ -513,17 +533,30 @@ inline void add_method(dt::DeltaModel& model, const std::string& method, const F
 }
 
 // --precision: the dtype the frozen backbone's weights are stored in. With --method full
-// every weight trains, in float32, and bf16 is autocast's instead (Trainer's bf16 option).
+// every weight trains, in float32, and the half precision is autocast's instead (Trainer's
+// autocast option). float16 trains with dynamic loss scaling either way.
 inline bool trains_every_weight(const std::vector<std::string>& methods) {
   return std::find(methods.begin(), methods.end(), "full") != methods.end();
 }
+inline std::optional<torch::ScalarType> half_precision(const Flags& flags) {
+  if (flags.precision == "bf16") return torch::kBFloat16;
+  if (flags.precision == "fp16") return torch::kHalf;
+  return std::nullopt;
+}
 inline torch::ScalarType frozen_dtype(const Flags& flags, const std::vector<std::string>& methods) {
-  return flags.precision == "bf16" && !trains_every_weight(methods) ? torch::kBFloat16 : torch::kFloat;
+  const auto half = half_precision(flags);
+  return half && !trains_every_weight(methods) ? *half : torch::kFloat;
 }
 inline std::string precision_line(const Flags& flags, const std::vector<std::string>& methods) {
-  if (flags.precision != "bf16") return "precision: float32\n";
-  if (trains_every_weight(methods)) return "precision: bf16 autocast (products in bfloat16, every weight in float32)\n";
-  return "precision: bf16 (the frozen backbone's weights in bfloat16; deltas, head and optimizer state in float32)\n";
+  const auto half = half_precision(flags);
+  if (!half) return "precision: float32\n";
+  const auto type = *half == torch::kHalf ? "float16" : "bfloat16";
+  const auto scaling = *half == torch::kHalf ? ", dynamic loss scaling" : "";
+  if (trains_every_weight(methods))
+    return fmt::format("precision: {} autocast (products in {}, every weight in float32{})\n", flags.precision, type,
+                       scaling);
+  return fmt::format("precision: {} (the frozen backbone's weights in {}; deltas, head and optimizer state in "
+                     "float32{})\n", flags.precision, type, scaling);
 }
 
 // What the run does to the pretrained backbone, for the line that names it.
@@ -625,7 +658,8 @@ inline void report(const Flags& flags, const dt::GlueTask& task, dt::DeltaModel&
       {"share_percent", share}, {"seconds_per_epoch", per_epoch}, {"epochs_timed", summary.seconds_per_epoch.size()},
       {"peak_rss_mb", summary.peak_rss_bytes / (1024 * 1024)}, {"train_examples", train_examples}, {"epochs", epochs},
       {"lr", lr}, {"head_lr", head_parameters ? nlohmann::json(flags.head_lr > 0 ? flags.head_lr : lr) : nlohmann::json()},
-      {"steps", summary.steps}, {"reload_ok", reload_ok}, {"precision", flags.precision}, {"ranks", ranks},
+      {"steps", summary.steps}, {"skipped_updates", summary.skipped_updates}, {"reload_ok", reload_ok}, {"precision", flags.precision},
+      {"device", flags.device}, {"ranks", ranks},
       {"command", flags.command}};
   dt::detail::write_text_atomically(flags.out + "/results.json", results.dump(2) + "\n", "results.json");
 }
@@ -650,7 +684,7 @@ int tune(const Flags& flags, Job<Batch>& job) {
   const int64_t updates = flags.max_steps > 0 ? flags.max_steps
                           : epochs * ((job.train_examples + flags.batch_size - 1) / flags.batch_size);
   const int64_t warmup = std::min<int64_t>(job.builtin ? 10 : 500, updates / 10);
-  std::cout << model.summary() << precision_line(flags, methods);
+  std::cout << model.summary() << precision_line(flags, methods) << fmt::format("device: {}\n", run_device(flags).str());
   std::cout << fmt::format("hyper-parameters: method {}, lr {:g} ({}){}{}, {}, batch {}{}, AdamW, linear decay, warm-up "
                            "{} updates, seed {}\n", flags.method, lr, flags.lr > 0 ? "given" : "the method's default",
                            flags.head_lr > 0 ? fmt::format(", head lr {:g}", flags.head_lr) : "",
@@ -691,7 +725,9 @@ int tune(const Flags& flags, Job<Batch>& job) {
                                  .lr_groups(head_lr_groups(flags, job))
                                  .warmup_steps(warmup).seed(uint64_t(flags.seed)).output_dir(flags.out)
                                  .resume(flags.resume)
-                                 .bf16(flags.precision == "bf16" && trains_every_weight(methods))
+                                 .autocast(trains_every_weight(methods) ? half_precision(flags) : std::nullopt)
+                                 .loss_scale(flags.precision == "fp16" ? std::optional(dt::LossScaleOptions())
+                                                                       : std::nullopt)
                                  .data_parallel(ranks.group),
                              model.named_trainable_parameters(), job.loss_fn, job.batches, evaluate, save_all);
   const auto summary = trainer.fit();

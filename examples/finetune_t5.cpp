@@ -83,16 +83,18 @@ struct Batch {
   torch::Tensor input_ids, attention_mask, labels;  // (B, S), (B, S), (B, T) with -100 on padding
 };
 
-Batch make_batch(const Encoded& data, const std::vector<int64_t>& pick) {
-  auto ids = finetune::pad(data.source, pick, 0);
-  return {ids, (ids != 0).to(torch::kLong), finetune::pad(data.target, pick, -100)};
+// The examples `pick`, on `device`.
+Batch make_batch(const Encoded& data, const std::vector<int64_t>& pick, const torch::Device& device) {
+  auto ids = finetune::pad(data.source, pick, 0).to(device);
+  return {ids, (ids != 0).to(torch::kLong), finetune::pad(data.target, pick, -100).to(device)};
 }
 
-dt::BatchSource<Batch> batches(const Encoded& data, int64_t batch_size, int64_t seed, std::vector<int64_t> lengths = {},
-                               const finetune::Ranks& ranks = {}) {
-  return finetune::shuffled_batches<Batch>(int64_t(data.source.size()), batch_size, seed,
-                                           [&data](const std::vector<int64_t>& pick) { return make_batch(data, pick); },
-                                           std::move(lengths), ranks);
+dt::BatchSource<Batch> batches(const Encoded& data, int64_t batch_size, int64_t seed, const torch::Device& device,
+                               std::vector<int64_t> lengths = {}, const finetune::Ranks& ranks = {}) {
+  return finetune::shuffled_batches<Batch>(
+      int64_t(data.source.size()), batch_size, seed,
+      [&data, device](const std::vector<int64_t>& pick) { return make_batch(data, pick, device); }, std::move(lengths),
+      ranks);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -127,14 +129,17 @@ Encoded denoising_data(const Encoded& train, int64_t mask_id, uint64_t seed) {
   return out;
 }
 
-// Trains every weight of the small T5 on denoising: the stand-in for pretraining.
+// Trains every weight of the small T5 on denoising: the stand-in for pretraining. On the CPU
+// whatever --device says: every rank of a launch must come out with the same weights, which
+// CUDA's atomic adds (an embedding's backward) do not promise.
 void pretrain_small_t5(bb::T5Model& t5, const Encoded& denoise, const Flags& flags) {
   for (auto& p : t5->parameters()) p.set_requires_grad(true);
   t5->train();
   auto loss_fn = [&t5](const Batch& b) { return t5->forward(b.input_ids, b.attention_mask, {}, b.labels).loss; };
   dt::Trainer<Batch> trainer(dt::TrainerOptions().max_steps(pretrain_steps(flags)).lr(3e-3).warmup_steps(50)
                                  .seed(uint64_t(flags.seed)).log_every(50),
-                             dt::named_tensors(t5->named_parameters()), loss_fn, batches(denoise, 64, flags.seed + 1));
+                             dt::named_tensors(t5->named_parameters()), loss_fn,
+                             batches(denoise, 64, flags.seed + 1, torch::kCPU));
   const auto summary = trainer.fit();
   std::cout << fmt::format("pretraining stand-in: {} updates, final denoising loss {:.3f}\n", summary.steps,
                            summary.final_loss);
@@ -173,8 +178,8 @@ std::vector<double> predict(bb::T5Model& t5, const Tokenizer& tok, const dt::Glu
   std::vector<double> out;
   for (size_t begin = 0; begin < rows.size(); begin += size_t(batch_size)) {
     const std::vector<int64_t> pick(rows.begin() + begin, rows.begin() + std::min(rows.size(), begin + size_t(batch_size)));
-    const auto b = make_batch(dev, pick);
-    const auto ids = t5->generate_greedy(b.input_ids, b.attention_mask, 5);
+    const auto b = make_batch(dev, pick, t5->parameters().front().device());
+    const auto ids = t5->generate_greedy(b.input_ids, b.attention_mask, 5).cpu();
     for (int64_t r = 0; r < ids.size(0); ++r) {
       auto row = ids[r].slice(0, 1);
       const auto text = tok.decode(std::vector<int64_t>(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel()));
@@ -232,6 +237,7 @@ int run(const Flags& flags) {
     if (ranks.main()) save_backbone(t5, backbone_path);
   }
   dt::set_frozen_dtype(*t5, finetune::frozen_dtype(flags, methods));  // the built-in T5's, after pretraining in float32
+  t5->to(finetune::run_device(flags));
   t5->train();  // dropout while tuning; predict() switches to eval
 
   // Delta, and the run.
@@ -243,8 +249,8 @@ int run(const Flags& flags) {
   job.deltas = methods;
   job.model = &model;
   job.loss_fn = [&t5](const Batch& b) { return t5->forward(b.input_ids, b.attention_mask, {}, b.labels).loss; };
-  job.batches = batches(train_ids, flags.batch_size, flags.seed, finetune::lengths_if_grouped(flags, train_ids.source),
-                        ranks);
+  job.batches = batches(train_ids, flags.batch_size, flags.seed, finetune::run_device(flags),
+                        finetune::lengths_if_grouped(flags, train_ids.source), ranks);
   job.train_examples = int64_t(train.size());
   job.default_epochs = builtin ? 10 : 20;  // Compacter's GLUE set-up: 20
   job.builtin = builtin;
@@ -253,6 +259,7 @@ int run(const Flags& flags) {
   job.predict_reloaded = [&](const std::string& dir) {
     auto fresh = builtin ? load_backbone(backbone_path, tok->vocab_size()) : bb::load_t5(flags.model);
     dt::set_frozen_dtype(*fresh, finetune::frozen_dtype(flags, methods));
+    fresh->to(finetune::run_device(flags));
     dt::DeltaModel reloaded(fresh);
     for (const auto& m : methods) reloaded.load(m, dir + "/" + m);  // rebuilt from the saved files alone
     return predict(fresh, *tok, task, dev_ids, 128, finetune::all_rows(int64_t(dev_ids.source.size())));

@@ -313,6 +313,32 @@ CATCH_TEST_CASE("AutocastGuard runs matmuls in bf16 on the CPU while in scope", 
   CATCH_CHECK(!at::autocast::is_autocast_enabled(torch::kCPU));
 }
 
+CATCH_TEST_CASE("Trainer's autocast runs loss_fn's products in its dtype and refuses one that is not half",
+                "[trainer]") {
+  auto w = torch::randn({4, 1}).requires_grad_();
+  std::vector<torch::ScalarType> seen;
+  auto loss_fn = [&](const Batch& b) {
+    const auto y = torch::mm(b.x.to(torch::kFloat), w);
+    seen.push_back(y.scalar_type());
+    return y.to(torch::kFloat).square().mean();
+  };
+  const auto x = torch::randn({128, 4}, torch::kFloat64);
+  const auto options = dt::TrainerOptions().max_steps(2).lr(1e-3).progress(false);
+  dt::Trainer<Batch>(dt::TrainerOptions(options).autocast(torch::kBFloat16), {{"w", w}}, loss_fn,
+                     logistic_source(x, x.select(1, 0)))
+      .fit();
+  CATCH_CHECK(seen == std::vector<torch::ScalarType>{torch::kBFloat16, torch::kBFloat16});
+  CATCH_CHECK(w.scalar_type() == torch::kFloat32);  // the weights stay float32
+  CATCH_CHECK(!at::autocast::is_autocast_enabled(torch::kCPU));
+  seen.clear();
+  dt::Trainer<Batch>(options, {{"w", w}}, loss_fn, logistic_source(x, x.select(1, 0))).fit();
+  CATCH_CHECK(seen == std::vector<torch::ScalarType>{torch::kFloat32, torch::kFloat32});
+  CATCH_REQUIRE_THROWS_WITH(
+      dt::Trainer<Batch>(dt::TrainerOptions(options).autocast(torch::kFloat64), {{"w", w}}, loss_fn,
+                         logistic_source(x, x.select(1, 0))),
+      Catch::Contains("autocast in Double: give kBFloat16 or kHalf"));
+}
+
 CATCH_TEST_CASE("Trainer learns a logistic regression and writes its log and plot", "[trainer]") {
   dt::testing::TempDir dir;
   Logistic problem;

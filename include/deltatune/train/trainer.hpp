@@ -29,6 +29,7 @@
 
 #include <deltatune/core/atomic_file.hpp>
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/precision.hpp>
 #include <deltatune/train/checkpoint_state.hpp>
 #include <deltatune/train/distributed.hpp>
 #include <deltatune/train/log.hpp>
@@ -97,7 +98,10 @@ struct TrainerOptions {
   TORCH_ARG(bool, greater_is_better) = true;     // the dev metric's direction (false for a loss)
   // torch::manual_seed at the start of a fresh run; unset, the global generator stays as the caller left it.
   TORCH_ARG(std::optional<uint64_t>, seed) = std::nullopt;
-  TORCH_ARG(bool, bf16) = false;                 // bf16 autocast around loss_fn on the parameters' device
+  // Autocast around loss_fn on the parameters' device, in this dtype: kBFloat16, or kHalf (on
+  // CUDA, with loss_scale); the weights stay float32 (what full fine-tuning in half precision
+  // does). nullopt: none.
+  TORCH_ARG(std::optional<torch::ScalarType>, autocast) = std::nullopt;
   // Dynamic loss scaling, for a backbone stored in float16: the loss scaled before backward,
   // the gradients unscaled before clipping, an update whose gradients overflowed skipped (it
   // still counts as a step: the schedule and the batches go on). nullopt: none.
@@ -227,6 +231,8 @@ class Trainer {
                                "Trainer: loss_fn and the batch source's function must be set");
     detail::check<OptionError>(options_.patience() == 0 || evaluate_, "Trainer: patience {} needs an evaluate "
                                "function", options_.patience());
+    detail::check<OptionError>(!options_.autocast() || is_half(*options_.autocast()), "Trainer: autocast in {}: "
+                               "give kBFloat16 or kHalf", c10::toString(options_.autocast().value_or(torch::kFloat)));
   }
 
   int64_t per_epoch() const { return updates_per_epoch(source_.batches_per_epoch, options_.accumulation_steps()); }
@@ -308,7 +314,7 @@ class Trainer {
       torch::Tensor loss;
       {
         std::optional<AutocastGuard> autocast;
-        if (options_.bf16()) autocast.emplace(params_.front().device().type());
+        if (options_.autocast()) autocast.emplace(params_.front().device().type(), *options_.autocast());
         loss = loss_fn_(batch);
       }
       // Mean over the update's micro-batches, so that accumulation matches one large batch.
