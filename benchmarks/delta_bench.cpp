@@ -13,7 +13,9 @@
 //
 // Peak memory: on CPU the process's RSS high-water mark (VmHWM), reset after loading the
 // model so that the checkpoint's transient copy does not count (load_peak_mb reports it); on
-// CUDA the caching allocator's peak allocated bytes.
+// CUDA the caching allocator's peak allocated bytes. On CPU also alloc_mb, the tensors at rest
+// plus the most a step allocates above them (torch's allocator reports), and, training,
+// kept_mb: the tensor bytes a forward keeps for backward, live once it returns.
 //
 // --interleave N (inference, a method): after the timed steps, N forwards of the model with the
 // method alternate with N of a second, bare copy of the backbone, and the median of the N
@@ -140,6 +142,20 @@ nlohmann::json allocated_mb(const std::function<void()>& step, const std::vector
   return {{"rest_mb", rest}, {"alloc_mb", rest + double(peak.peak_bytes()) / (1 << 20)}};
 }
 
+// What a training forward keeps for backward: the tensor bytes live once it returns, held by
+// its graph (the backward after it frees them).
+double kept_mb(const std::function<torch::Tensor()>& forward) {
+  torch::Tensor loss;
+  double kept = 0;
+  {
+    const deltatune::bench::AllocationPeak peak;
+    loss = forward();
+    kept = double(peak.live_bytes()) / (1 << 20);
+  }
+  loss.backward();
+  return kept;
+}
+
 std::vector<torch::Tensor> at_rest(const dt::backbones::T5Model& backbone, const std::vector<torch::Tensor>& params,
                                    const torch::optim::AdamW& optimizer) {
   auto tensors = backbone->parameters();
@@ -253,16 +269,17 @@ int main(int argc, char** argv) try {
   if (group && train) sync = std::make_unique<dt::GradientSync>(group, params);
 
   std::function<void()> step;
+  const auto train_forward = [&] {
+    std::optional<dt::AutocastGuard> guard;
+    if (autocast) guard.emplace(device.type());
+    return backbone->forward(input_ids, attention_mask, {}, labels).loss;
+  };
   if (train) {
     backbone->train();
     step = [&] {
       optimizer.zero_grad();
       if (sync) sync->arm();
-      {
-        std::optional<dt::AutocastGuard> guard;
-        if (autocast) guard.emplace(device.type());
-        backbone->forward(input_ids, attention_mask, {}, labels).loss.backward();
-      }
+      train_forward().backward();
       if (sync) sync->finish();
       optimizer.step();
     };
@@ -307,6 +324,7 @@ int main(int argc, char** argv) try {
   if (device.is_cuda()) {
     result["alloc_mb"] = result["peak_mb"];  // max_memory_allocated already
   } else if (!sync) {  // (its steps would be collectives on rank 0 alone)
+    if (train) result["kept_mb"] = kept_mb(train_forward);
     optimizer.zero_grad();  // gradients are not at rest: the step makes them
     result.update(allocated_mb(step, at_rest(backbone, params, optimizer)));
   }

@@ -214,6 +214,67 @@ CATCH_TEST_CASE("A float32 delta's first product on a bf16 input keeps the input
   }
 }
 
+// A sublayer ending in a frozen bf16 layer norm, for the adapters' two placements.
+struct NormedSublayerImpl : torch::nn::Module, dt::OutputSite {
+  torch::Tensor weight, bias;
+  explicit NormedSublayerImpl(int64_t d)
+      : weight(torch::randn({d}).to(torch::kBFloat16)), bias(torch::randn({d}).to(torch::kBFloat16)) {}
+  torch::Tensor forward(const torch::Tensor& h, const torch::Tensor& residual) {
+    return finish(h, residual, [this](const torch::Tensor& x) {
+      return torch::layer_norm(x, {x.size(-1)}, weight.to(x.scalar_type()), bias.to(x.scalar_type()));
+    });
+  }
+};
+TORCH_MODULE(NormedSublayer);
+
+// An adapter's sublayer on a bf16 h (Houlsby's adapter reads h, Pfeiffer's the normalised
+// output): the float32 computation of the delta, keeping its bf16 input for backward, not the
+// float32 copies of h, the residual and the normalised output that casting them up makes.
+CATCH_TEST_CASE("A bottleneck adapter on a bf16 sublayer keeps its bf16 input, in both placements", "[precision]") {
+  const int64_t d = 64;
+  torch::manual_seed(17);
+  const auto h = torch::randn({4, 32, d}).to(torch::kBFloat16).requires_grad_();
+  const auto residual = torch::randn({4, 32, d}).to(torch::kBFloat16);
+  for (const auto placement : {dt::AdapterPlacement::houlsby, dt::AdapterPlacement::pfeiffer}) {
+    const bool pfeiffer = placement == dt::AdapterPlacement::pfeiffer;
+    CATCH_INFO((pfeiffer ? "Pfeiffer" : "Houlsby") << " placement");
+    NormedSublayer sublayer(d);
+    auto adapter = dt::Adapter(dt::AdapterOptions().d_model(d).reduction_factor(4).placement(placement));
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& p : adapter->parameters()) p.add_(torch::randn_like(p) * 0.3);
+    }
+    sublayer->output_deltas.attach("adapter", adapter.ptr());
+    const auto norm = [&](const torch::Tensor& x) {
+      return torch::layer_norm(x, {d}, sublayer->weight.to(x.scalar_type()), sublayer->bias.to(x.scalar_type()));
+    };
+    auto ours = [&] { return sublayer->forward(h, residual); };
+    // The delta computing in float32 (what other deltas do): h and the residual cast up, the
+    // adapter's placement and the sublayer's layer norms in float32.
+    auto autograd = [&] {
+      return adapter->forward_sublayer(h.to(torch::kFloat), residual.to(torch::kFloat), norm).to(torch::kBFloat16);
+    };
+    const auto y = ours(), y_ref = autograd();
+    CATCH_CHECK(y.scalar_type() == torch::kBFloat16);
+    // Houlsby's differs by rounding the same float32 values to bf16; Pfeiffer's also reads its
+    // normalised output as the bf16 sublayer computes it, rounded to bf16.
+    const double tolerance = pfeiffer ? 1e-2 : 1e-3;
+    CATCH_CHECK(relative(y, y_ref) < tolerance);
+    std::vector<torch::Tensor> inputs{h};
+    for (const auto& p : adapter->parameters()) inputs.push_back(p);
+    const auto probe = torch::randn_like(y, torch::kFloat);
+    const auto g = torch::autograd::grad({(y * probe).sum()}, inputs);
+    const auto g_ref = torch::autograd::grad({(y_ref * probe).sum()}, inputs);
+    for (size_t i = 0; i < g.size(); ++i) {
+      CATCH_INFO("gradient " << i);
+      CATCH_CHECK(relative(g[i], g_ref[i]) < (i == 0 ? 2e-2 : tolerance));
+    }
+    const int64_t saved = dt::testing::bytes_kept(autograd) - dt::testing::bytes_kept(ours);
+    CATCH_INFO("ours keeps " << saved << " bytes less; a float32 copy of h is " << h.numel() * 4);
+    CATCH_CHECK(saved >= h.numel() * 4);
+  }
+}
+
 CATCH_TEST_CASE("A delta saved from a bf16 backbone loads into the float32 one, and the reverse", "[precision]") {
   const dt::testing::TempDir tmp;
   const auto& dir = tmp.path;

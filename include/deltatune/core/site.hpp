@@ -513,13 +513,16 @@ class OutputSite {
 
   // The sublayer's end through `delta`, in its precision: h and the residual cast to it, the
   // layer norm taking them in it, the end cast back.
-  // A bottleneck adapter on a half-precision h keeps h, not its float32 copy, for backward.
+  // A bottleneck adapter on a half-precision h keeps its input, not a float32 copy, for
+  // backward: h, or the normalised output as the bare sublayer computes it (as a mixed batch's
+  // gathered adapters read it).
   static torch::Tensor delta_sublayer(ActivationDelta& delta, const torch::Tensor& h, const torch::Tensor& residual,
                                       const LayerNormFn& layer_norm) {
     const auto dtype = detail::delta_precision(delta.module(), h);
     if (dtype)
-      if (const auto f = delta.bottleneck_factors(); f && !f->reads_normed) {
-        const auto down = f->activation(detail::linear_from_half(h, f->down_weight, f->down_bias));
+      if (const auto f = delta.bottleneck_factors()) {
+        const auto x = f->reads_normed ? ActivationDelta::end_sublayer(h, residual, layer_norm) : h;
+        const auto down = f->activation(detail::linear_from_half(x, f->down_weight, f->down_bias));
         const auto out = torch::nn::functional::linear(down, f->up_weight, f->up_bias);  // float32
         return ActivationDelta::end_sublayer(h + out, residual.to(out.scalar_type()), layer_norm).to(h.scalar_type());
       }
