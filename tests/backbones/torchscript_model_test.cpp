@@ -25,11 +25,12 @@ namespace {
 // One archive, loaded natively and as a TorchScriptModel; the archive's names are the
 // native ones behind `prefix` (T5's trace wraps the model as "model").
 struct Fixture {
-  std::string label, prefix;
+  std::string label, prefix, path;
   std::shared_ptr<torch::nn::Module> native;
   std::function<torch::Tensor()> native_logits;
   bb::TorchScriptModel traced{nullptr};
-  std::function<torch::Tensor()> traced_logits;
+  std::function<torch::Tensor(bb::TorchScriptModel&)> logits_of;  // a TorchScriptModel of the archive on the inputs
+  torch::Tensor traced_logits() { return logits_of(traced); }
 };
 
 Fixture t5_fixture(const std::filesystem::path& dir, const std::string& version) {
@@ -38,8 +39,9 @@ Fixture t5_fixture(const std::filesystem::path& dir, const std::string& version)
   const auto ids = io.at("input_ids"), mask = io.at("attention_mask"), decoder_ids = io.at("decoder_input_ids");
   auto native = bb::load_t5(path);
   auto traced = bb::load_torchscript_model(path);
-  return {"t5 " + version, "model.", native.ptr(), [=]() mutable { return native->forward(ids, mask, decoder_ids).logits; },
-          traced, [=]() mutable { return traced->forward({ids, mask, decoder_ids}).toTensor(); }};
+  return {"t5 " + version, "model.", path, native.ptr(),
+          [=]() mutable { return native->forward(ids, mask, decoder_ids).logits; }, traced,
+          [=](bb::TorchScriptModel& model) { return model->forward({ids, mask, decoder_ids}).toTensor(); }};
 }
 
 Fixture bert_fixture(const std::filesystem::path& dir) {
@@ -48,8 +50,10 @@ Fixture bert_fixture(const std::filesystem::path& dir) {
   const auto path = (dir / "cls.pt").string();
   auto native = bb::load_bert_classifier(path);
   auto traced = bb::load_torchscript_model(path);
-  return {"bert cls", "", native.ptr(), [=]() mutable { return native->forward(ids, mask, types).logits; }, traced,
-          [=]() mutable { return traced->forward({ids, mask, types}).toTupleRef().elements()[0].toTensor(); }};
+  return {"bert cls", "", path, native.ptr(), [=]() mutable { return native->forward(ids, mask, types).logits; }, traced,
+          [=](bb::TorchScriptModel& model) {
+            return model->forward({ids, mask, types}).toTupleRef().elements()[0].toTensor();
+          }};
 }
 
 // Every fixture whose golden files exist (none, after a "tests skipped" warning, where they do not).
@@ -258,6 +262,113 @@ CATCH_TEST_CASE("Training a delta on TorchScriptModel leaves the archive's weigh
       pair.native.remove("d");
       pair.traced.remove("d");
     }
+  }
+}
+
+// The archive loaded with its weights in bf16 (half the bytes): the graph under bf16 autocast,
+// every method's deltas (and the backbone tensors a method trains) in float32, following the
+// float32 archive's outputs and gradients within bf16's rounding (as the native backbones in
+// precision_test.cpp).
+CATCH_TEST_CASE("TorchScriptModel with bf16 weights trains float32 deltas that follow the float32 archive",
+                "[torchscript][golden][precision]") {
+  for (auto& f : fixtures()) {
+    const auto bare = f.traced_logits().detach();
+    auto bare_half = bb::load_torchscript_model(f.path, torch::kBFloat16);
+    const double bare_error = dt::testing::relative_difference(f.logits_of(bare_half).to(torch::kFloat), bare);
+    for (const auto& method : methods()) {
+      CATCH_INFO(f.label << ", " << method.label << "; bf16 without a delta differs by " << bare_error);
+      auto half = bb::load_torchscript_model(f.path, torch::kBFloat16);
+      int64_t half_bytes = 0, full_bytes = 0;
+      for (const auto& p : half->parameters()) half_bytes += int64_t(p.nbytes());
+      for (const auto& p : f.traced->parameters()) full_bytes += int64_t(p.nbytes());
+      CATCH_CHECK(2 * half_bytes == full_bytes);
+      torch::manual_seed(7);
+      auto pair = attach(f, method);
+      dt::DeltaModel model(half);
+      if (method.pattern.empty()) model.add("d", method.recipe());
+      else model.add("d", method.recipe(), method.pattern);
+      {
+        torch::NoGradGuard no_grad;
+        const auto theirs = pair.traced.named_trainable_parameters();
+        auto ours = model.named_trainable_parameters();
+        CATCH_REQUIRE(ours.size() == theirs.size());
+        for (size_t i = 0; i < ours.size(); ++i) {
+          CATCH_INFO(ours[i].first);
+          CATCH_CHECK(ours[i].second.scalar_type() == torch::kFloat);
+          ours[i].second.copy_(theirs[i].second);
+        }
+      }
+      CATCH_CHECK(dt::frozen_dtype(*half) == torch::kBFloat16);
+      const auto reference = f.traced_logits(), logits = f.logits_of(half);
+      CATCH_CHECK(logits.scalar_type() == torch::kBFloat16);
+      const double changed = dt::testing::relative_difference(reference, bare);
+      const double error = dt::testing::relative_difference(logits.to(torch::kFloat), reference);
+      CATCH_INFO("the delta changes the logits by " << changed << " of their scale; bf16 differs by " << error);
+      // bf16's error is a small part of what the delta changes or, where the delta changes less
+      // than bf16 rounds (IA3 on the tiny BERT), no more than half again the bare archive's.
+      CATCH_CHECK(error < 0.05);
+      CATCH_CHECK(error < std::max(0.25 * changed, 1.5 * bare_error));
+      const auto R = torch::randn_like(reference);
+      (reference * R).sum().backward();
+      (logits.to(torch::kFloat) * R).sum().backward();
+      std::vector<torch::Tensor> g, g_ref;
+      const auto theirs = pair.traced.named_trainable_parameters();
+      for (const auto& [name, p] : model.named_trainable_parameters()) {
+        CATCH_INFO(name);
+        CATCH_REQUIRE(p.grad().defined());
+        g.push_back(p.grad().flatten().to(torch::kFloat64));
+      }
+      for (const auto& [name, p] : theirs) g_ref.push_back(p.grad().flatten().to(torch::kFloat64));
+      const auto a = torch::cat(g), b = torch::cat(g_ref);
+      const double cosine = (a * b).sum().item<double>() / (a.norm() * b.norm()).item<double>();
+      CATCH_INFO("gradient cosine " << cosine);
+      CATCH_CHECK(cosine > 0.99);
+      pair.native.remove("d");
+      pair.traced.remove("d");
+      for (auto& p : pair.traced.backbone().parameters()) p.mutable_grad() = torch::Tensor();
+    }
+  }
+}
+
+// A mixed batch on an archive: each row as the whole batch gives it with only its delta
+// active, as on the native backbones (the rewritten Linear layers and sublayer ends route
+// rows through the native sites' code). A norm's deltas, rebound for the whole batch, are
+// refused by name, and the model runs on after.
+CATCH_TEST_CASE("TorchScriptModel routes a mixed batch's rows to their own deltas", "[torchscript][golden][routing]") {
+  for (auto& f : fixtures()) {
+    CATCH_INFO(f.label);
+    dt::DeltaModel model(f.traced);
+    torch::manual_seed(3);
+    const std::vector<std::string> names{"lora", "ia3", "adapter"};
+    model.add("lora", dt::LoRAOptions().r(4));
+    model.add("ia3", dt::IA3Options());
+    model.add("adapter", dt::houlsby_options());
+    torch::NoGradGuard no_grad;
+    for (auto& p : model.trainable_parameters()) p.add_(torch::randn_like(p) * 0.2);
+    const auto unrouted = f.traced_logits();
+    for (const std::vector<std::string>& routing :
+         std::vector<std::vector<std::string>>{{"lora", "adapter", "__base__"}, {"ia3", "lora", "adapter"}}) {
+      torch::Tensor mixed;
+      {
+        auto guard = model.route(routing);
+        mixed = f.traced_logits();
+      }
+      for (size_t i = 0; i < routing.size(); ++i) {
+        for (const auto& d : names) model.set_active(d, d == routing[i]);
+        CATCH_INFO("row " << i << " (" << routing[i] << ")");
+        check_relative("routed row", mixed[int64_t(i)], f.traced_logits()[int64_t(i)], 1e-5);
+      }
+      for (const auto& d : names) model.set_active(d, true);
+    }
+    if (f.prefix.empty()) continue;  // BERT's norms have biases: no norm sites
+    model.add("bitfit", dt::BitFitOptions(), "re:.*layer_norm");
+    {
+      auto guard = model.route({"bitfit", "lora", "bitfit"});
+      CATCH_CHECK_THROWS_WITH(f.traced_logits(), Catch::Contains("rows cannot be routed to delta 'bitfit'") &&
+                                                     Catch::Contains("T5LayerNorm"));
+    }
+    model.remove("bitfit");
+    CATCH_CHECK(torch::allclose(f.traced_logits(), unrouted));
   }
 }
 

@@ -23,7 +23,6 @@
 #include <string>
 #include <vector>
 
-#include <ATen/autocast_mode.h>
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
@@ -39,33 +38,6 @@
 #include <deltatune/train/schedule.hpp>
 
 namespace deltatune {
-
-// bf16 (or `dtype`) autocast on `device` while in scope, as Python's torch.autocast: the
-// C++ API has the same thread-local switches (at::autocast), without a guard.
-//   { deltatune::AutocastGuard bf16(torch::kCPU); auto y = model(x); }  // matmuls in bf16
-class AutocastGuard {
- public:
-  explicit AutocastGuard(at::DeviceType device, at::ScalarType dtype = at::kBFloat16)
-      : device_(device), was_enabled_(at::autocast::is_autocast_enabled(device)),
-        old_dtype_(at::autocast::get_autocast_dtype(device)) {
-    at::autocast::set_autocast_enabled(device, true);
-    at::autocast::set_autocast_dtype(device, dtype);
-    at::autocast::increment_nesting();
-  }
-  ~AutocastGuard() {
-    // The outermost guard drops the casts it cached, as torch.autocast's __exit__ does.
-    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-    at::autocast::set_autocast_enabled(device_, was_enabled_);
-    at::autocast::set_autocast_dtype(device_, old_dtype_);
-  }
-  AutocastGuard(const AutocastGuard&) = delete;
-  AutocastGuard& operator=(const AutocastGuard&) = delete;
-
- private:
-  at::DeviceType device_;
-  bool was_enabled_;
-  at::ScalarType old_dtype_;
-};
 
 // A peak learning rate of its own for the trainable tensors whose names start with `prefix` (a
 // new task head, say: "classifier."), on the same warm-up and decay as the rest; the optimizer
