@@ -144,6 +144,44 @@ CATCH_TEST_CASE("On CUDA, bf16 and fp16 backbones train float32 deltas that foll
   check_every_method(torch::kCUDA, torch::kHalf);
 }
 
+// A backbone run under a caller's autocast (AutocastGuard, TrainerOptions().autocast): every
+// method's deltas train, their gradients those of the run without it within bf16's rounding.
+// On a bf16 backbone the float32 deltas compute in float32 as without it: autocast cast their
+// products to bf16 before, and a delta's first product met its float32 weight in backward
+// ("expected m1 and m2 to have the same dtype"). On either backbone Compacter's rank-one
+// factors B = s t came out of autocast's bmm in bf16 for a float32 rule A, and the Kronecker
+// sum refused the pair. (Full fine-tuning trains every weight in float32: autocast is its bf16
+// path, and the examples check it.)
+CATCH_TEST_CASE("Under autocast every method's deltas train as without it, on bf16 and float32 backbones",
+                "[precision]") {
+  for (const auto dtype : {torch::kBFloat16, torch::kFloat}) {
+    for (const std::string family : {"t5", "bert"}) {
+      for (const auto& method : dt::builtin_methods().preset_names()) {
+        if (method == "full") continue;
+        CATCH_INFO(family << " " << method << " on " << c10::toString(dtype));
+        auto backbone = make(family);
+        dt::set_frozen_dtype(*backbone.module, dtype);
+        dt::DeltaModel model(backbone.module);
+        add(model, method);
+        backbone.run().first.backward();
+        const auto g_ref = gradients(model);
+        for (auto& [key, p] : model.named_trainable_parameters()) p.mutable_grad() = torch::Tensor();
+        torch::Tensor loss;
+        {
+          dt::AutocastGuard autocast(torch::kCPU);
+          loss = backbone.run().first;
+        }
+        loss.backward();
+        const auto g = gradients(model);
+        CATCH_REQUIRE(torch::isfinite(g).all().item<bool>());
+        const double cosine = (g * g_ref).sum().item<double>() / (g.norm() * g_ref.norm()).item<double>();
+        CATCH_INFO("gradient cosine " << cosine);
+        CATCH_CHECK(cosine > 0.99);
+      }
+    }
+  }
+}
+
 CATCH_TEST_CASE("A float16 backbone's small gradients flush to zero without loss scaling and survive with it",
                 "[precision][loss_scale]") {
   // A loss 2^-24 of T5's: its gradients on the way back through float16 activations fall below

@@ -193,13 +193,6 @@ inline void replace_by_site_op(jit::Node* last, const char* op, const std::vecto
   last->output()->replaceAllUsesWith(graph.insert(c10::Symbol::fromQualString(op), inputs));
 }
 
-// The archive's graphs run under autocast where its weights are half precision; a site
-// computes as the native backbones' do, its deltas in their own float32 (core/precision.hpp),
-// so autocast is off inside it.
-struct AutocastOff {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
-};
-
 // A Linear-like module of the archive (its forward feeds self.weight to aten::linear) as a
 // WeightSite that computes as the native FrozenLinear: the first forward after a delta is
 // attached replaces that aten::linear by deltatune::site_linear(x, id), which calls
@@ -231,8 +224,9 @@ class ScriptLinearSiteImpl : public torch::nn::Module, public WeightSite {
     return true;
   }
 
-  // deltatune::site_linear's kernel. Under autocast x takes autocast's dtype, as aten::linear
-  // would; the weight meets it as on a native half-precision backbone.
+  // deltatune::site_linear's kernel. Under autocast (the archive's graphs run under it where
+  // its weights are half precision) x takes autocast's dtype, as aten::linear would, and the
+  // site computes as on a native half-precision backbone, autocast off.
   torch::Tensor linear(torch::Tensor x) {
     const auto device = x.device().type();
     if (at::autocast::is_autocast_enabled(device) && x.is_floating_point())
@@ -341,7 +335,7 @@ class ScriptOutputSiteImpl : public torch::nn::Module, public OutputSite {
   }
 
   // deltatune::finish_sublayer's kernel: (B, T, d) h and residual -> the sublayer's output,
-  // deltas included.
+  // deltas included, computed as on a native backbone (autocast off).
   torch::Tensor finish_sublayer(const torch::Tensor& hidden, const torch::Tensor& residual) {
     const AutocastOff off;
     LayerNormFn norm;

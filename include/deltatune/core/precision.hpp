@@ -76,6 +76,12 @@ class AutocastGuard {
 
 namespace detail {
 
+// Autocast off while in scope, for computations whose dtypes are chosen (a float32 delta on a
+// half-precision activation): autocast would cast their products to its dtype.
+struct AutocastOff {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
 // `t` (a weight, bias or scale) as a backbone operation on activation `x` takes it: in x's
 // dtype. Only mixed precision stores them apart: a float32 trained tensor meeting a bf16
 // activation is cast down (its gradient reaching it in float32), a bf16 frozen one meeting

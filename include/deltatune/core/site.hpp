@@ -148,21 +148,25 @@ inline torch::Tensor add_gathered_bottlenecks(const torch::Tensor& x, const torc
 
 // f(x) for a delta that computes in its own precision (precision.hpp): x cast to `dtype`, the
 // delta_precision of a half-precision activation meeting float32 parameters, f's result cast
-// back; f(x) where there is none.
+// back, autocast off (it would cast f's products back down); f(x) where there is none.
 template <class F>
 torch::Tensor in_delta_precision(std::optional<torch::ScalarType> dtype, const torch::Tensor& x, F&& f) {
-  return dtype ? f(x.to(*dtype)).to(x.scalar_type()) : f(x);
+  if (!dtype) return f(x);
+  const AutocastOff off;
+  return f(x.to(*dtype)).to(x.scalar_type());
 }
 
 // x W^T for a half-precision x and a float32 W, in float32, as in_delta_precision computes
 // it, keeping x in its own precision for backward: autograd would keep the float32 copy of x
 // that the product takes, for W's gradient, twice x's bytes at every delta that starts with a
 // product (LoRA's A, an adapter's down projection). The copy is made again in backward, exactly:
-// widening a half-precision value rounds nothing. (A bias is added outside: an undefined tensor
-// cannot be an autograd Function's input.)
+// widening a half-precision value rounds nothing. Under autocast too the product is float32,
+// as backward takes it. (A bias is added outside: an undefined tensor cannot be an autograd
+// Function's input.)
 struct LinearFromHalf : torch::autograd::Function<LinearFromHalf> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& W) {
     ctx->save_for_backward({x, W});
+    const AutocastOff off;
     return torch::matmul(x.to(W.scalar_type()), W.t());
   }
 
@@ -358,11 +362,13 @@ class WeightSite {
   // A low-rank delta on a half-precision x keeps x, not its float32 copy, for backward.
   torch::Tensor output_of(WeightDelta& delta, const torch::Tensor& x, const torch::Tensor& y0) {
     const auto dtype = detail::delta_precision(delta.module(), x);
-    if (dtype)
+    if (dtype) {
+      const detail::AutocastOff off;  // as in in_delta_precision
       if (const auto f = delta.low_rank_factors()) {
         const auto down = detail::LinearFromHalf::apply(x, f->A) * f->scale;  // (..., r)
         return torch::matmul(down, f->B.t()).to(y0.scalar_type());
       }
+    }
     const auto out = detail::in_delta_precision(dtype, x, [&](const torch::Tensor& xs) {
       return delta.delta_output(xs, weight, bias, y0);
     });
@@ -519,13 +525,15 @@ class OutputSite {
   static torch::Tensor delta_sublayer(ActivationDelta& delta, const torch::Tensor& h, const torch::Tensor& residual,
                                       const LayerNormFn& layer_norm) {
     const auto dtype = detail::delta_precision(delta.module(), h);
-    if (dtype)
+    if (dtype) {
+      const detail::AutocastOff off;  // as in in_delta_precision
       if (const auto f = delta.bottleneck_factors()) {
         const auto x = f->reads_normed ? ActivationDelta::end_sublayer(h, residual, layer_norm) : h;
         const auto down = f->activation(detail::linear_from_half(x, f->down_weight, f->down_bias));
         const auto out = torch::nn::functional::linear(down, f->up_weight, f->up_bias);  // float32
         return ActivationDelta::end_sublayer(h + out, residual.to(out.scalar_type()), layer_norm).to(h.scalar_type());
       }
+    }
     return detail::in_delta_precision(dtype, h, [&](const torch::Tensor& x) {
       return delta.forward_sublayer(x, residual.to(x.scalar_type()), layer_norm);
     });

@@ -14,6 +14,7 @@
 #include <torch/torch.h>
 
 #include <deltatune/core/error.hpp>
+#include <deltatune/core/precision.hpp>
 #include <deltatune/kernels/kernel_table.hpp>
 #include <deltatune/kernels/kron_sum_cpu.hpp>
 #include <deltatune/kernels/kron_sum_reference.hpp>
@@ -228,8 +229,11 @@ inline torch::Tensor kron_sum(const torch::Tensor& A, const torch::Tensor& B) {
 // W = sum_k A[k] (x) (s[k] t[k]) for s (n, p, r) and t (n, r, q): Compacter's LPHM weight.
 // B = s t is formed first: it costs n*p*q*r, a 1/n^2 share of the Kronecker sum
 // itself, while summing rank-r terms inside the kernel would multiply that by r.
+// B is formed in the factors' precision, also under autocast (which would round it to bf16, and
+// the kernel takes A and B alike).
 inline torch::Tensor kron_sum(const torch::Tensor& A, const torch::Tensor& s, const torch::Tensor& t) {
   detail::check_low_rank_factors("kron_sum", A, s, t);
+  const detail::AutocastOff off;
   return detail::KronSumFunction::apply(A, torch::bmm(s, t));
 }
 
