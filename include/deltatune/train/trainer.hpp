@@ -71,8 +71,8 @@ struct TrainerOptions {
   // torch::manual_seed at the start of a fresh run; unset, the global generator stays as the caller left it.
   TORCH_ARG(std::optional<uint64_t>, seed) = std::nullopt;
   // Autocast around loss_fn on the parameters' device, in this dtype: kBFloat16, or kHalf (on
-  // CUDA, with loss_scale); the weights stay float32 (what full fine-tuning in half precision
-  // does). nullopt: none.
+  // CUDA, with loss_scale): full fine-tuning's half precision, products in it over float32
+  // weights (deltas on a half-precision backbone compute in float32 all the same). nullopt: none.
   TORCH_ARG(std::optional<torch::ScalarType>, autocast) = std::nullopt;
   // Dynamic loss scaling, for a backbone stored in float16: the loss scaled before backward,
   // the gradients unscaled before clipping, an update whose gradients overflowed skipped (it
