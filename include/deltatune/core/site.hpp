@@ -584,7 +584,10 @@ class AttentionSite {
 
  protected:
   // The (B, P, inner) keys and values to prepend, or undefined tensors when no prefix runs.
+  // The deltas compute them in their own precision (a prefix MLP's float32 products), under
+  // autocast too; the attention casts them to its keys' dtype.
   std::pair<torch::Tensor, torch::Tensor> prefix_key_value(int64_t batch) {
+    const detail::AutocastOff off;
     std::vector<torch::Tensor> keys, values;
     for (auto* delta : prefix_deltas.running()) {
       auto [key, value] = delta->prefix_key_value(site_name);
