@@ -253,6 +253,100 @@ CATCH_TEST_CASE("A float32 delta's first product on a bf16 input keeps the input
   }
 }
 
+// LoRA where it has no single pair of factors (DoRA, dropout while training) on a bf16 Linear:
+// the delta computes in float32 from the bf16 input it keeps, as a pair of factors does, where
+// the site handing it the input's float32 copy kept that copy for the product with A.
+CATCH_TEST_CASE("LoRA with DoRA or dropout on a bf16 Linear keeps its bf16 input", "[precision]") {
+  torch::manual_seed(19);
+  const int64_t in = 64, out = 48;
+  const auto x = torch::randn({4, 32, in}).to(torch::kBFloat16).requires_grad_();
+  // Dropout 0.5 scales what it keeps by 2, exact in bf16 too, so that dropout on x and on its
+  // float32 copy give the same values (the same seed draws the same mask).
+  const std::vector<std::pair<std::string, dt::LoRAOptions>> variants{
+      {"DoRA", dt::LoRAOptions(in, out).r(4).use_dora(true)},
+      {"LoRA with dropout", dt::LoRAOptions(in, out).r(4).dropout(0.5)},
+      {"PiSSA with dropout", dt::LoRAOptions(in, out).r(4).init("pissa").dropout(0.5)}};
+  for (const auto& [variant, options] : variants) {
+    CATCH_INFO(variant);
+    dt::FrozenLinear linear(in, out, /*with_bias=*/true);
+    dt::set_frozen_dtype(*linear, torch::kBFloat16);
+    auto lora = dt::LoRA(options);
+    {
+      torch::NoGradGuard no_grad;
+      lora->lora_B.normal_(0, 0.3);  // so that it acts
+      if (options.use_dora()) lora->init_magnitude(linear->weight);
+      if (lora->starts_from_weight()) lora->init_from_weight(linear->weight);
+    }
+    linear->deltas.attach("lora", lora.ptr());
+    lora->train();
+    auto ours = [&] {
+      torch::manual_seed(23);  // dropout's mask
+      return linear->forward(x);
+    };
+    // The delta on x's float32 copy, as a site computes deltas that take no half input.
+    auto autograd = [&] {
+      torch::manual_seed(23);
+      const auto y0 = torch::nn::functional::linear(x, linear->weight, linear->bias);
+      return y0 + lora->delta_output(x.to(torch::kFloat), linear->weight, linear->bias, y0).to(torch::kBFloat16);
+    };
+    const auto y = ours(), y_ref = autograd();
+    CATCH_CHECK(y.scalar_type() == torch::kBFloat16);
+    CATCH_CHECK(relative(y, y_ref) < 1e-6);  // the same float32 products, rounded alike
+    std::vector<torch::Tensor> inputs{x};
+    for (const auto& p : lora->parameters()) inputs.push_back(p);
+    const auto probe = torch::randn_like(y, torch::kFloat);
+    const auto g = torch::autograd::grad({(y * probe).sum()}, inputs);
+    const auto g_ref = torch::autograd::grad({(y_ref * probe).sum()}, inputs);
+    for (size_t i = 0; i < g.size(); ++i) {
+      CATCH_INFO("gradient " << i);
+      CATCH_CHECK(relative(g[i], g_ref[i]) < 1e-5);
+    }
+    const int64_t saved = dt::testing::bytes_kept(autograd) - dt::testing::bytes_kept(ours);
+    CATCH_INFO("ours keeps " << saved << " bytes less; x's float32 copy is " << x.numel() * 4);
+    CATCH_CHECK(saved >= x.numel() * 4);
+  }
+}
+
+// DoRA's g scales the rows of B, not the (..., out) product s B A x, whose float32 copy g's
+// gradient would keep (peft scales the product).
+CATCH_TEST_CASE("DoRA's magnitude gradient keeps no output-sized product", "[precision]") {
+  torch::manual_seed(29);
+  const int64_t in = 64, out = 48;
+  const auto x = torch::randn({4, 32, in}, torch::kDouble);
+  const auto W = torch::randn({out, in}, torch::kDouble);
+  auto lora = dt::LoRA(dt::LoRAOptions(in, out).r(4).use_dora(true));
+  lora->to(torch::kDouble);
+  {
+    torch::NoGradGuard no_grad;
+    lora->lora_B.normal_(0, 0.3);
+    lora->init_magnitude(W);
+    lora->lora_magnitude_vector.mul_(1.5);
+  }
+  const auto y0 = torch::nn::functional::linear(x, W);
+  auto ours = [&] { return lora->delta_output(x, W, torch::Tensor(), y0); };
+  // peft's arrangement: g times the (..., out) product.
+  auto scaled_product = [&] {
+    const auto g = lora->lora_magnitude_vector /
+                   torch::linalg_vector_norm(W + torch::mm(lora->lora_B, lora->lora_A).detach() * lora->scaling(), 2, {1});
+    const auto low_rank = torch::matmul(torch::matmul(x, lora->lora_A.t()) * lora->scaling(), lora->lora_B.t());
+    return (g - 1) * y0 + g * low_rank;
+  };
+  const auto y = ours(), y_ref = scaled_product();
+  CATCH_CHECK(relative(y, y_ref) < 1e-12);
+  const std::vector<torch::Tensor> inputs{lora->lora_A, lora->lora_B, lora->lora_magnitude_vector};
+  const auto probe = torch::randn_like(y);
+  const auto g = torch::autograd::grad({(y * probe).sum()}, inputs);
+  const auto g_ref = torch::autograd::grad({(y_ref * probe).sum()}, inputs);
+  for (size_t i = 0; i < g.size(); ++i) {
+    CATCH_INFO("gradient " << i);
+    CATCH_CHECK(relative(g[i], g_ref[i]) < 1e-12);
+  }
+  const int64_t saved = dt::testing::bytes_kept(scaled_product) - dt::testing::bytes_kept(ours);
+  // Ours keeps g B (out, r) instead.
+  CATCH_INFO("ours keeps " << saved << " bytes less; the (..., out) product is " << y.numel() * 8);
+  CATCH_CHECK(saved >= (y.numel() - lora->lora_B.numel()) * 8);
+}
+
 // A sublayer ending in a frozen bf16 layer norm, for the adapters' two placements.
 struct NormedSublayerImpl : torch::nn::Module, dt::OutputSite {
   torch::Tensor weight, bias;

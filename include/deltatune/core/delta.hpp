@@ -95,6 +95,11 @@ class WeightDelta : public DeltaModule {
   // site in two batched products, where each other delta takes products of its own.
   virtual std::optional<LowRankFactors> low_rank_factors() { return std::nullopt; }
 
+  // Whether delta_output takes a half-precision x as it comes and computes in its float32
+  // parameters' precision itself, keeping x, not a float32 copy of it, for backward (LoRA, with
+  // DoRA, PiSSA or dropout too). A Linear site hands the others x cast to their precision.
+  virtual bool takes_half_input() const { return false; }
+
   // y = x (W0 + dW)^T + (b0 + db): the layer with this delta alone.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& base_weight, const torch::Tensor& base_bias) {
     if (auto scale = input_scale(base_weight); scale.defined())

@@ -7,7 +7,7 @@
 // - a delta computes in its parameters' float32, its input cast up and its output cast back
 //   (peft's autocast_adapter_dtype keeps adapters in float32 the same way); where its first
 //   step is a product, backward keeps the half-precision input, not the float32 copy
-//   (site.hpp's LinearFromHalf).
+//   (LinearFromHalf below).
 // The numerically sensitive steps stay float32 where transformers keeps them: layer norm
 // statistics, softmax accumulation, the loss.
 #pragma once
@@ -90,6 +90,46 @@ inline torch::Tensor at_precision_of(const torch::Tensor& x, const torch::Tensor
   if (!t.defined() || t.scalar_type() == x.scalar_type() || !t.is_floating_point() || !x.is_floating_point())
     return t;
   return t.to(x.scalar_type());
+}
+
+// x W^T for a half-precision x and a float32 W, in float32, as site.hpp's in_delta_precision
+// computes it, keeping x in its own precision for backward: autograd would keep the float32
+// copy of x that the product takes, for W's gradient, twice x's bytes at every delta that
+// starts with a product (LoRA's A, an adapter's down projection). The copy is made again in backward, exactly:
+// widening a half-precision value rounds nothing. Under autocast too the product is float32,
+// as backward takes it. (A bias is added outside: an undefined tensor cannot be an autograd
+// Function's input.)
+struct LinearFromHalf : torch::autograd::Function<LinearFromHalf> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& W) {
+    ctx->save_for_backward({x, W});
+    const AutocastOff off;
+    return torch::matmul(x.to(W.scalar_type()), W.t());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &x = saved[0], &W = saved[1];
+    const auto grad = grads[0].reshape({-1, W.size(0)});  // (N, out)
+    torch::Tensor grad_x, grad_W;
+    if (ctx->needs_input_grad(0)) grad_x = grad.matmul(W).reshape(x.sizes()).to(x.scalar_type());
+    if (ctx->needs_input_grad(1)) grad_W = grad.t().matmul(x.reshape({-1, W.size(1)}).to(W.scalar_type()));
+    return {grad_x, grad_W};
+  }
+};
+
+// x W^T + b through LinearFromHalf.
+inline torch::Tensor linear_from_half(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b) {
+  const auto y = LinearFromHalf::apply(x, W);
+  return b.defined() ? y + b : y;
+}
+
+// x W^T in W's precision for a delta that takes its input as it comes (WeightDelta::
+// takes_half_input): through LinearFromHalf where x is half precision and W is not, a plain
+// product otherwise.
+inline torch::Tensor product_in_precision_of(const torch::Tensor& x, const torch::Tensor& W) {
+  if (is_half(x.scalar_type()) && x.scalar_type() != W.scalar_type()) return LinearFromHalf::apply(x, W);
+  return torch::matmul(x, W.t());
 }
 
 // The dtype a delta computes in when activation `x` reaches it: its parameters' where x is

@@ -156,38 +156,6 @@ torch::Tensor in_delta_precision(std::optional<torch::ScalarType> dtype, const t
   return f(x.to(*dtype)).to(x.scalar_type());
 }
 
-// x W^T for a half-precision x and a float32 W, in float32, as in_delta_precision computes
-// it, keeping x in its own precision for backward: autograd would keep the float32 copy of x
-// that the product takes, for W's gradient, twice x's bytes at every delta that starts with a
-// product (LoRA's A, an adapter's down projection). The copy is made again in backward, exactly:
-// widening a half-precision value rounds nothing. Under autocast too the product is float32,
-// as backward takes it. (A bias is added outside: an undefined tensor cannot be an autograd
-// Function's input.)
-struct LinearFromHalf : torch::autograd::Function<LinearFromHalf> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& W) {
-    ctx->save_for_backward({x, W});
-    const AutocastOff off;
-    return torch::matmul(x.to(W.scalar_type()), W.t());
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto &x = saved[0], &W = saved[1];
-    const auto grad = grads[0].reshape({-1, W.size(0)});  // (N, out)
-    torch::Tensor grad_x, grad_W;
-    if (ctx->needs_input_grad(0)) grad_x = grad.matmul(W).reshape(x.sizes()).to(x.scalar_type());
-    if (ctx->needs_input_grad(1)) grad_W = grad.t().matmul(x.reshape({-1, W.size(1)}).to(W.scalar_type()));
-    return {grad_x, grad_W};
-  }
-};
-
-// x W^T + b through LinearFromHalf.
-inline torch::Tensor linear_from_half(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b) {
-  const auto y = LinearFromHalf::apply(x, W);
-  return b.defined() ? y + b : y;
-}
-
 }  // namespace detail
 
 // The deltas attached to one site, in attachment order, each with a name (the DeltaModel's
@@ -359,7 +327,8 @@ class WeightSite {
     return y;
   }
   // One delta's output on x, y0 the frozen layer's: in the delta's precision, returned in y0's.
-  // A low-rank delta on a half-precision x keeps x, not its float32 copy, for backward.
+  // A low-rank delta, or one that takes x as it comes, on a half-precision x keeps x, not its
+  // float32 copy, for backward.
   torch::Tensor output_of(WeightDelta& delta, const torch::Tensor& x, const torch::Tensor& y0) {
     const auto dtype = detail::delta_precision(delta.module(), x);
     if (dtype) {
@@ -368,6 +337,7 @@ class WeightSite {
         const auto down = detail::LinearFromHalf::apply(x, f->A) * f->scale;  // (..., r)
         return torch::matmul(down, f->B.t()).to(y0.scalar_type());
       }
+      if (delta.takes_half_input()) return delta.delta_output(x, weight, bias, y0).to(y0.scalar_type());
     }
     const auto out = detail::in_delta_precision(dtype, x, [&](const torch::Tensor& xs) {
       return delta.delta_output(xs, weight, bias, y0);
