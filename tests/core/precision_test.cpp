@@ -253,32 +253,46 @@ CATCH_TEST_CASE("A float32 delta's first product on a bf16 input keeps the input
   }
 }
 
-// LoRA where it has no single pair of factors (DoRA, dropout while training) on a bf16 Linear:
-// the delta computes in float32 from the bf16 input it keeps, as a pair of factors does, where
-// the site handing it the input's float32 copy kept that copy for the product with A.
-CATCH_TEST_CASE("LoRA with DoRA or dropout on a bf16 Linear keeps its bf16 input", "[precision]") {
+// LoRA where it has no single pair of factors (DoRA, dropout while training), and LoKr, on a
+// bf16 Linear: the delta computes in float32 from the bf16 input it keeps, as a pair of factors
+// does, where the site handing it the input's float32 copy kept that copy for its first product.
+CATCH_TEST_CASE("LoRA with DoRA or dropout, and LoKr, on a bf16 Linear keep their bf16 input", "[precision]") {
   torch::manual_seed(19);
-  const int64_t in = 64, out = 48;
+  // LoKr splits 64 = 8 x 8 and 48 = 6 x 8: W2 first is the cheaper order, as ours on bf16 takes.
+  const int64_t in = 48, out = 64;
   const auto x = torch::randn({4, 32, in}).to(torch::kBFloat16).requires_grad_();
-  // Dropout 0.5 scales what it keeps by 2, exact in bf16 too, so that dropout on x and on its
-  // float32 copy give the same values (the same seed draws the same mask).
-  const std::vector<std::pair<std::string, dt::LoRAOptions>> variants{
-      {"DoRA", dt::LoRAOptions(in, out).r(4).use_dora(true)},
-      {"LoRA with dropout", dt::LoRAOptions(in, out).r(4).dropout(0.5)},
-      {"PiSSA with dropout", dt::LoRAOptions(in, out).r(4).init("pissa").dropout(0.5)}};
-  for (const auto& [variant, options] : variants) {
+  using MakeDelta = std::function<std::shared_ptr<dt::WeightDelta>(dt::FrozenLinearImpl&)>;
+  // Each delta drawn so that it acts. Dropout 0.5 scales what it keeps by 2, exact in bf16 too,
+  // so that dropout on x and on its float32 copy give the same values (the same seed draws the
+  // same mask).
+  auto lora = [](dt::LoRAOptions options) -> MakeDelta {
+    return [options](dt::FrozenLinearImpl& linear) {
+      auto lora = dt::LoRA(options);
+      torch::NoGradGuard no_grad;
+      lora->lora_B.normal_(0, 0.3);
+      if (options.use_dora()) lora->init_magnitude(linear.weight);
+      if (lora->starts_from_weight()) lora->init_from_weight(linear.weight);
+      return lora.ptr();
+    };
+  };
+  const MakeDelta lokr = [&](dt::FrozenLinearImpl&) {
+    auto lokr = dt::LoKr(dt::LoKrOptions(in, out).r(4));
+    torch::NoGradGuard no_grad;
+    lokr->lokr_w1.normal_(0, 0.3);
+    return lokr.ptr();
+  };
+  const std::vector<std::pair<std::string, MakeDelta>> variants{
+      {"DoRA", lora(dt::LoRAOptions(in, out).r(4).use_dora(true))},
+      {"LoRA with dropout", lora(dt::LoRAOptions(in, out).r(4).dropout(0.5))},
+      {"PiSSA with dropout", lora(dt::LoRAOptions(in, out).r(4).init("pissa").dropout(0.5))},
+      {"LoKr", lokr}};
+  for (const auto& [variant, make_delta] : variants) {
     CATCH_INFO(variant);
     dt::FrozenLinear linear(in, out, /*with_bias=*/true);
     dt::set_frozen_dtype(*linear, torch::kBFloat16);
-    auto lora = dt::LoRA(options);
-    {
-      torch::NoGradGuard no_grad;
-      lora->lora_B.normal_(0, 0.3);  // so that it acts
-      if (options.use_dora()) lora->init_magnitude(linear->weight);
-      if (lora->starts_from_weight()) lora->init_from_weight(linear->weight);
-    }
-    linear->deltas.attach("lora", lora.ptr());
-    lora->train();
+    const auto delta = make_delta(*linear);
+    linear->deltas.attach("delta", delta);
+    delta->module().train();
     auto ours = [&] {
       torch::manual_seed(23);  // dropout's mask
       return linear->forward(x);
@@ -287,13 +301,13 @@ CATCH_TEST_CASE("LoRA with DoRA or dropout on a bf16 Linear keeps its bf16 input
     auto autograd = [&] {
       torch::manual_seed(23);
       const auto y0 = torch::nn::functional::linear(x, linear->weight, linear->bias);
-      return y0 + lora->delta_output(x.to(torch::kFloat), linear->weight, linear->bias, y0).to(torch::kBFloat16);
+      return y0 + delta->delta_output(x.to(torch::kFloat), linear->weight, linear->bias, y0).to(torch::kBFloat16);
     };
     const auto y = ours(), y_ref = autograd();
     CATCH_CHECK(y.scalar_type() == torch::kBFloat16);
     CATCH_CHECK(relative(y, y_ref) < 1e-6);  // the same float32 products, rounded alike
     std::vector<torch::Tensor> inputs{x};
-    for (const auto& p : lora->parameters()) inputs.push_back(p);
+    for (const auto& p : delta->module().parameters()) inputs.push_back(p);
     const auto probe = torch::randn_like(y, torch::kFloat);
     const auto g = torch::autograd::grad({(y * probe).sum()}, inputs);
     const auto g_ref = torch::autograd::grad({(y_ref * probe).sum()}, inputs);

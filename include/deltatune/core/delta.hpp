@@ -97,7 +97,7 @@ class WeightDelta : public DeltaModule {
 
   // Whether delta_output takes a half-precision x as it comes and computes in its float32
   // parameters' precision itself, keeping x, not a float32 copy of it, for backward (LoRA, with
-  // DoRA, PiSSA or dropout too). A Linear site hands the others x cast to their precision.
+  // DoRA, PiSSA or dropout too; LoKr). A Linear site hands the others x cast to their precision.
   virtual bool takes_half_input() const { return false; }
 
   // y = x (W0 + dW)^T + (b0 + db): the layer with this delta alone.

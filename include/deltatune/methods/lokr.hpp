@@ -29,6 +29,7 @@
 #include <deltatune/core/error.hpp>
 #include <deltatune/core/memory.hpp>
 #include <deltatune/core/method_table.hpp>
+#include <deltatune/core/precision.hpp>
 #include <deltatune/core/recipe.hpp>
 
 namespace deltatune {
@@ -115,13 +116,16 @@ class LoKrImpl : public torch::nn::Cloneable<LoKrImpl>, public WeightDelta {
     if (is_training() && options.module_dropout() > 0 && torch::rand({1}).item<double>() <= options.module_dropout())
       return torch::zeros(shape, x.options());
     const auto X = x.reshape({-1, b_, d_});
-    const bool w1_first = a_ * b_ * d_ + a_ * d_ * c_ <= b_ * d_ * c_ + a_ * b_ * c_;
-    const auto Y = w1_first ? torch::matmul(torch::matmul(w1(), X), w2().t())   // (M, a, d) then (M, a, c)
-                            : torch::matmul(w1(), torch::matmul(X, w2().t()));  // (M, b, c) then (M, a, c)
+    // The cheaper order; a half-precision x takes W2 first, in a product that keeps x, not the
+    // float32 copy W1's product would keep.
+    const bool w1_first = !is_half(x.scalar_type()) && a_ * b_ * d_ + a_ * d_ * c_ <= b_ * d_ * c_ + a_ * b_ * c_;
+    const auto Y = w1_first ? torch::matmul(torch::matmul(w1(), X), w2().t())  // (M, a, d) then (M, a, c)
+                            : torch::matmul(w1(), detail::product_in_precision_of(X, w2()));  // (M, b, c) then (M, a, c)
     auto y = Y.reshape(shape) * scaling();
-    if (is_training() && options.rank_dropout() > 0) y = y * rank_dropout_mask(x.options());
+    if (is_training() && options.rank_dropout() > 0) y = y * rank_dropout_mask(y.options());
     return y;
   }
+  bool takes_half_input() const override { return true; }
 
   void pretty_print(std::ostream& stream) const override {
     stream << "deltatune::LoKr(in_features=" << options.in_features() << ", out_features=" << options.out_features()
