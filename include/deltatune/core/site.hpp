@@ -123,6 +123,17 @@ struct GatheredLowRank {
   }
 };
 
+// f(x) = act(x D^T + d) U^T + u in the factors' precision, x kept as it comes for backward
+// (through LinearFromHalf where it is half precision and they are not).
+inline torch::Tensor bottleneck_output(const BottleneckFactors& f, const torch::Tensor& x) {
+  namespace F = torch::nn::functional;
+  const auto& D = f.down_weight;
+  const auto down = is_half(x.scalar_type()) && x.scalar_type() != D.scalar_type()
+                        ? linear_from_half(x, D, f.down_bias)
+                        : F::linear(x.to(D.scalar_type()), D, f.down_bias);
+  return F::linear(f.activation(down), f.up_weight, f.up_bias);
+}
+
 // h plus f_k(x_i) on each row i of x (B, ..., d) that bottleneck adapter k takes, for adapters
 // of one nonlinearity, in two batched products: bottlenecks zero-padded to the largest (a zero
 // unit adds nothing, act(0) = 0) and gathered per row. One adapter alone takes plain products.
@@ -135,11 +146,8 @@ inline torch::Tensor add_gathered_bottlenecks(const torch::Tensor& x, const torc
     ups.push_back(f.up_weight), up_biases.push_back(f.up_bias), rows.push_back(delta_rows);
   }
   const GatheredRows gathered(rows, x.size(0));
+  if (deltas.size() == 1) return gathered.add(h, bottleneck_output(deltas.front().first, gathered.input(x)));
   const auto xs = gathered.input(x).to(downs[0].scalar_type());  // (n, L, d), in the adapters' precision
-  if (deltas.size() == 1) {
-    namespace F = torch::nn::functional;
-    return gathered.add(h, F::linear(act(F::linear(xs, downs[0], down_biases[0])), ups[0], up_biases[0]));
-  }
   const auto down = torch::baddbmm(gathered.per_row(down_biases, 0).unsqueeze(1), xs,
                                    gathered.per_row(downs, 0).transpose(1, 2));  // (n, L, m)
   return gathered.add(h, torch::baddbmm(gathered.per_row(up_biases, 0).unsqueeze(1), act(down),
@@ -499,8 +507,7 @@ class OutputSite {
       const detail::AutocastOff off;  // as in in_delta_precision
       if (const auto f = delta.bottleneck_factors()) {
         const auto x = f->reads_normed ? ActivationDelta::end_sublayer(h, residual, layer_norm) : h;
-        const auto down = f->activation(detail::linear_from_half(x, f->down_weight, f->down_bias));
-        const auto out = torch::nn::functional::linear(down, f->up_weight, f->up_bias);  // float32
+        const auto out = detail::bottleneck_output(*f, x);  // float32
         return ActivationDelta::end_sublayer(h + out, residual.to(out.scalar_type()), layer_norm).to(h.scalar_type());
       }
     }
