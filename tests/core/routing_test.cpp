@@ -211,55 +211,61 @@ CATCH_TEST_CASE("On a bf16 backbone a routed batch gives each row the output of 
   }
 }
 
+// Float32 and bf16 backbones (float32 deltas); in bf16 the rows' products, in batches of other
+// sizes, round otherwise (here up to 1.3% of a gradient's size).
 CATCH_TEST_CASE("In training, a routed batch sends each delta the gradients of its own rows only", "[routing]") {
-  for (auto& backbone : backbones()) {
-    CATCH_SECTION(backbone.name) {
-      dt::DeltaModel model(backbone.module);
-      add_deltas(model);
-      model.add("unused", dt::LoRAOptions().r(2));  // active, but no row names it
-      backbone.module->train();
-      const auto parameters = model.trainable_parameters();  // the deltas' and the adapters' layer norms
-      auto clear_grads = [&] {
-        for (auto p : parameters) p.mutable_grad() = torch::Tensor();
-      };
-      auto grads = [&] {
-        std::vector<torch::Tensor> out;
-        for (const auto& p : parameters) out.push_back(p.grad().defined() ? p.grad().clone() : torch::zeros_like(p));
-        return out;
-      };
-      torch::manual_seed(5);
-      const auto weights = torch::randn_like(backbone.run(all_rows())).detach();
+  for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+    for (auto& backbone : backbones()) {
+      CATCH_SECTION(backbone.name + " " + c10::toString(dtype)) {
+        dt::set_frozen_dtype(*backbone.module, dtype);
+        dt::DeltaModel model(backbone.module);
+        add_deltas(model);
+        model.add("unused", dt::LoRAOptions().r(2));  // active, but no row names it
+        backbone.module->train();
+        const auto parameters = model.trainable_parameters();  // the deltas' and the adapters' layer norms
+        auto clear_grads = [&] {
+          for (auto p : parameters) p.mutable_grad() = torch::Tensor();
+        };
+        auto grads = [&] {
+          std::vector<torch::Tensor> out;
+          for (const auto& p : parameters) out.push_back(p.grad().defined() ? p.grad().clone() : torch::zeros_like(p));
+          return out;
+        };
+        torch::manual_seed(5);
+        const auto weights = torch::randn_like(backbone.run(all_rows()), torch::kFloat).detach();
 
-      clear_grads();
-      {
-        auto routing = model.route(kRouting);
-        (backbone.run(all_rows()) * weights).sum().backward();
-      }
-      const auto routed = grads();
-      for (auto& [key, p] : model.named_delta_parameters("unused")) CATCH_CHECK(!p.grad().defined());
+        clear_grads();
+        {
+          auto routing = model.route(kRouting);
+          (backbone.run(all_rows()) * weights).sum().backward();
+        }
+        const auto routed = grads();
+        for (auto& [key, p] : model.named_delta_parameters("unused")) CATCH_CHECK(!p.grad().defined());
 
-      // The same loss as a sum over each delta's rows run alone with only that delta active.
-      model.deactivate("unused");
-      clear_grads();
-      auto loss = torch::zeros({});
-      for (const auto& name : {"", "lora_a", "lora_b", "adapter_a", "adapter_b", "ia3", "prompt"}) {
-        activate_only(model, name);
-        const auto rows = rows_of(kRouting, name);
-        loss = loss + (backbone.run(rows) * weights.index_select(0, rows)).sum();
+        // The same loss as a sum over each delta's rows run alone with only that delta active.
+        model.deactivate("unused");
+        clear_grads();
+        auto loss = torch::zeros({});
+        for (const auto& name : {"", "lora_a", "lora_b", "adapter_a", "adapter_b", "ia3", "prompt"}) {
+          activate_only(model, name);
+          const auto rows = rows_of(kRouting, name);
+          loss = loss + (backbone.run(rows) * weights.index_select(0, rows)).sum();
+        }
+        loss.backward();
+        const auto alone = grads();
+        // Relative to each gradient's size: sums over different batch splits.
+        double worst = 0, smallest_delta_grad = 1e9;
+        for (size_t i = 0; i < parameters.size(); ++i)
+          worst = std::max(worst,
+                           max_difference(routed[i], alone[i]) / std::max(1.0, alone[i].abs().max().item<double>()));
+        for (const auto& name : kDeltas)
+          for (auto& [key, p] : model.named_delta_parameters(name))
+            smallest_delta_grad = std::min(smallest_delta_grad, p.grad().abs().max().item<double>());
+        CATCH_INFO(backbone.name << ": largest relative gradient difference " << worst << ", smallest delta gradient "
+                                 << smallest_delta_grad);
+        CATCH_CHECK(worst < (dtype == torch::kFloat ? 1e-5 : 5e-2));
+        CATCH_CHECK(smallest_delta_grad > 1e-6);  // every routed delta learns from its rows
       }
-      loss.backward();
-      const auto alone = grads();
-      // Relative to each gradient's size: float32 sums over different batch splits.
-      double worst = 0, smallest_delta_grad = 1e9;
-      for (size_t i = 0; i < parameters.size(); ++i)
-        worst = std::max(worst, max_difference(routed[i], alone[i]) / std::max(1.0, alone[i].abs().max().item<double>()));
-      for (const auto& name : kDeltas)
-        for (auto& [key, p] : model.named_delta_parameters(name))
-          smallest_delta_grad = std::min(smallest_delta_grad, p.grad().abs().max().item<double>());
-      CATCH_INFO(backbone.name << ": largest relative gradient difference " << worst << ", smallest delta gradient "
-                               << smallest_delta_grad);
-      CATCH_CHECK(worst < 1e-5);
-      CATCH_CHECK(smallest_delta_grad > 1e-6);  // every routed delta learns from its rows
     }
   }
 }
