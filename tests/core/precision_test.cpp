@@ -340,8 +340,8 @@ CATCH_TEST_CASE("DoRA's magnitude gradient keeps no output-sized product", "[pre
   auto ours = [&] { return lora->delta_output(x, W, torch::Tensor(), y0); };
   // peft's arrangement: g times the (..., out) product.
   auto scaled_product = [&] {
-    const auto g = lora->lora_magnitude_vector /
-                   torch::linalg_vector_norm(W + torch::mm(lora->lora_B, lora->lora_A).detach() * lora->scaling(), 2, {1});
+    const auto norm = torch::linalg_vector_norm(W + torch::mm(lora->lora_B, lora->lora_A) * lora->scaling(), 2, {1});
+    const auto g = lora->lora_magnitude_vector / norm.detach();
     const auto low_rank = torch::matmul(torch::matmul(x, lora->lora_A.t()) * lora->scaling(), lora->lora_B.t());
     return (g - 1) * y0 + g * low_rank;
   };

@@ -93,12 +93,12 @@ inline torch::Tensor at_precision_of(const torch::Tensor& x, const torch::Tensor
 }
 
 // x W^T for a half-precision x and a float32 W, in float32, as site.hpp's in_delta_precision
-// computes it, keeping x in its own precision for backward: autograd would keep the float32
-// copy of x that the product takes, for W's gradient, twice x's bytes at every delta that
-// starts with a product (LoRA's A, an adapter's down projection). The copy is made again in backward, exactly:
-// widening a half-precision value rounds nothing. Under autocast too the product is float32,
-// as backward takes it. (A bias is added outside: an undefined tensor cannot be an autograd
-// Function's input.)
+// computes it, keeping x in its own precision for backward: autograd would keep the float32 copy
+// of x that the product takes, for W's gradient, twice x's bytes at every delta that starts with
+// a product (LoRA's A, an adapter's down projection). The copy is made again in backward,
+// exactly: widening a half-precision value rounds nothing. Under autocast too the product is
+// float32, as backward takes it. (A bias is added outside: an undefined tensor cannot be an
+// autograd Function's input.)
 struct LinearFromHalf : torch::autograd::Function<LinearFromHalf> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& W) {
     ctx->save_for_backward({x, W});
