@@ -15,6 +15,8 @@
 #include <string>
 #include <utility>
 
+#include <deltatune/core/precision.hpp>
+
 namespace deltatune {
 
 enum class DeltaFamily {
@@ -59,6 +61,12 @@ class DeltaModule {
 struct LowRankFactors {
   torch::Tensor A, B;
   double scale = 1.0;
+
+  // scale x A^T B^T, (..., r) then (..., out), in the factors' precision whatever x's (a
+  // half-precision x kept as it is for backward, precision.hpp).
+  torch::Tensor output(const torch::Tensor& x) const {
+    return torch::matmul(detail::linear_in_precision_of(x, A) * scale, B.t());
+  }
 };
 
 // Acts on a frozen Linear y = x W0^T + b0, W0 (out, in), through its weight and bias.

@@ -124,12 +124,12 @@ inline torch::Tensor linear_from_half(const torch::Tensor& x, const torch::Tenso
   return b.defined() ? y + b : y;
 }
 
-// x W^T in W's precision for a delta that takes its input as it comes (WeightDelta::
-// takes_half_input): through LinearFromHalf where x is half precision and W is not, a plain
-// product otherwise.
-inline torch::Tensor product_in_precision_of(const torch::Tensor& x, const torch::Tensor& W) {
-  if (is_half(x.scalar_type()) && x.scalar_type() != W.scalar_type()) return LinearFromHalf::apply(x, W);
-  return torch::matmul(x, W.t());
+// x W^T + b in W's precision for a delta that takes its input as it comes (WeightDelta::
+// takes_half_input, a bottleneck adapter): through LinearFromHalf where x is half precision and
+// W is not, keeping x rather than its float32 copy; x cast to W's dtype otherwise.
+inline torch::Tensor linear_in_precision_of(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b = {}) {
+  if (is_half(x.scalar_type()) && x.scalar_type() != W.scalar_type()) return linear_from_half(x, W, b);
+  return torch::nn::functional::linear(x.to(W.scalar_type()), W, b);
 }
 
 // The dtype a delta computes in when activation `x` reaches it: its parameters' where x is

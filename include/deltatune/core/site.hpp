@@ -126,12 +126,8 @@ struct GatheredLowRank {
 // f(x) = act(x D^T + d) U^T + u in the factors' precision, x kept as it comes for backward
 // (through LinearFromHalf where it is half precision and they are not).
 inline torch::Tensor bottleneck_output(const BottleneckFactors& f, const torch::Tensor& x) {
-  namespace F = torch::nn::functional;
-  const auto& D = f.down_weight;
-  const auto down = is_half(x.scalar_type()) && x.scalar_type() != D.scalar_type()
-                        ? linear_from_half(x, D, f.down_bias)
-                        : F::linear(x.to(D.scalar_type()), D, f.down_bias);
-  return F::linear(f.activation(down), f.up_weight, f.up_bias);
+  const auto down = f.activation(linear_in_precision_of(x, f.down_weight, f.down_bias));
+  return torch::nn::functional::linear(down, f.up_weight, f.up_bias);
 }
 
 // h plus f_k(x_i) on each row i of x (B, ..., d) that bottleneck adapter k takes, for adapters
@@ -341,10 +337,7 @@ class WeightSite {
     const auto dtype = detail::delta_precision(delta.module(), x);
     if (dtype) {
       const detail::AutocastOff off;  // as in in_delta_precision
-      if (const auto f = delta.low_rank_factors()) {
-        const auto down = detail::LinearFromHalf::apply(x, f->A) * f->scale;  // (..., r)
-        return torch::matmul(down, f->B.t()).to(y0.scalar_type());
-      }
+      if (const auto f = delta.low_rank_factors()) return f->output(x).to(y0.scalar_type());
       if (delta.takes_half_input()) return delta.delta_output(x, weight, bias, y0).to(y0.scalar_type());
     }
     const auto out = detail::in_delta_precision(dtype, x, [&](const torch::Tensor& xs) {

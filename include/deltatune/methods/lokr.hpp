@@ -119,8 +119,8 @@ class LoKrImpl : public torch::nn::Cloneable<LoKrImpl>, public WeightDelta {
     // The cheaper order; a half-precision x takes W2 first, in a product that keeps x, not the
     // float32 copy W1's product would keep.
     const bool w1_first = !is_half(x.scalar_type()) && a_ * b_ * d_ + a_ * d_ * c_ <= b_ * d_ * c_ + a_ * b_ * c_;
-    const auto Y = w1_first ? torch::matmul(torch::matmul(w1(), X), w2().t())                  // (M, a, d), (M, a, c)
-                            : torch::matmul(w1(), detail::product_in_precision_of(X, w2()));  // (M, b, c), (M, a, c)
+    const auto Y = w1_first ? torch::matmul(torch::matmul(w1(), X), w2().t())                // (M, a, d), (M, a, c)
+                            : torch::matmul(w1(), detail::linear_in_precision_of(X, w2()));  // (M, b, c), (M, a, c)
     auto y = Y.reshape(shape) * scaling();
     if (is_training() && options.rank_dropout() > 0) y = y * rank_dropout_mask(y.options());
     return y;

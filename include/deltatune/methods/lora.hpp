@@ -155,17 +155,18 @@ class LoRAImpl : public torch::nn::Cloneable<LoRAImpl>, public WeightDelta {
                              const torch::Tensor& base_output) override {
     const bool dropping = options.dropout() > 0 && is_training();
     auto h = detail::path_dropout(x, options.dropout(), dropping);
-    if (starts_from_weight()) return low_rank_output(h, lora_A, lora_B) - low_rank_output(x, lora_A_init, lora_B_init);
-    if (!options.use_dora()) return low_rank_output(h, lora_A, lora_B);
+    const LowRankFactors low_rank{lora_A, lora_B, scaling()};
+    if (starts_from_weight()) return low_rank.output(h) - LowRankFactors{lora_A_init, lora_B_init, scaling()}.output(x);
+    if (!options.use_dora()) return low_rank.output(h);
     auto g = lora_magnitude_vector / dora_norm(base_weight);
     // The frozen weight meets h in h's precision (precision.hpp's at_precision_of).
     auto base = dropping ? torch::nn::functional::linear(h, detail::at_precision_of(h, base_weight))
                          : (base_bias.defined() ? base_output - base_bias : base_output);
     // g (s B A h) as s (g B) A h: g's gradient then keeps the (..., r) product, not the (..., out) one.
-    return (g - 1) * base + low_rank_output(h, lora_A, g.unsqueeze(1) * lora_B);
+    return (g - 1) * base + LowRankFactors{lora_A, g.unsqueeze(1) * lora_B, scaling()}.output(h);
   }
-  // x on a half-precision backbone as it comes: low_rank_output's first product keeps it, not a
-  // float32 copy.
+  // x on a half-precision backbone as it comes: LowRankFactors::output's first product keeps it,
+  // not a float32 copy.
   bool takes_half_input() const override { return true; }
 
   // s B A as one pair; PiSSA / OLoRA: s (B A - B0 A0) = [s B, -s B0] [A; A0], of rank 2r.
@@ -191,10 +192,6 @@ class LoRAImpl : public torch::nn::Cloneable<LoRAImpl>, public WeightDelta {
   bool starts_from_weight() const { return options.init() != "lora"; }
 
  private:
-  // s B A x, (..., r) then (..., out), in the factors' precision whatever x's (precision.hpp).
-  torch::Tensor low_rank_output(const torch::Tensor& x, const torch::Tensor& A, const torch::Tensor& B) const {
-    return torch::matmul(detail::product_in_precision_of(x, A) * scaling(), B.t());
-  }
   // ||W0 + s B A|| per output row, detached (see the header comment).
   torch::Tensor dora_norm(const torch::Tensor& base_weight) {
     torch::NoGradGuard no_grad;
