@@ -1,4 +1,4 @@
-// Tests of backbones/dropout.hpp: each one-byte-mask operation against the same operations
+// Tests of backbones/dropout.hpp and core/dropout_mask.hpp: each one-byte-mask operation against the same operations
 // composed from torch's with autograd, applying the mask keep_mask draws from the same seed;
 // keep_mask's draws; and the backbones' lean_dropout option, per model.
 #include <deltatune/backbones/bert.hpp>

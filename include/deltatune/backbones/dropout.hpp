@@ -6,122 +6,13 @@
 
 #include <torch/torch.h>
 
-#include <ATen/CPUGeneratorImpl.h>
-#include <ATen/Parallel.h>
-
 #include <cmath>
-#include <cstdint>
 #include <limits>
-#include <mutex>
 #include <optional>
 
+#include <deltatune/core/dropout_mask.hpp>
+
 namespace deltatune::detail {
-
-// SplitMix64's output function (Steele, Lea and Flood, "Fast splittable pseudorandom number
-// generators", 2014): a bijective mix of a 64-bit counter whose outputs on consecutive
-// counters pass BigCrush.
-inline uint64_t splitmix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
-
-// One 64-bit draw from the global CPU generator: what manual_seed sets and a training state
-// saves, so that masks follow the seed and a resumed run draws what an uninterrupted one would.
-inline uint64_t draw_from_default_generator() {
-  auto generator = at::detail::getDefaultCPUGenerator();
-  const std::lock_guard<std::mutex> lock(generator.mutex());
-  return at::check_generator<at::CPUGeneratorImpl>(generator)->random64();
-}
-
-// One draw of dropout's mask, contiguous, of like's shape: true, with probability 1 - p, where
-// an element is kept. torch's CPU bernoulli_ draws each element from one Mersenne Twister
-// under a lock, one thread at a time, which took a quarter of a T5 training step here. This
-// draws one seed from the global generator and gives element pair i the two 32-bit halves of
-// SplitMix64's output i of that seed's stream: independent draws, which at::parallel_for
-// splits over threads where the program is built with OpenMP, the same whatever the count.
-// An element is kept when its 32 bits fall below (1 - p) 2^32 (torch's float uniform
-// resolves 2^-24).
-inline torch::Tensor keep_mask(const torch::Tensor& like, double p) {
-  TORCH_CHECK(like.device().is_cpu(), "keep_mask draws masks on the CPU");
-  auto kept = torch::empty(like.sizes(), torch::TensorOptions().dtype(torch::kBool));
-  const uint64_t seed = draw_from_default_generator();
-  const auto threshold = static_cast<uint64_t>(std::llround((1.0 - p) * 4294967296.0));
-  bool* out = kept.data_ptr<bool>();
-  const int64_t n = kept.numel();
-  at::parallel_for(0, (n + 1) / 2, 8192, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const uint64_t bits = splitmix64(seed + static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ULL);
-      out[2 * i] = (bits & 0xFFFFFFFFULL) < threshold;
-      if (2 * i + 1 < n) out[2 * i + 1] = (bits >> 32) < threshold;
-    }
-  });
-  return kept;
-}
-
-// out[0:len] = x * (scale * kept), in float; bfloat16 widened (its bits shifted up) and rounded
-// back to nearest even as c10's conversion does (a NaN to 0x7FC0). Written for GCC's -O2
-// vectoriser, as kron_sum_cpu.hpp's loops are: called on fixed-width blocks, __restrict
-// operands, bit casts it can vectorise (std::memcpy's it does not), no branch.
-inline void scale_kept(const float* __restrict x, const uint8_t* __restrict kept, float* __restrict out, float scale,
-                       int64_t len) {
-  for (int64_t j = 0; j < len; ++j) out[j] = x[j] * (scale * float(kept[j]));
-}
-inline void scale_kept(const uint16_t* __restrict x, const uint8_t* __restrict kept, uint16_t* __restrict out,
-                       float scale, int64_t len) {
-  for (int64_t j = 0; j < len; ++j) {
-    const float y = __builtin_bit_cast(float, uint32_t(x[j]) << 16) * (scale * float(kept[j]));
-    const uint32_t u = __builtin_bit_cast(uint32_t, y), rounded = (u + ((u >> 16) & 1u) + 0x7FFFu) >> 16;
-    out[j] = uint16_t((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
-  }
-}
-
-// x / (1 - p) where kept, 0 elsewhere: x times the mask's 0 or 1 / (1 - p), as torch's dropout
-// (so a dropped infinity is NaN there too). For float32 and bfloat16 on the CPU one vectorised
-// pass that reads the bool mask as it is: at::where takes ten times as long, in a scalar loop,
-// after x * scale made a tensor of x's size, and torch's dropout first copies the mask to x's
-// dtype. Other dtypes (float64 in the exact tests, float16) take at::where.
-inline torch::Tensor apply_mask(const torch::Tensor& x, const torch::Tensor& kept, double p) {
-  const auto dtype = x.scalar_type();
-  if (!x.device().is_cpu() || (dtype != torch::kFloat && dtype != torch::kBFloat16) || kept.sizes() != x.sizes() ||
-      !kept.is_contiguous())
-    return at::where(kept, x * (1.0 / (1.0 - p)), 0);
-  const auto in = x.contiguous();
-  auto out = torch::empty_like(in);
-  const auto scale = static_cast<float>(1.0 / (1.0 - p));
-  const auto* mask = reinterpret_cast<const uint8_t*>(kept.data_ptr<bool>());
-  auto run = [&](const auto* from, auto* to) {
-    constexpr int64_t kBlock = 32;  // elements a vectorised call takes
-    at::parallel_for(0, in.numel(), 32768, [&](int64_t begin, int64_t end) {
-      int64_t i = begin;
-      for (; i + kBlock <= end; i += kBlock) scale_kept(from + i, mask + i, to + i, scale, kBlock);
-      scale_kept(from + i, mask + i, to + i, scale, end - i);
-    });
-  };
-  if (dtype == torch::kFloat) {
-    run(in.data_ptr<float>(), out.data_ptr<float>());
-  } else {
-    run(reinterpret_cast<const uint16_t*>(in.data_ptr<at::BFloat16>()),
-        reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
-  }
-  return out;
-}
-
-// x masked as kept, keeping only the bool mask for backward; for dropout(relu(h)), kept is
-// also false where h is not positive.
-struct MaskFunction : torch::autograd::Function<MaskFunction> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
-                               const torch::Tensor& kept, double p) {
-    ctx->save_for_backward({kept});
-    ctx->saved_data["p"] = p;
-    return apply_mask(x, kept, p);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    return {apply_mask(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["p"].toDouble()), {}, {}};
-  }
-};
 
 // dropout(x) as torch's; `lean` keeps the one-byte mask (the backbone config's lean_dropout).
 // Off the CPU torch's own dropout already keeps a bool mask, in one kernel.
