@@ -112,6 +112,77 @@ CATCH_TEST_CASE("weight deltas: shapes, identity at init, merge, unmerge, gradie
   }
 }
 
+// A weight delta's dropout while training (peft's lora_dropout, vera_dropout) in float64, against
+// peft's formulas on x dropped out with the mask the delta draws (the same seed): LoRA s B A x_d,
+// PiSSA s B A x_d - s B0 A0 x, DoRA (g - 1) W0 x_d + g s B A x_d with g = m / ||W0 + s B A||
+// (one mask for both terms), VeRA b * (B (d * (A x_d))); none of it in eval().
+CATCH_TEST_CASE("a weight delta's dropout drops its input once, with peft's formulas", "[methods][lora][vera]") {
+  torch::manual_seed(41);
+  const int64_t in = 12, out = 10;
+  const double p = 0.25;
+  const auto x = torch::randn({3, 5, in}, torch::kDouble);
+  const auto W0 = torch::randn({out, in}, torch::kDouble);
+  const auto y0 = torch::nn::functional::linear(x, W0);
+  auto dropped = [&] {
+    torch::manual_seed(43);
+    return x * dt::detail::dropout_mask(x, p).to(torch::kDouble) / (1 - p);
+  };
+  auto product = [](const torch::Tensor& t, const torch::Tensor& A, const torch::Tensor& B) {
+    return t.matmul(A.t()).matmul(B.t());
+  };
+  auto lora = [&](dt::LoRAOptions options) {
+    auto lora = dt::LoRA(options.dropout(p));
+    lora->to(torch::kDouble);
+    perturb(*lora);
+    if (lora->starts_from_weight()) lora->init_from_weight(W0);
+    if (options.use_dora()) {
+      lora->init_magnitude(W0);
+      torch::NoGradGuard no_grad;
+      lora->lora_magnitude_vector.mul_(1.5);
+    }
+    return lora;
+  };
+  auto vera = dt::VeRA(dt::VeRAOptions(in, out).r(4).dropout(p), dt::VeRAProjection(4, in, out, 0));
+  vera->to(torch::kDouble);
+  vera->projection->to(torch::kDouble);  // shared by a delta's layers, not one layer's submodule
+  perturb(*vera);
+  auto plain = lora(dt::LoRAOptions(in, out).r(3)), pissa = lora(dt::LoRAOptions(in, out).r(3).init("pissa")),
+             dora = lora(dt::LoRAOptions(in, out).r(3).use_dora(true));
+  const double s = plain->scaling();
+  const auto dora_BA = s * dora->lora_B.mm(dora->lora_A);
+  const auto g = dora->lora_magnitude_vector / (W0 + dora_BA).norm(2, 1);
+  const std::vector<std::tuple<std::string, dt::WeightDelta*, std::function<torch::Tensor()>>> cases{
+      {"LoRA", plain.get(), [&] { return s * product(dropped(), plain->lora_A, plain->lora_B); }},
+      {"PiSSA", pissa.get(),
+       [&] {
+         return s *
+                (product(dropped(), pissa->lora_A, pissa->lora_B) - product(x, pissa->lora_A_init, pissa->lora_B_init));
+       }},
+      {"DoRA", dora.get(),
+       [&] {
+         const auto x_d = dropped();
+         return (g - 1) * x_d.matmul(W0.t()) + g * s * product(x_d, dora->lora_A, dora->lora_B);
+       }},
+      {"VeRA", vera.get(), [&] {
+         return vera->vera_lambda_b *
+                (vera->vera_lambda_d * dropped().matmul(vera->projection->vera_A.t())).matmul(vera->projection->vera_B.t());
+       }}};
+  for (const auto& [name, delta, reference] : cases) {
+    CATCH_INFO(name);
+    torch::NoGradGuard no_grad;
+    delta->module().train();
+    torch::manual_seed(43);
+    const auto y = delta->delta_output(x, W0, torch::Tensor(), y0);
+    const auto y_ref = reference();
+    CATCH_INFO(describe_difference(y, y_ref));
+    CATCH_CHECK(close(y, y_ref, dt::testing::tolerance_for(torch::kFloat64)));
+    delta->module().eval();
+    const auto evaluated = delta->delta_output(x, W0, torch::Tensor(), y0);
+    CATCH_CHECK(torch::equal(evaluated, delta->delta_output(x, W0, torch::Tensor(), y0)));
+    CATCH_CHECK_FALSE(torch::allclose(evaluated, y, 1e-3, 1e-3));  // the mask dropped something
+  }
+}
+
 CATCH_TEST_CASE("BitFit adds zero biases where the backbone has none, and merges into a bias the layer gains",
                 "[methods][bitfit]") {
   dt::FrozenLinear base(6, 4, /*with_bias=*/false);

@@ -63,9 +63,9 @@ struct LowRankFactors {
   double scale = 1.0;
 
   // scale x A^T B^T, (..., r) then (..., out), in the factors' precision whatever x's (a
-  // half-precision x kept as it is for backward, precision.hpp).
-  torch::Tensor output(const torch::Tensor& x) const {
-    return torch::matmul(detail::linear_in_precision_of(x, A) * scale, B.t());
+  // half-precision x kept as it is for backward, precision.hpp), with the delta's dropout on x if any.
+  torch::Tensor output(const torch::Tensor& x, const detail::InputDropout& dropout = {}) const {
+    return torch::matmul(detail::linear_in_precision_of(x, A, {}, dropout) * scale, B.t());
   }
 };
 
@@ -116,17 +116,6 @@ class WeightDelta : public DeltaModule {
     return y0 + delta_output(x, base_weight, base_bias, y0);
   }
 };
-
-namespace detail {
-
-// A weight delta's own path's input: x with dropout p while training (LoRA's lora_dropout,
-// VeRA's vera_dropout), x itself otherwise.
-inline torch::Tensor path_dropout(const torch::Tensor& x, double p, bool training) {
-  if (p <= 0 || !training) return x;
-  return torch::nn::functional::dropout(x, torch::nn::functional::DropoutFuncOptions().p(p).training(true));
-}
-
-}  // namespace detail
 
 // How a sublayer ends once its body produced h: the backbone's layer norm over h + residual
 // (BERT, post-norm), or h + residual alone when there is none (T5, pre-norm).

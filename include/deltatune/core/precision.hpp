@@ -7,7 +7,7 @@
 // - a delta computes in its parameters' float32, its input cast up and its output cast back
 //   (peft's autocast_adapter_dtype keeps adapters in float32 the same way); where its first
 //   step is a product, backward keeps the half-precision input, not the float32 copy
-//   (LinearFromHalf below).
+//   (LinearKeepingInput below).
 // The numerically sensitive steps stay float32 where transformers keeps them: layer norm
 // statistics, softmax accumulation, the loss.
 #pragma once
@@ -17,6 +17,7 @@
 
 #include <optional>
 
+#include <deltatune/core/dropout_mask.hpp>
 #include <deltatune/core/error.hpp>
 
 namespace deltatune {
@@ -92,44 +93,85 @@ inline torch::Tensor at_precision_of(const torch::Tensor& x, const torch::Tensor
   return t.to(x.scalar_type());
 }
 
-// x W^T for a half-precision x and a float32 W, in float32, as site.hpp's in_delta_precision
-// computes it, keeping x in its own precision for backward: autograd would keep the float32 copy
-// of x that the product takes, for W's gradient, twice x's bytes at every delta that starts with
-// a product (LoRA's A, an adapter's down projection). The copy is made again in backward,
-// exactly: widening a half-precision value rounds nothing. Under autocast too the product is
-// float32, as backward takes it. (A bias is added outside: an undefined tensor cannot be an
-// autograd Function's input.)
-struct LinearFromHalf : torch::autograd::Function<LinearFromHalf> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& W) {
-    ctx->save_for_backward({x, W});
+// A weight delta's dropout on its own input (LoRA's lora_dropout, VeRA's vera_dropout): where
+// it keeps an element (dropout_mask.hpp) and its probability p; none where `kept` is undefined.
+struct InputDropout {
+  torch::Tensor kept;
+  double p = 0.0;
+
+  // Drawn for x while training with p > 0; none otherwise.
+  static InputDropout draw(const torch::Tensor& x, double p, bool training) {
+    if (!training || p <= 0) return {};
+    return {dropout_mask(x, p), p};
+  }
+  bool defined() const { return kept.defined(); }
+};
+
+// x W^T in W's precision, keeping x as it comes for backward, not its copy in W's precision:
+// for a half-precision x and a float32 W autograd would keep the float32 copy the product
+// takes, for W's gradient, twice x's bytes at every delta that starts with a product (LoRA's
+// A, an adapter's down projection). Backward makes the copy again, exactly: widening rounds
+// nothing. With a dropout mask it computes dropout(x) W^T: the kept elements of the copy scaled
+// by 1 / (1 - p) in W's precision, as on a float32 backbone, and backward keeps the one-byte
+// mask where torch's dropout keeps float noise and the dropped input. W is (out, in) for x
+// (..., in), or one matrix a row, (n, out, in) for x (n, L, in) (a mixed batch's gathered
+// deltas). Under autocast too the product is in W's precision, as backward takes it. (A bias
+// is added outside, where autograd sums its gradient.)
+struct LinearKeepingInput : torch::autograd::Function<LinearKeepingInput> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& W,
+                               const std::optional<torch::Tensor>& kept, double p) {
+    ctx->save_for_backward({x, W, kept.value_or(torch::Tensor())});
+    ctx->saved_data["p"] = p;
     const AutocastOff off;
-    return torch::matmul(x.to(W.scalar_type()), W.t());
+    return product(input(x, W, kept.value_or(torch::Tensor()), p), W);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto &x = saved[0], &W = saved[1];
-    const auto grad = grads[0].reshape({-1, W.size(0)});  // (N, out)
+    const auto &x = saved[0], &W = saved[1], &kept = saved[2];
+    const double p = ctx->saved_data["p"].toDouble();
+    const auto& grad = grads[0];  // (..., out) or (n, L, out)
     torch::Tensor grad_x, grad_W;
-    if (ctx->needs_input_grad(0)) grad_x = grad.matmul(W).reshape(x.sizes()).to(x.scalar_type());
-    if (ctx->needs_input_grad(1)) grad_W = grad.t().matmul(x.reshape({-1, W.size(1)}).to(W.scalar_type()));
-    return {grad_x, grad_W};
+    if (ctx->needs_input_grad(0)) {
+      grad_x = grad.matmul(W);
+      grad_x = (kept.defined() ? apply_mask(grad_x, kept, p) : grad_x).to(x.scalar_type());
+    }
+    if (ctx->needs_input_grad(1)) {
+      const auto input_W = input(x, W, kept, p);
+      grad_W = W.dim() == 3 ? torch::bmm(grad.transpose(1, 2), input_W)
+                            : grad.reshape({-1, W.size(0)}).t().mm(input_W.reshape({-1, W.size(1)}));
+    }
+    return {grad_x, grad_W, {}, {}};
+  }
+
+  // x in W's precision, dropped out where a mask is given.
+  static torch::Tensor input(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& kept, double p) {
+    const auto xs = x.to(W.scalar_type());
+    return kept.defined() ? apply_mask(xs, kept, p) : xs;
+  }
+  // x W^T for W (out, in), or row by row for W (n, out, in).
+  static torch::Tensor product(const torch::Tensor& x, const torch::Tensor& W) {
+    return W.dim() == 3 ? torch::bmm(x, W.transpose(1, 2)) : torch::matmul(x, W.t());
   }
 };
 
-// x W^T + b through LinearFromHalf.
-inline torch::Tensor linear_from_half(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b) {
-  const auto y = LinearFromHalf::apply(x, W);
-  return b.defined() ? y + b : y;
-}
-
 // x W^T + b in W's precision for a delta that takes its input as it comes (WeightDelta::
-// takes_half_input, a bottleneck adapter): through LinearFromHalf where x is half precision and
-// W is not, keeping x rather than its float32 copy; x cast to W's dtype otherwise.
-inline torch::Tensor linear_in_precision_of(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b = {}) {
-  if (is_half(x.scalar_type()) && x.scalar_type() != W.scalar_type()) return linear_from_half(x, W, b);
-  return torch::nn::functional::linear(x.to(W.scalar_type()), W, b);
+// takes_half_input, a bottleneck adapter), with its dropout on x if any: through
+// LinearKeepingInput where x is half precision and W is not, or where there is dropout;
+// x cast to W's dtype otherwise. W (out, in) and b (out), or one a row: (n, out, in) and (n, out)
+// for x (n, L, in).
+inline torch::Tensor linear_in_precision_of(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& b = {},
+                                            const InputDropout& dropout = {}) {
+  const bool batched = W.dim() == 3;
+  if (dropout.defined() || (is_half(x.scalar_type()) && x.scalar_type() != W.scalar_type())) {
+    const auto kept = dropout.defined() ? std::optional(dropout.kept) : std::nullopt;
+    const auto y = LinearKeepingInput::apply(x, W, kept, dropout.p);
+    return !b.defined() ? y : y + (batched ? b.unsqueeze(1) : b);
+  }
+  const auto xs = x.to(W.scalar_type());
+  if (!batched) return torch::nn::functional::linear(xs, W, b);
+  return b.defined() ? torch::baddbmm(b.unsqueeze(1), xs, W.transpose(1, 2)) : torch::bmm(xs, W.transpose(1, 2));
 }
 
 // The dtype a delta computes in when activation `x` reaches it: its parameters' where x is

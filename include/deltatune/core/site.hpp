@@ -111,8 +111,9 @@ struct GatheredLowRank {
     if (std::any_of(scales.begin(), scales.end(), [](double s) { return s != 1.0; }))
       B = B * torch::tensor(scales, torch::kFloat64).to(B.options()).index_select(0, rows.delta).view({-1, 1, 1});
   }
+  // A half-precision x's rows are kept as they come for backward, not their float32 copy.
   torch::Tensor add(const torch::Tensor& x, const torch::Tensor& y) const {
-    return rows.add(y, torch::bmm(torch::bmm(rows.input(x).to(A.scalar_type()), A.transpose(1, 2)), B.transpose(1, 2)));
+    return rows.add(y, torch::bmm(linear_in_precision_of(rows.input(x), A), B.transpose(1, 2)));
   }
 
  private:
@@ -124,7 +125,7 @@ struct GatheredLowRank {
 };
 
 // f(x) = act(x D^T + d) U^T + u in the factors' precision, x kept as it comes for backward
-// (through LinearFromHalf where it is half precision and they are not).
+// (through LinearKeepingInput where it is half precision and they are not).
 inline torch::Tensor bottleneck_output(const BottleneckFactors& f, const torch::Tensor& x) {
   const auto down = f.activation(linear_in_precision_of(x, f.down_weight, f.down_bias));
   return torch::nn::functional::linear(down, f.up_weight, f.up_bias);
@@ -143,11 +144,10 @@ inline torch::Tensor add_gathered_bottlenecks(const torch::Tensor& x, const torc
   }
   const GatheredRows gathered(rows, x.size(0));
   if (deltas.size() == 1) return gathered.add(h, bottleneck_output(deltas.front().first, gathered.input(x)));
-  const auto xs = gathered.input(x).to(downs[0].scalar_type());  // (n, L, d), in the adapters' precision
-  const auto down = torch::baddbmm(gathered.per_row(down_biases, 0).unsqueeze(1), xs,
-                                   gathered.per_row(downs, 0).transpose(1, 2));  // (n, L, m)
-  return gathered.add(h, torch::baddbmm(gathered.per_row(up_biases, 0).unsqueeze(1), act(down),
-                                        gathered.per_row(ups, 1).transpose(1, 2)));  // (n, L, d)
+  // (n, L, m), in the adapters' precision; a half-precision x's rows kept as they come.
+  const auto down = linear_in_precision_of(gathered.input(x), gathered.per_row(downs, 0),
+                                           gathered.per_row(down_biases, 0));
+  return gathered.add(h, linear_in_precision_of(act(down), gathered.per_row(ups, 1), gathered.per_row(up_biases, 0)));
 }
 
 // f(x) for a delta that computes in its own precision (precision.hpp): x cast to `dtype`, the

@@ -146,24 +146,28 @@ class LoRAImpl : public torch::nn::Cloneable<LoRAImpl>, public WeightDelta {
   }
 
   // (..., in) -> (..., out): s B A dropout(x), never forming the (out, in) matrix; s scales
-  // the (..., r) product, the narrowest tensor on the path.
+  // the (..., r) product, the narrowest tensor on the path. Dropout acts on x's copy in the
+  // factors' float32 and keeps a one-byte mask (precision.hpp's LinearKeepingInput).
   // DoRA adds (g - 1) (x W0^T) + g s B A x, g = m / ||W0 + s B A||, so that the layer gives
   // g (x (W0 + s B A)^T) + b0. x W0^T is y0 - b0, but with dropout in training it is computed
-  // from the dropped-out input, as peft does. PiSSA / OLoRA subtract s B0 A0 x, part of peft's
-  // residual weight and so without dropout.
+  // from the dropped-out input (the same mask), as peft does. PiSSA / OLoRA subtract s B0 A0 x,
+  // part of peft's residual weight and so without dropout.
   torch::Tensor delta_output(const torch::Tensor& x, const torch::Tensor& base_weight, const torch::Tensor& base_bias,
                              const torch::Tensor& base_output) override {
-    const bool dropping = options.dropout() > 0 && is_training();
-    auto h = detail::path_dropout(x, options.dropout(), dropping);
+    const auto dropout = detail::InputDropout::draw(x, options.dropout(), is_training());
     const LowRankFactors low_rank{lora_A, lora_B, scaling()};
-    if (starts_from_weight()) return low_rank.output(h) - LowRankFactors{lora_A_init, lora_B_init, scaling()}.output(x);
-    if (!options.use_dora()) return low_rank.output(h);
+    if (starts_from_weight())
+      return low_rank.output(x, dropout) - LowRankFactors{lora_A_init, lora_B_init, scaling()}.output(x);
+    if (!options.use_dora()) return low_rank.output(x, dropout);
     auto g = lora_magnitude_vector / dora_norm(base_weight);
-    // The frozen weight meets h in h's precision (precision.hpp's at_precision_of).
-    auto base = dropping ? torch::nn::functional::linear(h, detail::at_precision_of(h, base_weight))
-                         : (base_bias.defined() ? base_output - base_bias : base_output);
-    // g (s B A h) as s (g B) A h: g's gradient then keeps the (..., r) product, not the (..., out) one.
-    return (g - 1) * base + LowRankFactors{lora_A, g.unsqueeze(1) * lora_B, scaling()}.output(h);
+    // The frozen weight meets the dropped-out x in x's precision (precision.hpp's at_precision_of).
+    auto base = base_bias.defined() ? base_output - base_bias : base_output;
+    if (dropout.defined()) {
+      const auto dropped = detail::MaskFunction::apply(x, dropout.kept, dropout.p);
+      base = torch::nn::functional::linear(dropped, detail::at_precision_of(x, base_weight));
+    }
+    // g (s B A x) as s (g B) A x: g's gradient then keeps the (..., r) product, not the (..., out) one.
+    return (g - 1) * base + LowRankFactors{lora_A, g.unsqueeze(1) * lora_B, scaling()}.output(x, dropout);
   }
   // x on a half-precision backbone as it comes: LowRankFactors::output's first product keeps it,
   // not a float32 copy.

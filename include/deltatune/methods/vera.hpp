@@ -112,10 +112,12 @@ class VeRAImpl : public torch::nn::Cloneable<VeRAImpl>, public WeightDelta {
   // (..., in) -> (..., out): b * (B_s (d * (A_s dropout(x)))), as peft, never forming (out, in).
   torch::Tensor delta_output(const torch::Tensor& x, const torch::Tensor&, const torch::Tensor&,
                              const torch::Tensor&) override {
-    auto h = detail::path_dropout(x, options.dropout(), is_training());
-    return vera_lambda_b * torch::nn::functional::linear(vera_lambda_d * torch::nn::functional::linear(h, sliced_A()),
-                                                         sliced_B());
+    const auto dropout = detail::InputDropout::draw(x, options.dropout(), is_training());
+    const auto projected = detail::linear_in_precision_of(x, sliced_A(), {}, dropout);  // (..., r)
+    return vera_lambda_b * torch::nn::functional::linear(vera_lambda_d * projected, sliced_B());
   }
+  // x on a half-precision backbone as it comes: the first product keeps it, not a float32 copy.
+  bool takes_half_input() const override { return true; }
 
   // diag(l_b) B diag(l_d) A as the pair (diag(l_d) A, diag(l_b) B); not with dropout in training.
   std::optional<LowRankFactors> low_rank_factors() override {
