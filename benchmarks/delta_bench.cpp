@@ -9,7 +9,7 @@
 //               [--interleave N] [--mixed K --gather 0|1] [--backbone t5|bert] [--precision fp32|bf16]
 //               [--lean-dropout 0|1]
 // Methods: any preset of the method table (deltatune::builtin_methods(), the examples' --method);
-// for --mode infer also bare (no delta) and lora-merged.
+// lora-dropout (LoRA with dropout 0.1); for --mode infer also bare (no delta) and lora-merged.
 //
 // Peak memory: on CPU the process's RSS high-water mark (VmHWM), reset after loading the
 // model so that the checkpoint's transient copy does not count (load_peak_mb reports it); on
@@ -95,9 +95,14 @@ void reset_peak([[maybe_unused]] const torch::Device& device) {
 // LoRA r 8 on q, v; IA3 on k, v, wo; prefix 30 positions through the MLP; prompt 100; the
 // adapters' paper settings; full: every backbone parameter. peft_bench.py gives the peers
 // the same sizes (LoRA's alpha, which does not change the cost, aside). "lora-merged" is
-// LoRA folded into the weights, "bare" no delta.
+// LoRA folded into the weights, "lora-dropout" LoRA with the dropout 0.1 on its input that peft
+// recipes commonly set (lora_dropout), "bare" no delta.
 void add_method(dt::DeltaModel& model, const std::string& method) {
   if (method == "bare") return;
+  if (method == "lora-dropout") {
+    model.add("lora", dt::LoRAOptions().r(8).alpha(8).dropout(0.1));
+    return;
+  }
   const auto& preset = dt::builtin_methods().preset(method == "lora-merged" ? "lora" : method);
   model.add(preset.name, preset.make({}));
   if (method == "lora-merged") model.merge("lora");

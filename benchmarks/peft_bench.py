@@ -55,9 +55,10 @@ SHAPES = {  # T5 v1.0 shapes, vocabulary 32128, ReLU feed-forward, tied embeddin
     "t5-small": dict(d_model=512, num_layers=6, num_heads=8, d_kv=64, d_ff=2048, vocab_size=32128),
     "t5-base": dict(d_model=768, num_layers=12, num_heads=12, d_kv=64, d_ff=3072, vocab_size=32128),
 }
-METHODS = ["full", "lora", "dora", "pissa", "olora", "vera", "lokr", "ia3", "prefix", "prompt", "adapter", "compacter", "compacter++", "bitfit"]
+METHODS = ["full", "lora", "lora-dropout", "dora", "pissa", "olora", "vera", "lokr", "ia3", "prefix", "prompt", "adapter", "compacter", "compacter++", "bitfit"]
 INFER = ["bare", "lora-merged", "lora", "adapter"]
-PEER = {"full": "transformers", "bitfit": "transformers (zero biases)", "lora": "peft", "dora": "peft", "pissa": "peft",
+PEER = {"full": "transformers", "bitfit": "transformers (zero biases)", "lora": "peft", "lora-dropout": "peft",
+        "dora": "peft", "pissa": "peft",
         "olora": "peft", "vera": "peft", "lokr": "peft", "ia3": "peft", "prefix": "peft", "prompt": "peft", "adapter": "adapters", "compacter": "adapters",
         "compacter++": "adapters", "bare": "transformers", "lora-merged": "peft"}
 
@@ -140,11 +141,13 @@ def peer_model(folder, method, precision="fp32"):
     dtype = torch.bfloat16 if precision == "bf16" and method != "full" else torch.float32
     model = T5ForConditionalGeneration.from_pretrained(folder, torch_dtype=dtype)
     model.requires_grad_(method == "full")
-    if method in ("lora", "lora-merged", "dora", "pissa", "olora", "vera", "lokr", "ia3", "prefix", "prompt"):
+    if method in ("lora", "lora-merged", "lora-dropout", "dora", "pissa", "olora", "vera", "lokr", "ia3", "prefix", "prompt"):
         import peft
         kind = peft.TaskType.SEQ_2_SEQ_LM
         config = {"lora": lambda: peft.LoraConfig(task_type=kind, r=8, lora_alpha=16, lora_dropout=0.0,
                                                   target_modules=["q", "v"]),
+                  "lora-dropout": lambda: peft.LoraConfig(task_type=kind, r=8, lora_alpha=16, lora_dropout=0.1,
+                                                          target_modules=["q", "v"]),
                   "dora": lambda: peft.LoraConfig(task_type=kind, r=8, lora_alpha=16, lora_dropout=0.0,
                                                   target_modules=["q", "v"], use_dora=True),
                   # peft folds the initial factors into a residual weight; we subtract them (methods/lora.hpp)
