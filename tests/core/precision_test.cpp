@@ -350,10 +350,11 @@ CATCH_TEST_CASE("A mixed batch's gathered deltas on a bf16 input keep the input,
   }
 }
 
-// LoRA where it has no single pair of factors (DoRA, dropout while training), VeRA with dropout
-// and LoKr on a bf16 Linear: the delta computes in float32 from the bf16 input it keeps, as a pair of factors
-// does, where the site handing it the input's float32 copy kept that copy for its first product.
-CATCH_TEST_CASE("LoRA with DoRA or dropout, VeRA with dropout, and LoKr, on a bf16 Linear keep their bf16 input",
+// LoRA where it has no single pair of factors (DoRA, dropout while training), VeRA with dropout,
+// LoKr and PHM (its dense path) on a bf16 Linear: the delta computes in float32 from the bf16
+// input it keeps, as a pair of factors does, where the site handing it the input's float32 copy
+// kept that copy for its first product.
+CATCH_TEST_CASE("Weight deltas on a bf16 Linear keep their bf16 input: DoRA; LoRA, PiSSA, VeRA with dropout; LoKr; PHM",
                 "[precision]") {
   torch::manual_seed(19);
   // LoKr splits 64 = 8 x 8 and 48 = 6 x 8: W2 first is the cheaper order, as ours on bf16 takes.
@@ -384,11 +385,13 @@ CATCH_TEST_CASE("LoRA with DoRA or dropout, VeRA with dropout, and LoKr, on a bf
     vera->vera_lambda_b.normal_(0, 0.3);
     return vera.ptr();
   };
+  const MakeDelta phm = [&](dt::FrozenLinearImpl&) { return dt::PHMLinear(dt::PHMLinearOptions(in, out).n(4)).ptr(); };
   const std::vector<std::pair<std::string, MakeDelta>> variants{
       {"DoRA", lora(dt::LoRAOptions(in, out).r(4).use_dora(true))},
       {"LoRA with dropout", lora(dt::LoRAOptions(in, out).r(4).dropout(0.1))},
       {"PiSSA with dropout", lora(dt::LoRAOptions(in, out).r(4).init("pissa").dropout(0.1))},
       {"VeRA with dropout", vera},
+      {"PHM, dense", phm},
       {"LoKr", lokr}};
   for (const auto& [variant, make_delta] : variants) {
     CATCH_INFO(variant);

@@ -218,6 +218,12 @@ inline bool prefer_factored(int64_t n, int64_t p, int64_t q, int64_t r) {
   return kFactoredOverhead * factored < dense;
 }
 
+// Whether kron_sum_matmul takes the factored path on `path`: where asked, or, under automatic,
+// for a low-rank B (r > 0; 0 for a full B) where prefer_factored says so.
+inline bool takes_factored_path(KronSumPath path, int64_t n, int64_t p, int64_t q, int64_t r) {
+  return path == KronSumPath::factored || (path == KronSumPath::automatic && r > 0 && prefer_factored(n, p, q, r));
+}
+
 }  // namespace detail
 
 // W (n*p, n*q) = sum_k A[k] (x) B[k] for A (n, n, n) and B (n, p, q), in one pass.
@@ -243,7 +249,8 @@ inline torch::Tensor kron_sum_matmul(const torch::Tensor& x, const torch::Tensor
                                      KronSumPath path = KronSumPath::automatic) {
   detail::check_factors("kron_sum_matmul", A, B);
   detail::check_input("kron_sum_matmul", x, A, A.size(0) * B.size(1));
-  if (path == KronSumPath::factored) return detail::KronSumMatmulFunction::apply(x, A, B);
+  if (detail::takes_factored_path(path, A.size(0), B.size(1), B.size(2), 0))
+    return detail::KronSumMatmulFunction::apply(x, A, B);
   return torch::matmul(x, kron_sum(A, B));
 }
 
@@ -254,9 +261,7 @@ inline torch::Tensor kron_sum_matmul(const torch::Tensor& x, const torch::Tensor
   detail::check_low_rank_factors("kron_sum_matmul", A, s, t);
   const int64_t n = A.size(0), p = s.size(1), r = s.size(2), q = t.size(2);
   detail::check_input("kron_sum_matmul", x, A, n * p);
-  if (path == KronSumPath::factored || (path == KronSumPath::automatic && detail::prefer_factored(n, p, q, r))) {
-    return detail::LowRankKronSumMatmulFunction::apply(x, A, s, t);
-  }
+  if (detail::takes_factored_path(path, n, p, q, r)) return detail::LowRankKronSumMatmulFunction::apply(x, A, s, t);
   return torch::matmul(x, kron_sum(A, s, t));
 }
 

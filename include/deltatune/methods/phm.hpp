@@ -163,10 +163,19 @@ class PHMLinearImpl : public torch::nn::Cloneable<PHMLinearImpl>, public WeightD
 
   torch::Tensor delta_weight(const torch::Tensor& /*base_weight*/) override { return weight().t(); }
   torch::Tensor delta_bias(const torch::Tensor& /*base_weight*/) override { return b; }
+  // A half-precision x meeting float32 factors (a bf16 backbone): the dense path's product keeps
+  // x as it comes for backward, not its float32 copy (precision.hpp); the factored path, which
+  // contracts x with A, s and t in turn, takes the copy.
   torch::Tensor delta_output(const torch::Tensor& x, const torch::Tensor&, const torch::Tensor&,
                              const torch::Tensor&) override {
-    return forward(x);
+    const auto dtype = rule().scalar_type();
+    if (!is_half(x.scalar_type()) || x.scalar_type() == dtype) return forward(x);
+    const int64_t n = options.n(), p = options.in_features() / n, q = options.out_features() / n;
+    if (detail::takes_factored_path(options.path(), n, p, q, W.defined() ? 0 : options.rank()))
+      return forward(x.to(dtype));
+    return detail::linear_in_precision_of(x, weight().t(), b);
   }
+  bool takes_half_input() const override { return true; }
 
   void pretty_print(std::ostream& stream) const override {
     stream << "deltatune::PHMLinear(in_features=" << options.in_features()
