@@ -354,7 +354,7 @@ CATCH_TEST_CASE("A mixed batch's gathered deltas on a bf16 input keep the input,
 // LoKr and PHM (its dense path) on a bf16 Linear: the delta computes in float32 from the bf16
 // input it keeps, as a pair of factors does, where the site handing it the input's float32 copy
 // kept that copy for its first product.
-CATCH_TEST_CASE("Weight deltas on a bf16 Linear keep their bf16 input: DoRA; LoRA, PiSSA, VeRA with dropout; LoKr; PHM",
+CATCH_TEST_CASE("Weight deltas on a bf16 Linear keep their bf16 input: DoRA, LoRA, PiSSA and VeRA with dropout, LoKr, PHM",
                 "[precision]") {
   torch::manual_seed(19);
   // LoKr splits 64 = 8 x 8 and 48 = 6 x 8: W2 first is the cheaper order, as ours on bf16 takes.
