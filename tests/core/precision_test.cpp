@@ -324,9 +324,10 @@ CATCH_TEST_CASE("A mixed batch's gathered deltas on a bf16 input keep the input,
     return dt::detail::add_gathered_bottlenecks(input, h, {{bottlenecks[0], rows[0]}, {bottlenecks[1], rows[1]}});
   };
   using Gathered = std::function<torch::Tensor(const torch::Tensor&)>;
-  for (const auto& [kind, gathered] : std::vector<std::pair<std::string, Gathered>>{
+  for (const auto& [kind, run] : std::vector<std::pair<std::string, Gathered>>{
            {"low-rank deltas", gathered_low_rank}, {"bottleneck adapters", gathered_bottlenecks}}) {
     CATCH_INFO(kind);
+    const auto& gathered = run;  // a lambda may not capture a structured binding in C++17 (clang refuses)
     auto ours = [&] { return gathered(x); };
     auto autograd = [&] { return gathered(x.to(torch::kFloat)); };  // the rows' float32 copy, as before
     const auto y = ours(), y_ref = autograd();
