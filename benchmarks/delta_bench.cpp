@@ -99,11 +99,14 @@ void reset_peak([[maybe_unused]] const torch::Device& device) {
 // recipes commonly set (lora_dropout), "bare" no delta.
 void add_method(dt::DeltaModel& model, const std::string& method) {
   if (method == "bare") return;
-  if (method == "lora-dropout") {
-    model.add("lora", dt::LoRAOptions().r(8).alpha(8).dropout(0.1));
+  const auto& table = dt::builtin_methods();
+  const auto& preset = table.preset(method == "lora-merged" || method == "lora-dropout" ? "lora" : method);
+  if (method == "lora-dropout") {  // the lora preset's recipe, rebuilt from its options with the dropout set
+    auto options = preset.make({})->options_json();
+    options["dropout"] = 0.1;
+    model.add("lora", table.method("lora", "delta_bench").recipe_from_json(dt::JsonFields(options, "lora-dropout")));
     return;
   }
-  const auto& preset = dt::builtin_methods().preset(method == "lora-merged" ? "lora" : method);
   model.add(preset.name, preset.make({}));
   if (method == "lora-merged") model.merge("lora");
 }

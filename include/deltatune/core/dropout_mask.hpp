@@ -1,7 +1,8 @@
 // Dropout masks that keep one byte an element: drawn from a counter-based generator seeded by
 // torch's global one, applied in one vectorised pass, and an autograd Function that keeps only
 // the mask for backward. The backbones' dropout (backbones/dropout.hpp) and a weight delta's
-// dropout on its own input (precision.hpp's LinearKeepingInput) draw and apply them.
+// dropout on its own input (InputDropout below, applied by precision.hpp's LinearKeepingInput)
+// draw and apply them.
 #pragma once
 
 #include <torch/torch.h>
@@ -127,5 +128,19 @@ inline torch::Tensor dropout_mask(const torch::Tensor& like, double p) {
   if (like.device().is_cpu()) return keep_mask(like, p);
   return torch::rand(like.sizes(), like.options().dtype(torch::kFloat)) < 1.0 - p;
 }
+
+// A weight delta's dropout on its own input (LoRA's lora_dropout, VeRA's vera_dropout): where
+// it keeps an element (dropout_mask above) and its probability p; none where `kept` is undefined.
+struct InputDropout {
+  torch::Tensor kept;
+  double p = 0.0;
+
+  // Drawn for x while training with p > 0; none otherwise.
+  static InputDropout draw(const torch::Tensor& x, double p, bool training) {
+    if (!training || p <= 0) return {};
+    return {dropout_mask(x, p), p};
+  }
+  bool defined() const { return kept.defined(); }
+};
 
 }  // namespace deltatune::detail

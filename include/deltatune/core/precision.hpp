@@ -93,20 +93,6 @@ inline torch::Tensor at_precision_of(const torch::Tensor& x, const torch::Tensor
   return t.to(x.scalar_type());
 }
 
-// A weight delta's dropout on its own input (LoRA's lora_dropout, VeRA's vera_dropout): where
-// it keeps an element (dropout_mask.hpp) and its probability p; none where `kept` is undefined.
-struct InputDropout {
-  torch::Tensor kept;
-  double p = 0.0;
-
-  // Drawn for x while training with p > 0; none otherwise.
-  static InputDropout draw(const torch::Tensor& x, double p, bool training) {
-    if (!training || p <= 0) return {};
-    return {dropout_mask(x, p), p};
-  }
-  bool defined() const { return kept.defined(); }
-};
-
 // x W^T in W's precision, keeping x as it comes for backward, not its copy in W's precision:
 // for a half-precision x and a float32 W autograd would keep the float32 copy the product
 // takes, for W's gradient, twice x's bytes at every delta that starts with a product (LoRA's
@@ -120,10 +106,11 @@ struct InputDropout {
 struct LinearKeepingInput : torch::autograd::Function<LinearKeepingInput> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& W,
                                const std::optional<torch::Tensor>& kept, double p) {
-    ctx->save_for_backward({x, W, kept.value_or(torch::Tensor())});
+    const auto mask = kept.value_or(torch::Tensor());
+    ctx->save_for_backward({x, W, mask});
     ctx->saved_data["p"] = p;
     const AutocastOff off;
-    return product(input(x, W, kept.value_or(torch::Tensor()), p), W);
+    return product(input(x, W, mask, p), W);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,

@@ -117,7 +117,7 @@ class PHMLinearImpl : public torch::nn::Cloneable<PHMLinearImpl>, public WeightD
     detail::check<OptionError>(!shared || shared->options.n() == o.n(),
                                "PHMLinear: option n = {} differs from the shared factors' n = {}", o.n(),
                                shared ? shared->options.n() : 0);
-    const int64_t n = o.n(), p = o.in_features() / n, q = o.out_features() / n;
+    const auto [n, p, q] = blocks();
     detail::check_parameters_fit(double(n) * (o.rank() == 0 ? double(p) * double(q) : double(o.rank()) * double(p + q)),
                                  fmt::format("PHMLinear: n = {}, rank = {} on a {} x {} layer", n, o.rank(),
                                              o.out_features(), o.in_features()));
@@ -170,7 +170,7 @@ class PHMLinearImpl : public torch::nn::Cloneable<PHMLinearImpl>, public WeightD
                              const torch::Tensor&) override {
     const auto dtype = rule().scalar_type();
     if (!is_half(x.scalar_type()) || x.scalar_type() == dtype) return forward(x);
-    const int64_t n = options.n(), p = options.in_features() / n, q = options.out_features() / n;
+    const auto [n, p, q] = blocks();
     if (detail::takes_factored_path(options.path(), n, p, q, W.defined() ? 0 : options.rank()))
       return forward(x.to(dtype));
     return detail::linear_in_precision_of(x, weight().t(), b);
@@ -186,6 +186,15 @@ class PHMLinearImpl : public torch::nn::Cloneable<PHMLinearImpl>, public WeightD
   PHMLinearOptions options;
   PHMSharedFactors shared;
   torch::Tensor W, W_left, W_right, b, phm_rule;
+
+ private:
+  // n and the (p, q) = (in / n, out / n) blocks of W = sum_i A_i (x) B_i, B_i being p x q.
+  struct Blocks {
+    int64_t n, p, q;
+  };
+  Blocks blocks() const {
+    return {options.n(), options.in_features() / options.n(), options.out_features() / options.n()};
+  }
 };
 TORCH_MODULE(PHMLinear);
 
