@@ -121,36 +121,6 @@ CATCH_TEST_CASE("relu_dropout is dropout(relu(h)) with torch's gradient", "[drop
   check_same(ours, torch::relu(h) * mask_after_seed(7, {4, 8, 16}), {h});
 }
 
-// In float32 and bfloat16 relu_dropout draws its mask and tests h > 0 in one pass
-// (keep_mask_where_positive), not the float64 tests' composition above: element for element
-// the same mask, zeros, -0 and NaN included (dropped, as relu's gradient drops them), on odd
-// sizes and a transposed h, at 1 and 3 threads.
-CATCH_TEST_CASE("relu_dropout's one-pass mask is keep_mask's draw where h is positive", "[dropout]") {
-  const int threads = at::get_num_threads();
-  for (const auto dtype : {torch::kFloat, torch::kBFloat16, torch::kDouble})
-    for (const auto& shape : std::vector<std::vector<int64_t>>{{1}, {3, 37}, {8, 64, 129}})
-      for (const bool transposed : {false, true})
-        for (const int t : {1, 3}) {
-          at::set_num_threads(t);
-          auto h = torch::randn(shape).to(dtype);
-          auto flat = h.view({-1});
-          flat[0].fill_(0.0);
-          if (flat.numel() > 2) flat[1].fill_(-0.0), flat[2].fill_(NAN);
-          if (transposed) h = h.transpose(0, -1);
-          torch::manual_seed(17);
-          const auto reference = dt::detail::keep_mask(h, kDropout).logical_and_(h > 0);
-          torch::manual_seed(17);
-          const auto ours = dt::detail::keep_mask_where_positive(h, kDropout);
-          CATCH_INFO(c10::toString(dtype) << " " << h.sizes() << " transposed " << transposed << " threads " << t);
-          CATCH_CHECK(torch::equal(ours, reference));
-          torch::manual_seed(17);
-          // Bit for bit, NaN where h is (a dropped NaN times 0 too, as torch's dropout).
-          CATCH_CHECK(torch::allclose(dt::detail::relu_dropout(h, kDropout, /*training=*/true, /*lean=*/true),
-                                      dt::detail::apply_mask(h, reference, kDropout), 0, 0, /*equal_nan=*/true));
-        }
-  at::set_num_threads(threads);
-}
-
 CATCH_TEST_CASE("attention with dropout in training matches torch's math, additive mask included", "[dropout]") {
   auto q = leaf({2, 3, 5, 4}), k = leaf({2, 3, 6, 4}), v = leaf({2, 3, 6, 4});
   auto bias = leaf({1, 3, 5, 6});  // T5's position bias is trained in full fine-tuning

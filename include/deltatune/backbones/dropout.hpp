@@ -26,7 +26,7 @@ inline torch::Tensor dropout(const torch::Tensor& x, double p, bool training, bo
 inline torch::Tensor relu_dropout(const torch::Tensor& h, double p, bool training, bool lean) {
   if (!training || p == 0.0) return torch::relu(h);
   if (!lean) return torch::dropout(torch::relu(h), p, /*train=*/true);
-  return MaskFunction::apply(h, keep_mask_where_positive(h, p), p);
+  return MaskFunction::apply(h, keep_mask(h, p).logical_and_(h > 0), p);
 }
 
 // dropout(probs) @ v, keeping probs (softmax keeps them anyway), the bool mask and v, where

@@ -34,15 +34,14 @@ inline uint64_t draw_from_default_generator() {
 }
 
 // One draw of dropout's mask, contiguous, of like's shape: true, with probability 1 - p, where
-// an element is kept and also(i) holds for its flat index i. torch's CPU bernoulli_ draws each
-// element from one Mersenne Twister under a lock, one thread at a time, which took a quarter of
-// a T5 training step here. This draws one seed from the global generator and gives element
-// pair i the two 32-bit halves of SplitMix64's output i of that seed's stream: independent
-// draws, which at::parallel_for splits over threads where the program is built with OpenMP,
-// the same whatever the count. An element is kept when its 32 bits fall below (1 - p) 2^32
-// (torch's float uniform resolves 2^-24).
-template <class Also>
-torch::Tensor keep_mask_where(const torch::Tensor& like, double p, Also also) {
+// an element is kept. torch's CPU bernoulli_ draws each element from one Mersenne Twister
+// under a lock, one thread at a time, which took a quarter of a T5 training step here. This
+// draws one seed from the global generator and gives element pair i the two 32-bit halves of
+// SplitMix64's output i of that seed's stream: independent draws, which at::parallel_for
+// splits over threads where the program is built with OpenMP, the same whatever the count.
+// An element is kept when its 32 bits fall below (1 - p) 2^32 (torch's float uniform
+// resolves 2^-24).
+inline torch::Tensor keep_mask(const torch::Tensor& like, double p) {
   TORCH_CHECK(like.device().is_cpu(), "keep_mask draws masks on the CPU");
   auto kept = torch::empty(like.sizes(), torch::TensorOptions().dtype(torch::kBool));
   const uint64_t seed = draw_from_default_generator();
@@ -52,33 +51,11 @@ torch::Tensor keep_mask_where(const torch::Tensor& like, double p, Also also) {
   at::parallel_for(0, (n + 1) / 2, 8192, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const uint64_t bits = splitmix64(seed + static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ULL);
-      out[2 * i] = (bits & 0xFFFFFFFFULL) < threshold && also(2 * i);
-      if (2 * i + 1 < n) out[2 * i + 1] = (bits >> 32) < threshold && also(2 * i + 1);
+      out[2 * i] = (bits & 0xFFFFFFFFULL) < threshold;
+      if (2 * i + 1 < n) out[2 * i + 1] = (bits >> 32) < threshold;
     }
   });
   return kept;
-}
-
-// Dropout's mask for `like`.
-inline torch::Tensor keep_mask(const torch::Tensor& like, double p) {
-  return keep_mask_where(like, p, [](int64_t) { return true; });
-}
-
-// dropout(relu(h))'s mask: keep_mask's draw, also false where h is not positive (NaN included,
-// as relu's gradient and h > 0 take it). For float32 and bfloat16 h in the same pass as the
-// draw: h > 0 and logical_and_ after it took two more passes, a bf16 comparison 1.4 ms of a
-// T5-base layer's feed-forward at batch 8.
-inline torch::Tensor keep_mask_where_positive(const torch::Tensor& h, double p) {
-  const auto values = h.contiguous();
-  if (h.scalar_type() == torch::kFloat) {
-    const float* x = values.data_ptr<float>();
-    return keep_mask_where(h, p, [x](int64_t i) { return x[i] > 0; });
-  }
-  if (h.scalar_type() == torch::kBFloat16) {
-    const auto* x = reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>());
-    return keep_mask_where(h, p, [x](int64_t i) { return __builtin_bit_cast(float, uint32_t(x[i]) << 16) > 0; });
-  }
-  return keep_mask(h, p).logical_and_(h > 0);
 }
 
 // out[0:len] = x * (scale * kept), in float; bfloat16 widened (its bits shifted up) and rounded
