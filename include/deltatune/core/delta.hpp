@@ -65,18 +65,7 @@ struct LowRankFactors {
   // scale x A^T B^T, (..., r) then (..., out), in the factors' precision whatever x's (a
   // half-precision x kept as it is for backward, precision.hpp), with the delta's dropout on x if any.
   torch::Tensor output(const torch::Tensor& x, const detail::InputDropout& dropout = {}) const {
-    return torch::matmul(detail::linear_in_precision_of(x, A, {}, dropout) * scale, B_transposed());
-  }
-
- private:
-  // B^T (r, out), the second product's operand. Below rank 16 on the CPU a contiguous copy of
-  // it, not the transposed view: autograd then computes B's gradient as h^T grad and h's as
-  // grad B with B column-major, where for the view it computes (grad^T h)^T and grad B with B
-  // row-major, layouts in which the CPU's float32 BLAS runs these narrow products 3 to 7 times
-  // slower (rank 8, 4096 rows: 5.0 ms against 0.7, and 1.8 against 0.8). From rank 16 the
-  // view's layouts are as fast or faster. The copy is r x out floats.
-  torch::Tensor B_transposed() const {
-    return B.device().is_cpu() && B.size(1) < 16 ? B.t().contiguous() : B.t();
+    return torch::matmul(detail::linear_in_precision_of(x, A, {}, dropout) * scale, detail::transposed_operand(B));
   }
 };
 

@@ -113,7 +113,7 @@ struct GatheredLowRank {
   }
   // A half-precision x's rows are kept as they come for backward, not their float32 copy.
   torch::Tensor add(const torch::Tensor& x, const torch::Tensor& y) const {
-    return rows.add(y, torch::bmm(linear_in_precision_of(rows.input(x), A), B.transpose(1, 2)));
+    return rows.add(y, torch::bmm(linear_in_precision_of(rows.input(x), A), transposed_operand(B)));
   }
 
  private:
