@@ -26,6 +26,7 @@
 #include <deltatune/core/memory.hpp>
 #include <deltatune/core/precision.hpp>
 #include <deltatune/core/site.hpp>
+#include <deltatune/kernels/rms_norm_cpu.hpp>
 
 namespace deltatune::backbones {
 
@@ -184,7 +185,9 @@ inline torch::Tensor clamp_float16(const torch::Tensor& h) {
 // types, rounded once at the end), keeping only x as it came and one float32 statistic per row
 // for backward. torch's composite version keeps a bf16 x's float32 copy for its square and
 // product, twice x's bytes, and, where the weight trains, the float32 normalised x too (a sixth
-// of what a bf16 T5-small's forward keeps with LoRA), remade here in backward, bit for bit.
+// of what a bf16 T5-small's forward keeps with LoRA). A bf16 x on the CPU takes the one-pass
+// kernels of kernels/rms_norm_cpu.hpp; other dtypes and devices torch's ops, the composite's own
+// steps, bit for bit.
 struct RMSNormFunction : torch::autograd::Function<RMSNormFunction> {
   static torch::ScalarType accumulate_type(const torch::Tensor& x) {
     return x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
@@ -192,6 +195,11 @@ struct RMSNormFunction : torch::autograd::Function<RMSNormFunction> {
 
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w,
                                double eps) {
+    if (cpu::rms_norm_applies(x, w)) {
+      auto [y, rstd] = cpu::rms_norm_forward(x, w, eps);
+      ctx->save_for_backward({x, w, rstd});
+      return y;
+    }
     const auto xf = x.to(accumulate_type(x));
     const auto rstd = torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
     ctx->save_for_backward({x, w, rstd});
@@ -203,6 +211,10 @@ struct RMSNormFunction : torch::autograd::Function<RMSNormFunction> {
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const auto &x = saved[0], &w = saved[1], &rstd = saved[2];
+    if (cpu::rms_norm_applies(x, w)) {
+      auto [grad_x, grad_w] = cpu::rms_norm_backward(grads[0], x, w, rstd, ctx->needs_input_grad(1));
+      return {grad_x, grad_w, {}};
+    }
     const auto xf = x.to(accumulate_type(x));
     const auto grad = grads[0].to(xf.scalar_type());
     torch::Tensor grad_x, grad_w;

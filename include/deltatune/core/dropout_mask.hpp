@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <mutex>
 
+#include <deltatune/kernels/cpu_loops.hpp>
+
 namespace deltatune::detail {
 
 // SplitMix64's output function (Steele, Lea and Flood, "Fast splittable pseudorandom number
@@ -58,21 +60,15 @@ inline torch::Tensor keep_mask(const torch::Tensor& like, double p) {
   return kept;
 }
 
-// out[0:len] = x * (scale * kept), in float; bfloat16 widened (its bits shifted up) and rounded
-// back to nearest even as c10's conversion does (a NaN to 0x7FC0). Written for GCC's -O2
-// vectoriser, as kron_sum_cpu.hpp's loops are: called on fixed-width blocks, __restrict
-// operands, bit casts it can vectorise (std::memcpy's it does not), no branch.
+// out[0:len] = x * (scale * kept), in float; bfloat16 widened and rounded back
+// (kernels/cpu_loops.hpp, whose fixed-width blocks call these).
 inline void scale_kept(const float* __restrict x, const uint8_t* __restrict kept, float* __restrict out, float scale,
                        int64_t len) {
   for (int64_t j = 0; j < len; ++j) out[j] = x[j] * (scale * float(kept[j]));
 }
 inline void scale_kept(const uint16_t* __restrict x, const uint8_t* __restrict kept, uint16_t* __restrict out,
                        float scale, int64_t len) {
-  for (int64_t j = 0; j < len; ++j) {
-    const float y = __builtin_bit_cast(float, uint32_t(x[j]) << 16) * (scale * float(kept[j]));
-    const uint32_t u = __builtin_bit_cast(uint32_t, y), rounded = (u + ((u >> 16) & 1u) + 0x7FFFu) >> 16;
-    out[j] = uint16_t((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
-  }
+  for (int64_t j = 0; j < len; ++j) out[j] = cpu::round_to_bf16(cpu::widen_bf16(x[j]) * (scale * float(kept[j])));
 }
 
 // x / (1 - p) where kept, 0 elsewhere: x times the mask's 0 or 1 / (1 - p), as torch's dropout
@@ -90,11 +86,10 @@ inline torch::Tensor apply_mask(const torch::Tensor& x, const torch::Tensor& kep
   const auto scale = static_cast<float>(1.0 / (1.0 - p));
   const auto* mask = reinterpret_cast<const uint8_t*>(kept.data_ptr<bool>());
   auto run = [&](const auto* from, auto* to) {
-    constexpr int64_t kBlock = 32;  // elements a vectorised call takes
-    at::parallel_for(0, in.numel(), 32768, [&](int64_t begin, int64_t end) {
-      int64_t i = begin;
-      for (; i + kBlock <= end; i += kBlock) scale_kept(from + i, mask + i, to + i, scale, kBlock);
-      scale_kept(from + i, mask + i, to + i, scale, end - i);
+    at::parallel_for(0, in.numel(), cpu::kGrainElements, [&](int64_t begin, int64_t end) {
+      cpu::in_blocks(end - begin, [&](int64_t i, int64_t len) {
+        scale_kept(from + begin + i, mask + begin + i, to + begin + i, scale, len);
+      });
     });
   };
   if (dtype == torch::kFloat) {

@@ -3,7 +3,7 @@
 // Each kernel reads its operands once and writes its result once: the n separate
 // Kronecker products are never formed. Work is split over output rows with
 // at::parallel_for; the innermost loops run over contiguous rows of B or of the
-// gradient, which the compiler vectorises. Sums run in at::opmath_type<scalar_t>
+// gradient, which the compiler vectorises (cpu_loops.hpp). Sums run in at::opmath_type<scalar_t>
 // (float for half and bfloat16). Index conventions: kernels/kernel_table.hpp.
 #pragma once
 
@@ -15,53 +15,10 @@
 #include <algorithm>
 #include <vector>
 
+#include <deltatune/kernels/cpu_loops.hpp>
 #include <deltatune/kernels/kernel_table.hpp>
 
 namespace deltatune::detail::cpu {
-
-// Rows below this many output elements per task are not worth a thread.
-inline constexpr int64_t kGrainElements = 32768;
-
-inline int64_t grain_rows(int64_t row_elements) {
-  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_elements));
-}
-
-// The inner loops below run in blocks of kLanes (256 bits of acc_t) with __restrict
-// operands: a fixed-width block with no possible aliasing is vectorised at -O2 too,
-// where GCC's cheap cost model refuses loops of unknown length, and the kLanes
-// independent partial sums let a float dot product vectorise without -ffast-math.
-template <class acc_t>
-inline constexpr int64_t kLanes = 32 / sizeof(acc_t);
-
-// out[0:len] += c * row[0:len]
-template <class acc_t, class scalar_t>
-inline void axpy(acc_t* __restrict out, acc_t c, const scalar_t* __restrict row, int64_t len) {
-  constexpr int64_t L = kLanes<acc_t>;
-  int64_t j = 0;
-  for (; j + L <= len; j += L) {
-    for (int64_t u = 0; u < L; ++u) out[j + u] += c * static_cast<acc_t>(row[j + u]);
-  }
-  for (; j < len; ++j) out[j] += c * static_cast<acc_t>(row[j]);
-}
-
-template <class acc_t, class scalar_t>
-inline acc_t dot(const scalar_t* __restrict x, const scalar_t* __restrict y, int64_t len) {
-  constexpr int64_t L = kLanes<acc_t>;
-  if (len < L) {  // PHM layers with n = 12 have q = 2: lanes would cost more than they save
-    acc_t sum = 0;
-    for (int64_t j = 0; j < len; ++j) sum += static_cast<acc_t>(x[j]) * static_cast<acc_t>(y[j]);
-    return sum;
-  }
-  acc_t lanes[L] = {};
-  int64_t j = 0;
-  for (; j + L <= len; j += L) {
-    for (int64_t u = 0; u < L; ++u) lanes[u] += static_cast<acc_t>(x[j + u]) * static_cast<acc_t>(y[j + u]);
-  }
-  acc_t sum = 0;
-  for (; j < len; ++j) sum += static_cast<acc_t>(x[j]) * static_cast<acc_t>(y[j]);
-  for (int64_t u = 0; u < L; ++u) sum += lanes[u];
-  return sum;
-}
 
 // W row (a, i) = [ sum_k A[k,a,b] * B[k,i,:] for b in 0..n ]   (length n*q)
 template <class scalar_t>
