@@ -121,6 +121,30 @@ CATCH_TEST_CASE("relu_dropout is dropout(relu(h)) with torch's gradient", "[drop
   check_same(ours, torch::relu(h) * mask_after_seed(7, {4, 8, 16}), {h});
 }
 
+// The lean masks are drawn on the CPU; off it the backbones' dropout, ReLU-dropout and
+// attention are torch's. relu_dropout drew keep_mask's CPU mask there and threw: a T5 with a
+// ReLU feed-forward (v1.0, T5-base) could not train on a GPU with dropout.
+CATCH_TEST_CASE("On CUDA, dropout, relu_dropout and attention in training are torch's", "[dropout][cuda]") {
+  if (!dt::testing::cuda_or_skip()) return;
+  const auto cuda = torch::TensorOptions().device(torch::kCUDA);
+  const auto h = torch::randn({4, 8, 64}, cuda).requires_grad_();
+  const auto q = torch::randn({1, 2, 3, 4}, cuda).requires_grad_();
+  const auto dropped = dt::detail::dropout(h, kDropout, /*training=*/true, /*lean=*/true);
+  const auto relu_dropped = dt::detail::relu_dropout(h, kDropout, true, true);
+  const auto attended = dt::detail::attention(q, q, q, std::nullopt, kDropout, true, true);
+  for (const auto& y : {dropped, relu_dropped, attended}) {
+    CATCH_CHECK(y.is_cuda());
+    CATCH_CHECK(!has_node(y, "MaskFunction"));
+    CATCH_CHECK(!has_node(y, "DropoutMatmulFunction"));
+  }
+  // dropout(relu(h)): zero where h is not positive, h / (1 - p) or 0 elsewhere.
+  const auto kept = relu_dropped != 0;
+  CATCH_CHECK(!(kept & (h <= 0)).any().item<bool>());
+  CATCH_CHECK(torch::allclose(relu_dropped.masked_select(kept), (h / (1 - kDropout)).masked_select(kept)));
+  relu_dropped.sum().backward();
+  CATCH_CHECK(torch::equal(h.grad() != 0, kept));
+}
+
 CATCH_TEST_CASE("attention with dropout in training matches torch's math, additive mask included", "[dropout]") {
   auto q = leaf({2, 3, 5, 4}), k = leaf({2, 3, 6, 4}), v = leaf({2, 3, 6, 4});
   auto bias = leaf({1, 3, 5, 6});  // T5's position bias is trained in full fine-tuning

@@ -22,10 +22,11 @@ inline torch::Tensor dropout(const torch::Tensor& x, double p, bool training, bo
   return MaskFunction::apply(x, keep_mask(x, p), p);
 }
 
-// dropout(relu(h)) with one mask, where ReLU and dropout would keep a float tensor and a mask.
+// dropout(relu(h)) with one mask, where ReLU and dropout would keep a float tensor and a mask;
+// off the CPU, as dropout above, torch's.
 inline torch::Tensor relu_dropout(const torch::Tensor& h, double p, bool training, bool lean) {
   if (!training || p == 0.0) return torch::relu(h);
-  if (!lean) return torch::dropout(torch::relu(h), p, /*train=*/true);
+  if (!h.device().is_cpu() || !lean) return torch::dropout(torch::relu(h), p, /*train=*/true);
   return MaskFunction::apply(h, keep_mask(h, p).logical_and_(h > 0), p);
 }
 
