@@ -121,6 +121,30 @@ CATCH_TEST_CASE("relu_dropout is dropout(relu(h)) with torch's gradient", "[drop
   check_same(ours, torch::relu(h) * mask_after_seed(7, {4, 8, 16}), {h});
 }
 
+// relu_dropout's mask: keep_mask's draw where h > 0 (is_positive). bfloat16 on the CPU takes
+// its own pass over the bits: against torch's h > 0 element for element, on the values at the
+// edges of "positive" (zeros, the least subnormal either side of 0, infinities, NaN of either
+// sign, the largest finite), on odd sizes (a block's tail) and a transposed h, at 1 and 3 threads.
+CATCH_TEST_CASE("is_positive is torch's h > 0, bfloat16's edge values included", "[dropout]") {
+  const int threads = at::get_num_threads();
+  const auto edges = torch::tensor(
+      {0.0f, -0.0f, 9.2e-41f, -9.2e-41f, INFINITY, -INFINITY, NAN, -NAN, 3.38e38f, -3.38e38f});
+  for (const auto dtype : {torch::kBFloat16, torch::kFloat})
+    for (const auto& shape : std::vector<std::vector<int64_t>>{{10}, {3, 37}, {8, 64, 129}})
+      for (const bool transposed : {false, true})
+        for (const int t : {1, 3}) {
+          at::set_num_threads(t);
+          auto h = torch::randn(shape);
+          h.view({-1}).narrow(0, 0, 10).copy_(edges);
+          h = h.to(dtype);
+          if (transposed) h = h.transpose(0, -1);
+          CATCH_INFO(c10::toString(dtype) << " " << h.sizes() << " transposed " << transposed << " threads " << t);
+          CATCH_CHECK(torch::equal(dt::detail::is_positive(h), h > 0));
+        }
+  at::set_num_threads(threads);
+  CATCH_CHECK(dt::detail::is_positive(edges.to(torch::kBFloat16)).to(torch::kInt).sum().item<int>() == 3);
+}
+
 // The lean masks are drawn on the CPU; off it the backbones' dropout, ReLU-dropout and
 // attention are torch's. relu_dropout drew keep_mask's CPU mask there and threw: a T5 with a
 // ReLU feed-forward (v1.0, T5-base) could not train on a GPU with dropout.

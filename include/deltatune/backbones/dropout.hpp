@@ -27,7 +27,7 @@ inline torch::Tensor dropout(const torch::Tensor& x, double p, bool training, bo
 inline torch::Tensor relu_dropout(const torch::Tensor& h, double p, bool training, bool lean) {
   if (!training || p == 0.0) return torch::relu(h);
   if (!h.device().is_cpu() || !lean) return torch::dropout(torch::relu(h), p, /*train=*/true);
-  return MaskFunction::apply(h, keep_mask(h, p).logical_and_(h > 0), p);
+  return MaskFunction::apply(h, keep_mask(h, p).logical_and_(is_positive(h)), p);
 }
 
 // dropout(probs) @ v, keeping probs (softmax keeps them anyway), the bool mask and v, where
