@@ -76,7 +76,10 @@ inline torch::Tensor is_positive(const torch::Tensor& h) {
   const auto* x = reinterpret_cast<const uint16_t*>(in.data_ptr<at::BFloat16>());
   auto* positive = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
   at::parallel_for(0, in.numel(), cpu::kGrainElements, [&](int64_t begin, int64_t end) {
-    cpu::in_blocks(end - begin, [&](int64_t i, int64_t len) { positive_bits(x + begin + i, positive + begin + i, len); });
+    cpu::with_avx2([&] {
+      cpu::in_blocks(end - begin,
+                     [&](int64_t i, int64_t len) { positive_bits(x + begin + i, positive + begin + i, len); });
+    });
   });
   return out;
 }
@@ -108,8 +111,10 @@ inline torch::Tensor apply_mask(const torch::Tensor& x, const torch::Tensor& kep
   const auto* mask = reinterpret_cast<const uint8_t*>(kept.data_ptr<bool>());
   auto run = [&](const auto* from, auto* to) {
     at::parallel_for(0, in.numel(), cpu::kGrainElements, [&](int64_t begin, int64_t end) {
-      cpu::in_blocks(end - begin, [&](int64_t i, int64_t len) {
-        scale_kept(from + begin + i, mask + begin + i, to + begin + i, scale, len);
+      cpu::with_avx2([&] {
+        cpu::in_blocks(end - begin, [&](int64_t i, int64_t len) {
+          scale_kept(from + begin + i, mask + begin + i, to + begin + i, scale, len);
+        });
       });
     });
   };
