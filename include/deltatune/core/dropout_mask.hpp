@@ -74,7 +74,7 @@ inline torch::Tensor is_positive(const torch::Tensor& h) {
   if (!h.device().is_cpu() || h.scalar_type() != torch::kBFloat16) return (h > 0).contiguous();
   const auto in = h.contiguous();
   auto out = torch::empty(in.sizes(), in.options().dtype(torch::kBool));
-  const auto* x = reinterpret_cast<const uint16_t*>(in.data_ptr<at::BFloat16>());
+  const uint16_t* x = cpu::bf16_bits(in);
   auto* positive = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
   at::parallel_for(0, in.numel(), cpu::kGrainElements, [&](int64_t begin, int64_t end) {
     cpu::with_avx2([&] {
@@ -122,8 +122,7 @@ inline torch::Tensor apply_mask(const torch::Tensor& x, const torch::Tensor& kep
   if (dtype == torch::kFloat) {
     run(in.data_ptr<float>(), out.data_ptr<float>());
   } else {
-    run(reinterpret_cast<const uint16_t*>(in.data_ptr<at::BFloat16>()),
-        reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+    run(cpu::bf16_bits(in), cpu::bf16_bits(out));
   }
   return out;
 }

@@ -3,6 +3,8 @@
 // gets: fixed-width blocks, __restrict operands, bit casts it can vectorise.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <algorithm>
 #include <cstdint>
 
@@ -100,5 +102,11 @@ inline uint16_t round_to_bf16(float y) {
   const uint32_t u = __builtin_bit_cast(uint32_t, y), rounded = (u + ((u >> 16) & 1u) + 0x7FFFu) >> 16;
   return uint16_t((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
 }
+
+// A bfloat16 tensor's elements as their bits, for the loops above.
+inline const uint16_t* bf16_bits(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+inline uint16_t* bf16_bits(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
 }  // namespace deltatune::detail::cpu

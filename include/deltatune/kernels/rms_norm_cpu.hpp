@@ -19,11 +19,6 @@
 
 namespace deltatune::detail::cpu {
 
-inline const uint16_t* bf16_bits(const torch::Tensor& t) {
-  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
-}
-inline uint16_t* bf16_bits(torch::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
-
 // out[0:len] = x widened to float
 inline void widen_row(const uint16_t* __restrict x, float* __restrict out, int64_t len) {
   in_blocks(len, [&](int64_t i, int64_t n) {
