@@ -285,6 +285,19 @@ CATCH_TEST_CASE("keep_mask draws independent masks at rate 1 - p, following the 
   at::set_num_threads(threads);
   CATCH_CHECK(torch::equal(masks[0], masks[1]));
   CATCH_CHECK(masks[0].sizes() == torch::IntArrayRef({5, 100001}));
+
+  // Element pair i is the halves of SplitMix64's output i, whatever instruction set draws them
+  // (AVX-512 where the CPU has it): the definition, one output at a time, for an odd count.
+  torch::manual_seed(8);
+  const uint64_t seed = dt::detail::draw_from_default_generator();
+  const auto threshold = static_cast<uint64_t>(std::llround(0.8 * 4294967296.0));
+  auto expected = torch::empty({5 * 100001}, torch::kBool);
+  bool* kept = expected.data_ptr<bool>();
+  for (int64_t i = 0; i < expected.numel(); ++i) {
+    const uint64_t bits = dt::detail::splitmix64_output(seed, uint64_t(i / 2));
+    kept[i] = ((i % 2 == 0 ? bits : bits >> 32) & 0xFFFFFFFFULL) < threshold;
+  }
+  CATCH_CHECK(torch::equal(masks[0].flatten(), expected));
 }
 
 }  // namespace dropout_test

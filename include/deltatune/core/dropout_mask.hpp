@@ -27,6 +27,9 @@ inline uint64_t splitmix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
+// Output i of SplitMix64's stream from seed: its counter advances by the golden ratio's 2^64.
+inline uint64_t splitmix64_output(uint64_t seed, uint64_t i) { return splitmix64(seed + i * 0x9E3779B97F4A7C15ULL); }
+
 // One 64-bit draw from the global CPU generator: what manual_seed sets and a training state
 // saves, so that masks follow the seed and a resumed run draws what an uninterrupted one would.
 inline uint64_t draw_from_default_generator() {
@@ -35,12 +38,23 @@ inline uint64_t draw_from_default_generator() {
   return at::check_generator<at::CPUGeneratorImpl>(generator)->random64();
 }
 
+// out[2j] and out[2j + 1] = whether the low and the high 32 bits of output first + j of
+// SplitMix64's stream from seed fall below threshold: no branch, so that it vectorises.
+inline void draw_kept_pairs(uint64_t seed, uint64_t first, uint64_t threshold, uint8_t* __restrict out, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) {
+    const uint64_t bits = splitmix64_output(seed, first + uint64_t(j));
+    out[2 * j] = (bits & 0xFFFFFFFFULL) < threshold;
+    out[2 * j + 1] = (bits >> 32) < threshold;
+  }
+}
+
 // One draw of dropout's mask, contiguous, of like's shape: true, with probability 1 - p, where
 // an element is kept. torch's CPU bernoulli_ draws each element from one Mersenne Twister
 // under a lock, one thread at a time, which took a quarter of a T5 training step here. This
 // draws one seed from the global generator and gives element pair i the two 32-bit halves of
 // SplitMix64's output i of that seed's stream: independent draws, which at::parallel_for
-// splits over threads where the program is built with OpenMP, the same whatever the count.
+// splits over threads where the program is built with OpenMP, the same whatever the count or
+// the instruction set (AVX-512's 64-bit multiplies where the CPU has them, kernels/cpu_loops.hpp).
 // An element is kept when its 32 bits fall below (1 - p) 2^32 (torch's float uniform
 // resolves 2^-24).
 inline torch::Tensor keep_mask(const torch::Tensor& like, double p) {
@@ -48,15 +62,16 @@ inline torch::Tensor keep_mask(const torch::Tensor& like, double p) {
   auto kept = torch::empty(like.sizes(), torch::TensorOptions().dtype(torch::kBool));
   const uint64_t seed = draw_from_default_generator();
   const auto threshold = static_cast<uint64_t>(std::llround((1.0 - p) * 4294967296.0));
-  bool* out = kept.data_ptr<bool>();
-  const int64_t n = kept.numel();
-  at::parallel_for(0, (n + 1) / 2, 8192, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const uint64_t bits = splitmix64(seed + static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ULL);
-      out[2 * i] = (bits & 0xFFFFFFFFULL) < threshold;
-      if (2 * i + 1 < n) out[2 * i + 1] = (bits >> 32) < threshold;
-    }
+  auto* out = reinterpret_cast<uint8_t*>(kept.data_ptr<bool>());
+  const int64_t n = kept.numel(), pairs = n / 2;
+  at::parallel_for(0, pairs, 8192, [&](int64_t begin, int64_t end) {
+    cpu::with_avx512_integers([&] {
+      cpu::in_blocks(end - begin, [&](int64_t i, int64_t len) {
+        draw_kept_pairs(seed, uint64_t(begin + i), threshold, out + 2 * (begin + i), len);
+      });
+    });
   });
+  if (n % 2 == 1) out[n - 1] = (splitmix64_output(seed, uint64_t(pairs)) & 0xFFFFFFFFULL) < threshold;
   return kept;
 }
 
