@@ -54,7 +54,7 @@ inline void draw_kept_pairs(uint64_t seed, uint64_t first, uint64_t threshold, u
 // draws one seed from the global generator and gives element pair i the two 32-bit halves of
 // SplitMix64's output i of that seed's stream: independent draws, which at::parallel_for
 // splits over threads where the program is built with OpenMP, the same whatever the count or
-// the instruction set (AVX-512's 64-bit multiplies where the CPU has them, kernels/cpu_loops.hpp).
+// the instruction set (kernels/cpu_loops.hpp).
 // An element is kept when its 32 bits fall below (1 - p) 2^32 (torch's float uniform
 // resolves 2^-24).
 inline torch::Tensor keep_mask(const torch::Tensor& like, double p) {
@@ -65,7 +65,7 @@ inline torch::Tensor keep_mask(const torch::Tensor& like, double p) {
   auto* out = reinterpret_cast<uint8_t*>(kept.data_ptr<bool>());
   const int64_t n = kept.numel(), pairs = n / 2;
   at::parallel_for(0, pairs, 8192, [&](int64_t begin, int64_t end) {
-    cpu::with_avx512_integers([&] {
+    cpu::with_widest_vectors([&] {
       cpu::in_blocks(end - begin, [&](int64_t i, int64_t len) {
         draw_kept_pairs(seed, uint64_t(begin + i), threshold, out + 2 * (begin + i), len);
       });
@@ -83,7 +83,7 @@ inline void positive_bits(const uint16_t* __restrict x, uint8_t* __restrict out,
 
 // h > 0, a bool tensor of h's shape (contiguous). For bfloat16 on the CPU one vectorised pass
 // over the bits, where torch's comparison took 1.3 ms for a T5-base feed-forward's 3.1 million
-// elements at batch 8 (2 threads; this takes 0.1, 0.06 with AVX2). Other dtypes and devices:
+// elements at batch 8 (2 threads; this takes 0.1, 0.06 with AVX2 or AVX-512). Other dtypes and devices:
 // torch's.
 inline torch::Tensor is_positive(const torch::Tensor& h) {
   if (!h.device().is_cpu() || h.scalar_type() != torch::kBFloat16) return (h > 0).contiguous();
@@ -92,7 +92,7 @@ inline torch::Tensor is_positive(const torch::Tensor& h) {
   const uint16_t* x = cpu::bf16_bits(in);
   auto* positive = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
   at::parallel_for(0, in.numel(), cpu::kGrainElements, [&](int64_t begin, int64_t end) {
-    cpu::with_avx2([&] {
+    cpu::with_widest_vectors([&] {
       cpu::in_blocks(end - begin,
                      [&](int64_t i, int64_t len) { positive_bits(x + begin + i, positive + begin + i, len); });
     });
@@ -127,7 +127,7 @@ inline torch::Tensor apply_mask(const torch::Tensor& x, const torch::Tensor& kep
   const auto* mask = reinterpret_cast<const uint8_t*>(kept.data_ptr<bool>());
   auto run = [&](const auto* from, auto* to) {
     at::parallel_for(0, in.numel(), cpu::kGrainElements, [&](int64_t begin, int64_t end) {
-      cpu::with_avx2([&] {
+      cpu::with_widest_vectors([&] {
         cpu::in_blocks(end - begin, [&](int64_t i, int64_t len) {
           scale_kept(from + begin + i, mask + begin + i, to + begin + i, scale, len);
         });

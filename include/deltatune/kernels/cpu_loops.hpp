@@ -63,38 +63,24 @@ inline void in_blocks(int64_t len, F&& f) {
   if (i < len) f(i, len - i);
 }
 
-// f(), compiled for AVX2 where the CPU has it. Code built with a compiler's defaults targets
-// x86-64's SSE2, where bfloat16's widening and rounding below take twice as long (apply_mask on
-// 786k bf16 elements, 2 threads: 0.18 ms against 0.09). Wrap the body of a parallel_for in it.
-// `flatten` inlines every call f makes, so that all of it is compiled for the target: the
-// inliner otherwise may keep f, called from two places, out of line, compiled for the default
-// (keep_mask's loop ran at SSE2's speed that way). AVX2 without FMA, whose contracted products
-// would round sums differently from one CPU to another. (rms_norm_cpu.hpp's rows gained
-// nothing from it, measured, and run without it.)
+// f(), compiled for the widest vectors the CPU has: AVX-512 (F, DQ, BW, VL), else AVX2, else
+// the build's target. Wrap the body of a parallel_for in it. Code built with a compiler's
+// defaults targets x86-64's SSE2, where bfloat16's widening and rounding below take twice as
+// long and 64-bit multiplies do not vectorise (2 threads: apply_mask on 786k bf16 elements
+// 0.18 ms, 0.09 with AVX2, 0.07 with AVX-512; keep_mask's SplitMix64 on 3.1 million elements
+// 1.16, 0.76, 0.38). For loops whose results no instruction set changes: integer maths, and
+// float maths with no a * b + c, which AVX-512F's FMA would contract and round once, not
+// twice (AVX2 here goes without FMA). `flatten` inlines every call f makes, so that all of it
+// is compiled for the target: the inliner otherwise may keep f, called from two places, out of
+// line and compiled for the default (keep_mask's loop ran at SSE2's speed that way).
+// (rms_norm_cpu.hpp's rows, whose sums FMA would contract, gained nothing from AVX2, measured.)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 template <class F>
-__attribute__((target("avx2"), flatten)) void run_for_avx2(F& f) {
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"), flatten)) void run_for_avx512(F& f) {
   f();
 }
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
 template <class F>
-inline void with_avx2(F&& f) {
-  if (cpu_has_avx2()) {
-    run_for_avx2(f);
-  } else {
-    f();
-  }
-}
-
-// f(), compiled for AVX-512 (F, DQ, BW, VL) where the CPU has it, else as with_avx2: for integer
-// loops only, whose results no instruction set changes. AVX-512F brings FMA, whose contractions
-// would round float sums differently. Its 64-bit multiplies vectorise, where AVX2 emulates them
-// (keep_mask's SplitMix64 on 3.1 million elements, 2 threads: 1.16 ms scalar, 0.76 AVX2, 0.38).
-template <class F>
-__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl"), flatten)) void run_for_avx512(F& f) {
+__attribute__((target("avx2"), flatten)) void run_for_avx2(F& f) {
   f();
 }
 inline bool cpu_has_avx512() {
@@ -102,18 +88,19 @@ inline bool cpu_has_avx512() {
                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
   return has;
 }
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
 template <class F>
-inline void with_avx512_integers(F&& f) {
+inline void with_widest_vectors(F&& f) {
   if (cpu_has_avx512()) return run_for_avx512(f);
-  with_avx2(f);
+  if (cpu_has_avx2()) return run_for_avx2(f);
+  f();
 }
 #else
 template <class F>
-inline void with_avx2(F&& f) {
-  f();
-}
-template <class F>
-inline void with_avx512_integers(F&& f) {
+inline void with_widest_vectors(F&& f) {
   f();
 }
 #endif
