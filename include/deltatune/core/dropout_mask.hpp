@@ -83,8 +83,8 @@ inline void positive_bits(const uint16_t* __restrict x, uint8_t* __restrict out,
 
 // h > 0, a bool tensor of h's shape (contiguous). For bfloat16 on the CPU one vectorised pass
 // over the bits, where torch's comparison took 1.3 ms for a T5-base feed-forward's 3.1 million
-// elements at batch 8 (2 threads; this takes 0.1, 0.06 with AVX2 or AVX-512). Other dtypes and devices:
-// torch's.
+// elements at batch 8 (2 threads; this takes 0.1, 0.06 with AVX2 or AVX-512). Other dtypes
+// and devices: torch's.
 inline torch::Tensor is_positive(const torch::Tensor& h) {
   if (!h.device().is_cpu() || h.scalar_type() != torch::kBFloat16) return (h > 0).contiguous();
   const auto in = h.contiguous();
