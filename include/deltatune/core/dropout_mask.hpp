@@ -71,7 +71,11 @@ inline torch::Tensor keep_mask(const torch::Tensor& like, double p) {
       });
     });
   });
-  if (n % 2 == 1) out[n - 1] = (splitmix64_output(seed, uint64_t(pairs)) & 0xFFFFFFFFULL) < threshold;
+  if (n % 2 == 1) {  // the last element: the low half of the next pair
+    uint8_t last[2];
+    draw_kept_pairs(seed, uint64_t(pairs), threshold, last, 1);
+    out[n - 1] = last[0];
+  }
   return kept;
 }
 

@@ -68,9 +68,9 @@ inline void in_blocks(int64_t len, F&& f) {
 // defaults targets x86-64's SSE2, where bfloat16's widening and rounding below take twice as
 // long and 64-bit multiplies do not vectorise (2 threads: apply_mask on 786k bf16 elements
 // 0.18 ms, 0.09 with AVX2, 0.07 to 0.09 with AVX-512; keep_mask's SplitMix64 on 3.1 million
-// elements 1.16, 0.76, 0.38). For loops whose results no instruction set changes: integer maths, and
-// float maths with no a * b + c, which AVX-512F's FMA would contract and round once, not
-// twice (AVX2 here goes without FMA). `flatten` inlines every call f makes, so that all of it
+// elements 1.16, 0.76, 0.38). For loops whose results no instruction set changes: integer
+// maths, and float maths with no a * b + c, which AVX-512F's FMA would contract and round
+// once, not twice (AVX2 here goes without FMA). `flatten` inlines every call f makes, so that all of it
 // is compiled for the target: the inliner otherwise may keep f, called from two places, out of
 // line and compiled for the default (keep_mask's loop ran at SSE2's speed that way).
 // (rms_norm_cpu.hpp's rows, whose sums FMA would contract, gained nothing from AVX2, measured.)
