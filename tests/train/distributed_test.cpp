@@ -248,8 +248,12 @@ void check_same_run(const Run& got, const Run& expected, double relative) {
 
 // In float64 the two runs are the same maths (1e-10). In float32 the halves' means round
 // otherwise than the whole batch's: the losses agree within 1e-6, the tensors after 4 AdamW
-// updates within 1e-5 of their scale (AdamW divides each gradient entry by its own running
-// size, so the rounding of the smallest entries shows; measured up to 7.5e-6).
+// updates within 1e-4 of their scale. AdamW divides each gradient entry by its own running
+// size, so an entry whose terms cancel carries its rounding into the update at full size:
+// full fine-tuning's cross-attention key weights, whose gradient passes softmax's Jacobian,
+// differ by up to 3.4e-5 (the deltas by up to 4.2e-6), and by other amounts when BLAS sums
+// in another order (another build of the loss, a loaded machine). A rank updating from its own
+// gradients alone would move entries by up to the learning rate, 1e-2, an update otherwise.
 CATCH_TEST_CASE("Two ranks of half the batch train as one process with the whole batch", "[distributed]") {
   for (const std::string method : {"lora", "adapter", "compacter", "full"}) {
     CATCH_INFO("method " << method);
@@ -261,7 +265,7 @@ CATCH_TEST_CASE("Two ranks of half the batch train as one process with the whole
     const auto got32 = train(method, torch::kFloat, 2, two32.path);
     for (std::size_t s = 0; s < got32.losses.size(); ++s)
       CATCH_CHECK(std::abs(got32.losses[s] - expected32.losses[s]) <= 1e-6 * std::abs(expected32.losses[s]));
-    check_same_run(got32, expected32, 1e-5);
+    check_same_run(got32, expected32, 1e-4);
   }
 }
 
