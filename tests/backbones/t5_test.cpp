@@ -1,6 +1,7 @@
 // Tests of backbones/t5.hpp: loading both checkpoint forms against transformers' outputs
 // (tools/golden/t5.py), greedy decoding, frozen weights, dropout, sites and their wiring.
 #include <deltatune/backbones/t5.hpp>
+#include <deltatune/methods/lora.hpp>
 
 #include <fstream>
 
@@ -230,6 +231,90 @@ CATCH_TEST_CASE("T5's RMS norm of a bf16 x is within a bf16 rounding of exact, t
       CATCH_INFO("ours keeps " << saved << " bytes less");
       CATCH_CHECK(saved >= x.numel() * 4);
     }
+}
+
+// T5's loss (backbones/cross_entropy.hpp) against torch's cross_entropy of the logits in float32,
+// rows labelled -100 left out: in float64 the same loss and gradient to rounding; bf16 logits'
+// loss within float32's error, and their gradient within a bf16 rounding of the exact one
+// (float64 on the same bf16 logits), as torch's cast back is. Over more than one block of rows.
+// torch's keeps float32 log-probabilities (N, V) and its backward allocates two more; ours keeps
+// one float a row (the logits are the graph's already) and backward the gradient and one
+// block's float32 copies. Through T5 in bf16: the loss keeps no more than the logits do.
+CATCH_TEST_CASE("T5's loss is torch's cross-entropy, keeping the logits and one float a row for backward",
+                "[t5][precision]") {
+  torch::manual_seed(19);
+  const int64_t rows = 600, vocab = 4000;  // 2.4 million logits: three blocks of rows
+  auto labels = torch::randint(0, vocab, {rows}, torch::kLong);
+  labels.index_put_({torch::indexing::Slice(0, rows, 7)}, -100);
+  const auto counted = (labels != -100).sum().item<double>();
+  auto theirs_of = [&](const torch::Tensor& logits) {
+    return torch::nn::functional::cross_entropy(logits.to(torch::promote_types(logits.scalar_type(), torch::kFloat)),
+                                                labels);
+  };
+  for (const auto dtype : {torch::kDouble, torch::kBFloat16}) {
+    CATCH_INFO(c10::toString(dtype));
+    const auto logits = (torch::randn({rows, vocab}) * 4).to(dtype).requires_grad_();
+    auto ours = [&] { return dt::detail::token_cross_entropy(logits, labels); };
+    auto theirs = [&] { return theirs_of(logits); };
+    const auto loss = ours(), loss_ref = theirs();
+    CATCH_CHECK(loss.scalar_type() == loss_ref.scalar_type());
+    CATCH_CHECK(std::abs(loss.item<double>() - loss_ref.item<double>()) <=
+                std::abs(loss_ref.item<double>()) * (dtype == torch::kDouble ? 1e-12 : 1e-6));
+    const auto grad = torch::autograd::grad({loss * 3}, {logits})[0];
+    const auto grad_ref = torch::autograd::grad({loss_ref * 3}, {logits})[0];
+    CATCH_CHECK(grad.scalar_type() == dtype);
+    // Exact: (softmax - onehot) 3 / count in float64 on the values both took, 0 on ignored rows.
+    const auto x = logits.detach().to(torch::kDouble);
+    const auto kept = (labels != -100).unsqueeze(1);
+    auto exact = torch::softmax(x, 1).scatter_add(1, labels.clamp_min(0).unsqueeze(1),
+                                                  -torch::ones({rows, 1}, x.options()));
+    exact = exact * kept * (3 / counted);
+    const auto error = (grad.to(torch::kDouble) - exact).abs(), error_ref = (grad_ref.to(torch::kDouble) - exact).abs();
+    const double allowed_relative = dtype == torch::kDouble ? 1e-12 : std::ldexp(1.0, -8);
+    const auto allowed = exact.abs() * allowed_relative + exact.abs().max() * 1e-6;
+    CATCH_CHECK((error <= allowed).all().item<bool>());
+    CATCH_CHECK((error_ref <= allowed).all().item<bool>());  // the bound holds for torch's too
+    CATCH_CHECK((grad.to(torch::kDouble) * kept.logical_not()).abs().max().item<double>() == 0);
+
+    if (dtype != torch::kBFloat16) continue;
+    const int64_t logit_floats = rows * vocab;
+    const int64_t kept_ours = dt::testing::bytes_kept(ours), kept_theirs = dt::testing::bytes_kept(theirs);
+    CATCH_INFO("kept: ours " << kept_ours << " bytes, torch's " << kept_theirs);
+    CATCH_CHECK(kept_ours <= rows * 32);
+    CATCH_CHECK(kept_theirs >= logit_floats * 4);
+    auto backward_peak = [&](auto&& f) {
+      const auto l = f();
+      const dt::bench::AllocationPeak allocations;
+      torch::autograd::grad({l}, {logits});
+      return allocations.peak_bytes();
+    };
+    const int64_t block_floats = (int64_t(1) << 20) / vocab * vocab;
+    const int64_t peak_ours = backward_peak(ours), peak_theirs = backward_peak(theirs);
+    CATCH_INFO("backward's peak: ours " << peak_ours << " bytes, torch's " << peak_theirs);
+    CATCH_CHECK(peak_ours <= logit_floats * 2 + block_floats * 8 + rows * 32);
+    CATCH_CHECK(peak_theirs >= logit_floats * 8);
+  }
+
+  // Through T5 in bf16, with a LoRA so that there is a graph: the logits alone keep as much.
+  auto config = tiny_config().vocab_size(vocab);
+  bb::T5Model model(config);
+  dt::set_frozen_dtype(*model, torch::kBFloat16);
+  model->decoder->blocks[1]->cross_attention->EncDecAttention->v->deltas.attach(
+      "toy", dt::LoRA(dt::LoRAOptions(config.d_model(), config.num_heads() * config.d_kv())).ptr());
+  const auto batch = tiny_batch();
+  const auto decoder_ids = model->shift_right(batch.labels);
+  const int64_t with_loss = dt::testing::bytes_kept(
+      [&] { return model->forward(batch.input_ids, batch.attention_mask, decoder_ids, batch.labels).loss; });
+  const int64_t logits_only = dt::testing::bytes_kept(
+      [&] { return model->forward(batch.input_ids, batch.attention_mask, decoder_ids).logits; });
+  CATCH_INFO("the loss keeps " << with_loss << " bytes, the logits " << logits_only);
+  CATCH_CHECK(with_loss - logits_only <= batch.labels.numel() * 32);
+
+  CATCH_CHECK(std::isnan(dt::detail::token_cross_entropy(torch::randn({2, 5}), torch::full({2}, -100L)).item<double>()));
+  CATCH_CHECK_THROWS_WITH(dt::detail::token_cross_entropy(torch::randn({2, 5}), torch::tensor({1L, 5L})),
+                          Catch::Contains("outside the vocabulary of 5 tokens"));
+  CATCH_CHECK_THROWS_WITH(dt::detail::token_cross_entropy(torch::randn({2, 3, 5}), torch::zeros({2, 4}, torch::kLong)),
+                          Catch::Contains("labels [2, 4] do not match logits [2, 3, 5]"));
 }
 
 CATCH_TEST_CASE("T5 reports every checkpoint mismatch in one error, and config errors by key", "[t5][golden]") {

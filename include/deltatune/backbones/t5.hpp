@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include <deltatune/backbones/checkpoint.hpp>
+#include <deltatune/backbones/cross_entropy.hpp>
 #include <deltatune/backbones/dropout.hpp>
 #include <deltatune/core/error.hpp>
 #include <deltatune/core/json_file.hpp>
@@ -49,7 +50,7 @@ struct T5Config {
   TORCH_ARG(int64_t, eos_token_id) = 1;
   TORCH_ARG(int64_t, decoder_start_token_id) = 0;
   // Ours, not config.json's (from_json leaves the default): whether dropout in training keeps
-  // one-byte masks (backbones/dropout.hpp) or runs as torch's. On the CPU the lean way holds 10
+  // its masks' seeds or one-byte masks (backbones/dropout.hpp), or runs as torch's. On the CPU the lean way holds 10
   // to 30 % less memory in a frozen-backbone step and takes 10 to 20 % longer (BENCHMARKS.md);
   // on CUDA it differs only in fusing ReLU with dropout.
   TORCH_ARG(bool, lean_dropout) = true;
@@ -727,11 +728,7 @@ class T5ModelImpl : public torch::nn::Module, public ReportsModelType {
     out.encoder_last_hidden_state = encoded.hidden;
     out.decoder_last_hidden_state = decoder(shared(decoder_ids), encoded.hidden, encoded.mask);
     out.logits = lm_logits(out.decoder_last_hidden_state);
-    if (labels.defined())  // in float32 over half-precision logits (precision.hpp)
-      out.loss = torch::nn::functional::cross_entropy(
-          out.logits.reshape({-1, out.logits.size(-1)}).to(torch::promote_types(out.logits.scalar_type(), torch::kFloat)),
-          labels.reshape(-1),
-          torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
+    if (labels.defined()) out.loss = detail::token_cross_entropy(out.logits, labels);  // float32 at least
     return out;
   }
 
