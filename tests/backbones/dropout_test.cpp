@@ -1,4 +1,4 @@
-// Tests of backbones/dropout.hpp and core/dropout_mask.hpp: each one-byte-mask operation against the same operations
+// Tests of backbones/dropout.hpp and core/dropout_mask.hpp: each lean operation against the same operations
 // composed from torch's with autograd, applying the mask keep_mask draws from the same seed;
 // keep_mask's draws; and the backbones' lean_dropout option, per model.
 #include <deltatune/backbones/bert.hpp>
@@ -189,6 +189,23 @@ CATCH_TEST_CASE("attention with a bool mask scales by 1/sqrt(d) and leaves a ful
   const auto masked = dt::detail::attention(q, k, v, attend, kDropout, true, true);
   CATCH_CHECK(torch::equal(masked[0], torch::zeros_like(masked[0])));
   CATCH_CHECK(torch::isfinite(masked).all().item<bool>());
+}
+
+// What backward keeps (the gradients are checked against torch's above, with the generator
+// moved on before backward): plain dropout and attention's dropout keep their mask's seed and
+// draw the mask again, where a one-byte mask would add a byte an element.
+CATCH_TEST_CASE("lean dropout and attention keep their masks' seeds for backward, not the masks", "[dropout]") {
+  const auto x = torch::randn({64, 256}).requires_grad_();
+  const int64_t dropped_bytes = x.numel() * 4;  // the result
+  CATCH_CHECK(dt::testing::bytes_kept([&] { return dt::detail::dropout(x, kDropout, true, true); }) <=
+              dropped_bytes + 256);
+  const auto q = torch::randn({2, 4, 32, 16}).requires_grad_(), k = torch::randn({2, 4, 48, 16}).requires_grad_(),
+             v = torch::randn({2, 4, 48, 16}).requires_grad_();
+  // The result, the probabilities and q scaled for its product.
+  const int64_t attention_bytes = (2 * 4 * 32 * 16 + 2 * 4 * 32 * 48 + q.numel()) * 4;
+  CATCH_CHECK(dt::testing::bytes_kept([&] {
+                return dt::detail::attention(q, k, v, std::nullopt, kDropout, /*training=*/true, /*lean=*/true);
+              }) <= attention_bytes + 256);
 }
 
 CATCH_TEST_CASE("attention outside CPU training is torch's fused kernel", "[dropout]") {

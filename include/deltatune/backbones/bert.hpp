@@ -52,7 +52,8 @@ struct BertConfig {
   // Dropout before the classifier; none means hidden_dropout_prob.
   TORCH_ARG(std::optional<double>, classifier_dropout) = std::nullopt;
   // Ours, not config.json's (bert_config leaves the default): whether dropout in training keeps
-  // one-byte masks (backbones/dropout.hpp) or runs as torch's, as T5Config::lean_dropout.
+  // its masks' seeds or one-byte masks (backbones/dropout.hpp), or runs as torch's, as
+  // T5Config::lean_dropout.
   TORCH_ARG(bool, lean_dropout) = true;
 };
 
@@ -200,7 +201,7 @@ class BertEmbeddingsImpl : public torch::nn::Module, public PromptSite {
 };
 TORCH_MODULE(BertEmbeddings);
 
-// Multi-head self-attention through detail::attention (torch's kernels, or the one-byte-mask
+// Multi-head self-attention through detail::attention (torch's kernels, or the lean dropout's
 // math in CPU training). Prefix deltas prepend their keys and values after the projections;
 // prefix positions are never masked.
 class BertSelfAttentionImpl : public torch::nn::Module, public AttentionSite {

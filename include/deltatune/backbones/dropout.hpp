@@ -1,7 +1,7 @@
-// Dropout that keeps a one-byte mask for backward: the module the backbones use, dropout fused
-// with ReLU, and attention with dropout on its probabilities. With a frozen backbone, what these
-// keep is most of a training step's memory (torch's CPU dropout keeps a float noise tensor, ReLU
-// its float output, attention its probabilities twice), so keeping a quarter of the bytes matters.
+// Dropout that keeps its mask's seed, or a one-byte mask, for backward: the module the backbones
+// use, dropout fused with ReLU, and attention with dropout on its probabilities. With a frozen
+// backbone, what these keep is most of a training step's memory (torch's CPU dropout keeps a
+// float noise tensor, ReLU its float output, attention its probabilities twice).
 #pragma once
 
 #include <torch/torch.h>
@@ -14,42 +14,44 @@
 
 namespace deltatune::detail {
 
-// dropout(x) as torch's; `lean` keeps the one-byte mask (the backbone config's lean_dropout).
-// Off the CPU torch's own dropout already keeps a bool mask, in one kernel.
+// dropout(x) as torch's; `lean` keeps only the mask's seed (the backbone config's lean_dropout).
+// Off the CPU torch's own dropout keeps a bool mask, in one kernel.
 inline torch::Tensor dropout(const torch::Tensor& x, double p, bool training, bool lean) {
   if (!training || p == 0.0) return x;
   if (!x.device().is_cpu() || !lean) return torch::dropout(x, p, /*train=*/true);
-  return MaskFunction::apply(x, keep_mask(x, p), p);
+  return SeededMaskFunction::apply(x, p);
 }
 
-// dropout(relu(h)) with one mask, where ReLU and dropout would keep a float tensor and a mask;
-// off the CPU, as dropout above, torch's.
+// dropout(relu(h)) keeping one mask, where ReLU and dropout would keep a float tensor and a
+// mask (where h was positive is not in a seed); off the CPU, as dropout above, torch's.
 inline torch::Tensor relu_dropout(const torch::Tensor& h, double p, bool training, bool lean) {
   if (!training || p == 0.0) return torch::relu(h);
   if (!h.device().is_cpu() || !lean) return torch::dropout(torch::relu(h), p, /*train=*/true);
   return MaskFunction::apply(h, keep_mask(h, p).logical_and_(is_positive(h)), p);
 }
 
-// dropout(probs) @ v, keeping probs (softmax keeps them anyway), the bool mask and v, where
-// torch's math keeps float noise and the dropped probabilities too: (B, H, Tq, Tk) floats a
-// layer, the largest thing a frozen layer keeps.
+// dropout(probs) @ v, keeping probs (softmax keeps them anyway), v and the mask's seed (as
+// SeededMaskFunction), where torch's math keeps float noise and the dropped probabilities too:
+// (B, H, Tq, Tk) floats a layer, the largest thing a frozen layer keeps.
 struct DropoutMatmulFunction : torch::autograd::Function<DropoutMatmulFunction> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& probs,
                                const torch::Tensor& v, double p) {
-    const auto kept = keep_mask(probs, p);
+    const uint64_t seed = draw_from_default_generator();
     // A view v made contiguous, as attention's k below: the product copies it anyway, and
     // backward's v^T then needs no copy of its own.
     const auto values = v.contiguous();
-    ctx->save_for_backward({probs, kept, values});
+    ctx->save_for_backward({probs, values});
+    ctx->saved_data["seed"] = static_cast<int64_t>(seed);
     ctx->saved_data["p"] = p;
-    return apply_mask(probs, kept, p).matmul(values);
+    return apply_mask(probs, keep_mask(probs.sizes(), p, seed), p).matmul(values);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto &probs = saved[0], &kept = saved[1], &v = saved[2];
+    const auto &probs = saved[0], &v = saved[1];
     const double p = ctx->saved_data["p"].toDouble();
+    const auto kept = keep_mask(probs.sizes(), p, static_cast<uint64_t>(ctx->saved_data["seed"].toInt()));
     const auto& grad = grads[0];  // (B, H, Tq, d)
     torch::Tensor grad_probs, grad_v;
     if (ctx->needs_input_grad(0)) grad_probs = apply_mask(grad.matmul(v.transpose(-2, -1)), kept, p);
@@ -89,7 +91,7 @@ inline torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, c
 
 namespace deltatune::backbones {
 
-// The backbones' dropout layers: torch's, keeping the one-byte mask above when `lean` (the
+// The backbones' dropout layers: torch's, keeping only the mask's seed (above) when `lean` (the
 // backbone config's lean_dropout).
 class DropoutImpl : public torch::nn::Cloneable<DropoutImpl> {
  public:
