@@ -28,7 +28,9 @@ inline uint64_t splitmix64(uint64_t z) {
 }
 
 // Output i of SplitMix64's stream from seed: its counter advances by the golden ratio's 2^64.
-inline uint64_t splitmix64_output(uint64_t seed, uint64_t i) { return splitmix64(seed + i * 0x9E3779B97F4A7C15ULL); }
+inline constexpr uint64_t kGoldenGamma = 0x9E3779B97F4A7C15ULL;
+inline uint64_t splitmix64_counter(uint64_t seed, uint64_t i) { return seed + i * kGoldenGamma; }
+inline uint64_t splitmix64_output(uint64_t seed, uint64_t i) { return splitmix64(splitmix64_counter(seed, i)); }
 
 // One 64-bit draw from the global CPU generator: what manual_seed sets and a training state
 // saves, so that masks follow the seed and a resumed run draws what an uninterrupted one would.
@@ -39,10 +41,12 @@ inline uint64_t draw_from_default_generator() {
 }
 
 // out[2j] and out[2j + 1] = whether the low and the high 32 bits of output first + j of
-// SplitMix64's stream from seed fall below threshold: no branch, so that it vectorises.
+// SplitMix64's stream from seed fall below threshold: no branch, so that it vectorises, and the
+// counters stepped from the first, so that the vector loop adds where it would multiply.
 inline void draw_kept_pairs(uint64_t seed, uint64_t first, uint64_t threshold, uint8_t* __restrict out, int64_t len) {
+  const uint64_t counter = splitmix64_counter(seed, first);
   for (int64_t j = 0; j < len; ++j) {
-    const uint64_t bits = splitmix64_output(seed, first + uint64_t(j));
+    const uint64_t bits = splitmix64(counter + uint64_t(j) * kGoldenGamma);
     out[2 * j] = (bits & 0xFFFFFFFFULL) < threshold;
     out[2 * j + 1] = (bits >> 32) < threshold;
   }
