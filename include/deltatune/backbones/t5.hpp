@@ -50,9 +50,9 @@ struct T5Config {
   TORCH_ARG(int64_t, eos_token_id) = 1;
   TORCH_ARG(int64_t, decoder_start_token_id) = 0;
   // Ours, not config.json's (from_json leaves the default): whether dropout in training keeps
-  // its masks' seeds or one-byte masks (backbones/dropout.hpp), or runs as torch's. On the CPU the lean way holds 10
-  // to 30 % less memory in a frozen-backbone step and takes 10 to 20 % longer (BENCHMARKS.md);
-  // on CUDA it differs only in fusing ReLU with dropout.
+  // its masks' seeds or one-byte masks (backbones/dropout.hpp), or runs as torch's. On the CPU
+  // the lean way holds less memory in a frozen-backbone step and takes less time (README's
+  // "Benchmarks"); on CUDA it differs only in fusing ReLU with dropout.
   TORCH_ARG(bool, lean_dropout) = true;
 
  public:

@@ -171,7 +171,7 @@ struct MaskFunction : torch::autograd::Function<MaskFunction> {
 
 // x dropped out by keep_mask's draw from a seed of the global generator, keeping only the seed
 // for backward, which draws the same mask again: a byte an element less kept, for a second draw
-// that takes 0.4 ms per 3.1 million elements (2 threads, AVX-512).
+// that takes 0.3 ms per 1.6 million elements (2 threads, AVX-512; BENCHMARKS.md).
 struct SeededMaskFunction : torch::autograd::Function<SeededMaskFunction> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, double p) {
     const uint64_t seed = draw_from_default_generator();
