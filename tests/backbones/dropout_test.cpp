@@ -52,8 +52,9 @@ torch::Tensor reference_attention(const torch::Tensor& q, const torch::Tensor& k
   return (at::_safe_softmax(scores, -1) * scaled_mask).matmul(v);
 }
 
-// Whether the autograd graph behind `out` has a node whose name contains `part`: the one-byte
-// mask functions' (MaskFunction, DropoutAttentionFunction) tell the lean way from torch's.
+// Whether the autograd graph behind `out` has a node whose name contains `part`: the lean
+// Functions' (MaskFunction, SeededMaskFunction, DropoutAttentionFunction) tell the lean way from
+// torch's.
 bool has_node(const torch::Tensor& out, const std::string& part) {
   std::set<torch::autograd::Node*> seen;
   std::vector<torch::autograd::Node*> todo{out.grad_fn().get()};

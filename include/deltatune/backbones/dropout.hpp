@@ -34,36 +34,35 @@ inline torch::Tensor relu_dropout(const torch::Tensor& h, double p, bool trainin
 
 // softmax(q k^T + mask) with dropout, times v, for q (B, H, Tq, d) already scaled and k, v (B,
 // H, Tk, d) contiguous; mask undefined, additive (float) or where to attend (bool), broadcast to
-// (B, H, Tq, Tk). Keeps q, k, v, the mask and the dropout's seed, and backward computes the
-// probabilities again from them, as FlashAttention does: the same operations on the same
-// tensors, so the same values. torch's math keeps the (B, H, Tq, Tk) probabilities both before
-// and after dropout, and float noise; these grow with the square of the length, and were the
-// largest thing a frozen layer kept (T5-small, batch 32, 128 tokens, bf16: 8 MB a layer).
+// (B, H, Tq, Tk). Keeps q, k, v, the mask and the dropout's seed (SeededMask), and backward
+// computes the probabilities again from them, as FlashAttention does: the same operations on
+// the same tensors, so the same values. torch's math keeps the (B, H, Tq, Tk) probabilities
+// both before and after dropout, and float noise; these grow with the square of the length,
+// and were the largest thing a frozen layer kept (T5-small, batch 32, 128 tokens, bf16: 8 MB a
+// layer).
 struct DropoutAttentionFunction : torch::autograd::Function<DropoutAttentionFunction> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& q, const torch::Tensor& k,
                                const torch::Tensor& v, const std::optional<torch::Tensor>& attention_mask, double p) {
-    const uint64_t seed = draw_from_default_generator();
+    const auto dropout = SeededMask::draw(p);
     const auto mask = attention_mask.value_or(torch::Tensor());
     ctx->save_for_backward({q, k, v, mask});
-    ctx->saved_data["seed"] = static_cast<int64_t>(seed);
-    ctx->saved_data["p"] = p;
-    const auto probs = probabilities(q, k, mask);
-    return apply_mask(probs, keep_mask(probs.sizes(), p, seed), p).matmul(v);
+    dropout.save(ctx);
+    return dropout.apply(probabilities(q, k, mask)).matmul(v);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const auto &q = saved[0], &k = saved[1], &v = saved[2], &mask = saved[3];
-    const double p = ctx->saved_data["p"].toDouble();
+    const auto dropout = SeededMask::saved(ctx);
     const auto probs = probabilities(q, k, mask);
-    const auto kept = keep_mask(probs.sizes(), p, static_cast<uint64_t>(ctx->saved_data["seed"].toInt()));
-    const auto& grad = grads[0];  // (B, H, Tq, d)
+    const auto kept = dropout.mask(probs.sizes());  // for both products below
+    const auto& grad = grads[0];                    // (B, H, Tq, d)
     torch::Tensor grad_q, grad_k, grad_v, grad_mask;
-    if (ctx->needs_input_grad(2)) grad_v = apply_mask(probs, kept, p).transpose(-2, -1).matmul(grad);
+    if (ctx->needs_input_grad(2)) grad_v = apply_mask(probs, kept, dropout.p).transpose(-2, -1).matmul(grad);
     const bool mask_grad = mask.defined() && ctx->needs_input_grad(3);  // no edge without a mask
     if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || mask_grad) {
-      const auto grad_probs = apply_mask(grad.matmul(v.transpose(-2, -1)), kept, p);
+      const auto grad_probs = apply_mask(grad.matmul(v.transpose(-2, -1)), kept, dropout.p);
       const auto grad_scores = at::_softmax_backward_data(grad_probs, probs, -1, probs.scalar_type());
       // An additive mask of another dtype promotes the scores; their product's operands are q's.
       const auto grad_product = grad_scores.to(q.scalar_type());

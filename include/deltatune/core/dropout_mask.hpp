@@ -169,22 +169,39 @@ struct MaskFunction : torch::autograd::Function<MaskFunction> {
   }
 };
 
-// x dropped out by keep_mask's draw from a seed of the global generator, keeping only the seed
-// for backward, which draws the same mask again: a byte an element less kept, for a second draw
-// that takes 0.3 ms per 1.6 million elements (2 threads, AVX-512; BENCHMARKS.md).
-struct SeededMaskFunction : torch::autograd::Function<SeededMaskFunction> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, double p) {
-    const uint64_t seed = draw_from_default_generator();
+// A dropout mask kept for backward as its seed and rate: keep_mask draws the same mask from
+// them again. A byte an element less kept, for a second draw that takes 0.3 ms per 1.6 million
+// elements (2 threads, AVX-512; BENCHMARKS.md).
+struct SeededMask {
+  uint64_t seed;
+  double p;
+
+  // A seed from the global generator, as keep_mask(like, p) draws.
+  static SeededMask draw(double p) { return {draw_from_default_generator(), p}; }
+  torch::Tensor mask(c10::IntArrayRef sizes) const { return keep_mask(sizes, p, seed); }
+  // x / (1 - p) where the mask keeps it, 0 elsewhere (apply_mask).
+  torch::Tensor apply(const torch::Tensor& x) const { return apply_mask(x, mask(x.sizes()), p); }
+
+  void save(torch::autograd::AutogradContext* ctx) const {
     ctx->saved_data["seed"] = static_cast<int64_t>(seed);
     ctx->saved_data["p"] = p;
-    return apply_mask(x, keep_mask(x.sizes(), p, seed), p);
+  }
+  static SeededMask saved(torch::autograd::AutogradContext* ctx) {
+    return {static_cast<uint64_t>(ctx->saved_data["seed"].toInt()), ctx->saved_data["p"].toDouble()};
+  }
+};
+
+// x dropped out, keeping only the mask's seed for backward (SeededMask).
+struct SeededMaskFunction : torch::autograd::Function<SeededMaskFunction> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, double p) {
+    const auto dropout = SeededMask::draw(p);
+    dropout.save(ctx);
+    return dropout.apply(x);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const double p = ctx->saved_data["p"].toDouble();
-    const auto seed = static_cast<uint64_t>(ctx->saved_data["seed"].toInt());
-    return {apply_mask(grads[0], keep_mask(grads[0].sizes(), p, seed), p), {}};
+    return {SeededMask::saved(ctx).apply(grads[0]), {}};
   }
 };
 
